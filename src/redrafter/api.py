@@ -1,0 +1,239 @@
+"""The Python API: ``ReDrafter.from_pretrained("default").generate("Why is the sky blue?")``."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
+from .drafter import RecurrentDrafter
+from .errors import RedrafterError
+from .models import load_target
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+DEFAULT_NUM_BEAMS = 4
+DEFAULT_DRAFT_LEN = 5
+SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
+DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
+
+
+@dataclass
+class Generation:
+    """One prompt's output and statistics.
+
+    Attributes:
+        text: the decoded new text (special tokens skipped).
+        token_ids: the generated token ids only (EOS included when reached).
+        new_tokens: ``len(token_ids)``.
+        steps: target forward passes, the prompt's prefill included.
+        tokens_per_step: ``new_tokens / steps`` (1.0 for autoregressive decoding).
+        seconds: wall time from the prefill to the last token.
+        tokens_per_second: ``new_tokens / seconds``.
+        accepted: tokens emitted by each step (the acceptance histogram's raw data).
+        finish_reason: ``"eos"`` or ``"length"``.
+    """
+
+    text: str
+    token_ids: list[int]
+    new_tokens: int
+    steps: int
+    tokens_per_step: float
+    seconds: float
+    tokens_per_second: float
+    accepted: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+    def to_json(self) -> dict:
+        """The ``--json`` object (stable key names that benchmarks and outside tools read)."""
+        return asdict(self)
+
+
+class GenerationStream:
+    """Iterate to get text pieces as tokens are accepted; ``result`` holds the :class:`Generation` after."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._pieces
+
+
+class ReDrafter:
+    """A target model with (optionally) a recurrent drafter, ready to generate.
+
+    Args:
+        target: a Hugging Face causal LM that accepts 4D masks (checked by ``load_target``).
+        tokenizer: its tokenizer.
+        drafter: a drafter fitted to ``target``, or None for autoregressive decoding.
+        num_beams: ``W``, beams drafted per step.
+        draft_len: ``L``, tokens per beam (the root included), so at most ``L`` tokens per step.
+    """
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        tokenizer,
+        drafter: RecurrentDrafter | None = None,
+        num_beams: int = DEFAULT_NUM_BEAMS,
+        draft_len: int = DEFAULT_DRAFT_LEN,
+    ) -> None:
+        if num_beams < 1:
+            raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
+        if draft_len < 1:
+            raise RedrafterError(f"--draft-len must be at least 1, got {draft_len}")
+        self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+        self.num_beams, self.draft_len = num_beams, draft_len
+        proposer: Proposer = no_draft
+        if drafter is not None:
+            drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
+            drafter.attach(target.get_input_embeddings()).to(device=target.device, dtype=target.dtype).eval()
+            proposer = DrafterProposer(drafter, num_beams, draft_len)
+        eos = target.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike = "default",
+        drafter: str | os.PathLike | RecurrentDrafter | None = "default",
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        num_beams: int = DEFAULT_NUM_BEAMS,
+        draft_len: int = DEFAULT_DRAFT_LEN,
+    ) -> ReDrafter:
+        """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
+
+        ``drafter``: a drafter folder, ``"default"`` (the one shipped for the default model, if
+        any; none otherwise) or ``None``/``"none"`` for autoregressive decoding.
+        """
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        target, tokenizer = load_target(model, dtype=dtype, device=device)
+        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len)
+
+    # -- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: str, raw: bool = False) -> list[int]:
+        """The prompt's token ids, through the chat template unless ``raw``."""
+        if not prompt.strip():
+            raise RedrafterError("the prompt is empty")
+        if not raw and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        limit = getattr(self.target.config, "max_position_embeddings", None)
+        if limit is not None and len(ids) + self.draft_len >= limit:
+            raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
+        return ids
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self, prompt: str | list[str], max_new_tokens: int = 256, raw: bool = False
+    ) -> Generation | list[Generation]:
+        """Generate for one prompt (a :class:`Generation`) or a list (a list, in input order)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        results = self.generate_ids([self.encode(p, raw) for p in prompts], max_new_tokens)
+        return results[0] if isinstance(prompt, str) else results
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 256) -> list[Generation]:
+        """Generate from token id lists, decoded together as one batch."""
+        stream = self._stream_ids(prompts, max_new_tokens)
+        for _ in stream:
+            pass
+        return stream.results
+
+    def stream(self, prompt: str, max_new_tokens: int = 256, raw: bool = False) -> GenerationStream:
+        """Text pieces as they are accepted; the stream's ``result`` holds the statistics after."""
+        return GenerationStream(self._stream_text(self.encode(prompt, raw), max_new_tokens))
+
+    def _stream_text(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
+        stream = self._stream_ids([prompt_ids], max_new_tokens)
+        shown = ""
+        for _ in stream:
+            text = self.tokenizer.decode(stream.token_ids[0], skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole characters
+                yield text[len(shown) :]
+                shown = text
+        result = stream.results[0]
+        if len(result.text) > len(shown):
+            yield result.text[len(shown) :]
+        return result
+
+    def _stream_ids(self, prompts: list[list[int]], max_new_tokens: int) -> _IdStream:
+        if max_new_tokens < 1:
+            raise RedrafterError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        if not prompts:
+            raise RedrafterError("no prompts")
+        return _IdStream(self, prompts, max_new_tokens)
+
+
+class _IdStream:
+    """Runs the decode loop; iterating yields after each step; collects per-row statistics."""
+
+    def __init__(self, rd: ReDrafter, prompts: list[list[int]], max_new_tokens: int) -> None:
+        self.rd, self.prompts, self.max_new_tokens = rd, prompts, max_new_tokens
+        self.token_ids: list[list[int]] = [[] for _ in prompts]
+        self.accepted: list[list[int]] = [[] for _ in prompts]
+        self.seconds = [0.0] * len(prompts)
+        self.finish = ["length"] * len(prompts)
+        self.results: list[Generation] = []
+
+    def __iter__(self) -> Iterator[None]:
+        eos = self.rd.decoder.eos_token_ids
+        start = time.perf_counter()
+        for step in self.rd.decoder.decode(self.prompts, self.max_new_tokens):
+            now = time.perf_counter() - start
+            for row, tokens, done in zip(step.rows, step.tokens, step.finished):
+                self.token_ids[row].extend(tokens)
+                self.accepted[row].append(len(tokens))
+                if done:
+                    self.seconds[row] = now
+                    self.finish[row] = "eos" if tokens and tokens[-1] in eos else "length"
+            yield
+        for row, ids in enumerate(self.token_ids):
+            steps, seconds = len(self.accepted[row]), self.seconds[row]
+            self.results.append(
+                Generation(
+                    text=self.rd.tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=ids,
+                    new_tokens=len(ids),
+                    steps=steps,
+                    tokens_per_step=len(ids) / steps,
+                    seconds=seconds,
+                    tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
+                    accepted=self.accepted[row],
+                    finish_reason=self.finish[row],
+                )
+            )
+
+
+def resolve_drafter(
+    drafter: str | os.PathLike | RecurrentDrafter | None, model: str | os.PathLike
+) -> RecurrentDrafter | None:
+    """``"none"``/None -> None; ``"default"`` -> the shipped drafter for the default model, if any."""
+    if isinstance(drafter, RecurrentDrafter):
+        return drafter
+    if drafter is None or str(drafter) == "none":
+        return None
+    if str(drafter) == "default":
+        if str(model) != "default" or not (DEFAULT_DRAFTER / "config.json").is_file():
+            return None
+        drafter = DEFAULT_DRAFTER
+    path = Path(drafter).expanduser()
+    if not path.is_dir():
+        raise RedrafterError(f"drafter not found: {drafter} (give a drafter folder, 'default' or 'none')")
+    return RecurrentDrafter.from_pretrained(path)

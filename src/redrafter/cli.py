@@ -1,0 +1,115 @@
+"""The ``redrafter`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import RedrafterError
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .api import DEFAULT_DRAFT_LEN, DEFAULT_NUM_BEAMS, DTYPES
+
+    parser.add_argument(
+        "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
+    )
+    parser.add_argument(
+        "--drafter", default="default", help="a drafter folder, 'default' (shipped for the default model) or 'none'"
+    )
+    parser.add_argument(
+        "--beams", type=_positive, default=DEFAULT_NUM_BEAMS, help="beams W drafted per step (default %(default)s)"
+    )
+    parser.add_argument(
+        "--draft-len",
+        type=_positive,
+        default=DEFAULT_DRAFT_LEN,
+        help="tokens per beam L, root included (default %(default)s)",
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redrafter",
+        description="ReDrafter speculative decoding: a recurrent drafter, beam search and tree attention "
+        "that make a language model generate faster with unchanged output.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text for a prompt, streamed as tokens are accepted")
+    gen.add_argument("prompt", help="the prompt, or - to read it from standard input")
+    _add_model_options(gen)
+    gen.add_argument(
+        "--max-new-tokens", type=_positive, default=256, help="at most this many new tokens (default %(default)s)"
+    )
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument(
+        "--json", action="store_true", help="print one JSON object (text, token ids, statistics) instead of streaming"
+    )
+    gen.set_defaults(run=run_generate)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .api import ReDrafter, resolve_drafter
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise RedrafterError("the prompt is empty")
+    drafter = resolve_drafter(args.drafter, args.model)
+    if drafter is None and args.drafter == "default":
+        print("redrafter: no drafter is shipped for this model; decoding without one", file=sys.stderr)
+    rd = ReDrafter.from_pretrained(
+        args.model,
+        drafter=drafter,
+        dtype=args.dtype,
+        device=args.device,
+        num_beams=args.beams,
+        draft_len=args.draft_len,
+    )
+    if args.json:
+        result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+        return 0
+    stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = stream.result
+    print(
+        f"[{r.new_tokens} tokens, {r.steps} steps, {r.tokens_per_step:.2f} tokens/step, "
+        f"{r.tokens_per_second:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except RedrafterError as error:
+        print(f"redrafter: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("redrafter: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The speculative decode loop: draft, build the tree, verify in one target forward, keep the path.
+
+One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cached positions:
+
+1. the proposer drafts beams ``[B, W, L]`` from the hidden state ``[B, d]`` and last token ``[B]``;
+2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
+3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
+4. greedy verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`);
+5. the cache keeps the accepted path's entries only, in place (:mod:`redrafter.kv_cache`).
+
+With no drafter the tree is the last token alone (``W = L = 1``): plain autoregressive decoding
+through the same loop, cache and dtype, which makes it the honest baseline.
+
+Rows of a batch may accept different numbers of tokens; the cache stays rectangular and each
+row's surplus entries are masked out through ``context_valid``. A finished row (EOS or its token
+budget) leaves the batch at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from .beam_search import beam_search
+from .drafter import RecurrentDrafter
+from .kv_cache import TreeKVCache
+from .models import decoder_of, hidden_to_logits
+from .tree import build_tree, tree_attention_mask
+from .verify import verify_greedy
+
+
+class Proposer(Protocol):
+    """Anything that drafts beams: the recurrent drafter, or a test oracle."""
+
+    def __call__(self, hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``hidden [B, d]``, ``last_token [B]``, ``positions [B]`` (of ``last_token``) -> ``[B, W, L]``."""
+
+
+class DrafterProposer:
+    """Beam search with a :class:`RecurrentDrafter`: ``W`` beams of ``L`` tokens."""
+
+    def __init__(self, drafter: RecurrentDrafter, num_beams: int, draft_len: int) -> None:
+        self.drafter, self.num_beams, self.draft_len = drafter, num_beams, draft_len
+
+    def __call__(self, hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return beam_search(self.drafter, hidden, last_token, self.num_beams, self.draft_len)
+
+
+def no_draft(hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The empty draft: ``[B, 1, 1]``, the last token only (autoregressive decoding)."""
+    return last_token[:, None, None]
+
+
+@dataclass
+class StepOutput:
+    """Tokens emitted in one step.
+
+    Attributes:
+        rows: original indices (into the prompt list) of the rows still active in this step.
+        tokens: per active row, the list of token ids emitted (EOS included, nothing after it).
+        finished: per active row, whether it finished in this step.
+    """
+
+    rows: list[int]
+    tokens: list[list[int]]
+    finished: list[bool]
+
+
+class SpeculativeDecoder:
+    """Greedy speculative decoding of any Hugging Face causal LM that accepts tree masks.
+
+    Args:
+        target: the target model (eval mode; see :func:`redrafter.models.check_tree_attention`).
+        proposer: drafts beams; :func:`no_draft` for autoregressive decoding.
+        eos_token_ids: ids that end a row (emitted, then the row stops).
+    """
+
+    def __init__(self, target: PreTrainedModel, proposer: Proposer, eos_token_ids: list[int]) -> None:
+        self.target = target
+        self.decoder = decoder_of(target)
+        self.proposer = proposer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_positions = getattr(target.config, "max_position_embeddings", None) or 1 << 30
+
+    def _forward(
+        self, cache: TreeKVCache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, d]``."""
+        out = self.decoder(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[StepOutput]:
+        """Decode ``prompts`` (token id lists) together; yield what each target forward emits.
+
+        The first yield comes from the prompt's prefill (one token per row). Every yield is one
+        target forward pass.
+        """
+        if max_new_tokens <= 0:
+            return
+        device = self.target.device
+        dtype = self.target.dtype
+        batch = len(prompts)
+        longest = max(len(p) for p in prompts)
+        # Left-pad: [B, P]; padding is masked out of every attention.
+        input_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+            valid[row, longest - len(prompt) :] = True
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        allowed = causal[None] & valid[:, None, :]
+        allowed |= torch.eye(longest, dtype=torch.bool, device=device)  # padding sees itself
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+        cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
+        hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]  # [B, d]
+        last_token = hidden_to_logits(self.target, hidden).argmax(dim=-1)  # [B]
+        context_valid = valid  # [B, C]
+        row_length = valid.sum(dim=1)  # [B] real tokens cached per row
+        rows = list(range(batch))
+        emitted = [0] * batch
+
+        step_tokens = last_token[:, None]
+        step_counts = torch.ones(batch, dtype=torch.long, device=device)
+        while True:
+            # Host side: what each row emits, where it stops.
+            tokens_list, counts_list = step_tokens.tolist(), step_counts.tolist()
+            lengths_list = row_length.tolist()
+            out_tokens, finished = [], []
+            for i, row in enumerate(rows):
+                tokens = tokens_list[i][: counts_list[i]]
+                eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
+                if eos_at is not None:
+                    tokens = tokens[: eos_at + 1]
+                tokens = tokens[: max_new_tokens - emitted[row]]
+                emitted[row] += len(tokens)
+                done = (
+                    eos_at is not None
+                    or emitted[row] >= max_new_tokens
+                    or lengths_list[i] + counts_list[i] + self._tree_depth() >= self.max_positions
+                )
+                out_tokens.append(tokens)
+                finished.append(done)
+            yield StepOutput(rows=list(rows), tokens=out_tokens, finished=finished)
+            keep = [i for i, done in enumerate(finished) if not done]
+            if not keep:
+                return
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=device)
+                cache.select_rows(index)
+                hidden, last_token, context_valid, row_length = (
+                    hidden[index],
+                    last_token[index],
+                    context_valid[index],
+                    row_length[index],
+                )
+                rows = [rows[i] for i in keep]
+
+            # 1-2. Draft and pack the tree.
+            beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
+            tree = build_tree(beams)
+            # 3. Verify the whole tree in one forward.
+            start = cache.length
+            tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
+            tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
+            target_argmax = hidden_to_logits(self.target, tree_hidden).argmax(dim=-1)  # [B, N]
+            # 4. Accept.
+            verdict = verify_greedy(beams, tree.node_index, target_argmax)
+            # 5. Keep the accepted path's cache entries; mask each row's surplus.
+            kept = int(verdict.num_tokens.max())
+            cache.keep(start, verdict.path[:, :kept])
+            steps = torch.arange(kept, device=device)[None, :]
+            context_valid = torch.cat([context_valid, steps < verdict.num_tokens[:, None]], dim=1)
+            last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
+            hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
+            row_length = row_length + verdict.num_tokens
+            step_tokens, step_counts = verdict.tokens, verdict.num_tokens
+            last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
+
+    def _tree_depth(self) -> int:
+        return getattr(self.proposer, "draft_len", 1)

@@ -1,0 +1,218 @@
+"""The recurrent drafter: an RNN over token embeddings plus an MLP head conditioned on the target.
+
+Equations (``../shared/DESIGN.md``): with ``s_0 = 0``,
+``s_i = SiLU(W_rnn E(g_{i-1}) + U_rnn s_{i-1} + b)``, ``x_i = concat(h, s_i)``, optional
+``input_proj`` (2d -> exit_dim), ``N`` residual blocks ``x + SiLU(Linear(x))`` and a bias-free
+vocabulary head. ``E`` is the target's own (frozen, shared) embedding table and is never saved.
+
+The vocabulary head may cover only the ``K`` most frequent target tokens (``draft_vocab``, a map
+from draft ids to target ids); a drafted token outside it simply fails verification.
+
+Saved as a folder: ``config.json`` (``model_type`` "recurrent_drafting_drafter") and
+``model.safetensors`` with the reference layout's tensor names (``lm_head.{i}.linear.*``,
+``lm_head.{N}.weight``, ``rnn_w.weight``, ``rnn_u.*``, ``input_proj.*``) plus ``draft_vocab``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import RedrafterError
+
+MODEL_TYPE = "recurrent_drafting_drafter"
+
+
+class DrafterError(RedrafterError):
+    """A drafter that cannot be loaded or does not fit its target."""
+
+
+@dataclass
+class DrafterConfig:
+    """Shape of a drafter.
+
+    Attributes:
+        hidden_size: the target's hidden size ``d``.
+        vocab_size: the target's vocabulary size ``V``.
+        exit_dim: width of the residual head (``2 d`` means no input projection).
+        num_draft_layers: number of residual blocks ``N``.
+        rnn: whether the recurrence is used (off: Medusa-like independent heads).
+        draft_vocab_size: ``K`` rows of the vocabulary head (``V`` for the full vocabulary).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    exit_dim: int | None = None
+    num_draft_layers: int = 2
+    rnn: bool = True
+    draft_vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.exit_dim is None:
+            self.exit_dim = 2 * self.hidden_size
+        if self.draft_vocab_size is None:
+            self.draft_vocab_size = self.vocab_size
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(Linear(x))``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class RecurrentDrafter(nn.Module):
+    """The drafter head. The embedding table is the target's, passed in, not owned.
+
+    Args:
+        config: the drafter's shape.
+        embedding: the target's input embedding module (``[V] -> [V, d]``), frozen and shared.
+    """
+
+    def __init__(self, config: DrafterConfig, embedding: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.rnn_w = nn.Linear(d, d, bias=False)
+        self.rnn_u = nn.Linear(d, d, bias=True)
+        self.input_proj = nn.Linear(2 * d, config.exit_dim) if config.exit_dim != 2 * d else None
+        blocks: list[nn.Module] = [ResBlock(config.exit_dim) for _ in range(config.num_draft_layers)]
+        blocks.append(nn.Linear(config.exit_dim, config.draft_vocab_size, bias=False))
+        self.lm_head = nn.Sequential(*blocks)
+        self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
+        # Held in a tuple so it is neither a submodule (saved, trained) nor moved with .to().
+        self._embedding: tuple[nn.Module, ...] = (embedding,) if embedding is not None else ()
+
+    # -- the target's embedding table ---------------------------------------------------------
+    def attach(self, embedding: nn.Module) -> RecurrentDrafter:
+        """Share ``embedding`` (the target's input embedding module) with this drafter."""
+        self._embedding = (embedding,)
+        return self
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[...]`` target token ids -> ``[..., d]`` target embeddings (no gradient)."""
+        if not self._embedding:
+            raise DrafterError("the drafter has no embedding table: call attach(target embeddings)")
+        with torch.no_grad():
+            return self._embedding[0](token_ids)
+
+    # -- the equations ------------------------------------------------------------------------
+    def rnn_step(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+        """``s_i = SiLU(W E(g) + U s_{i-1} + b)``; ``[..., d], [..., d] -> [..., d]``.
+
+        Without the RNN the state is ``E(g)`` alone (independent heads).
+        """
+        if not self.config.rnn:
+            return token_embedding
+        return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
+
+    def head(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the draft vocabulary: ``[..., d], [..., d] -> [..., K]``."""
+        x = torch.cat([hidden, state], dim=-1)
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        return self.lm_head(x)
+
+    def forward(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits for training.
+
+        Args:
+            hidden: ``[B, T, d]`` target hidden states (after the final norm).
+            next_tokens: ``[B, T, S]`` target token ids fed to draft steps ``0..S-1``
+                (at position ``t``: ``x_{t+1}, ..., x_{t+S}``).
+        Returns:
+            ``[B, T, S, K]`` logits of step ``i`` predicting ``x_{t+2+i}`` (in draft ids).
+        """
+        embeddings = self.embed(next_tokens)
+        state = torch.zeros_like(hidden)
+        logits = []
+        for step in range(next_tokens.shape[-1]):
+            state = self.rnn_step(state, embeddings[:, :, step])
+            logits.append(self.head(hidden, state))
+        return torch.stack(logits, dim=2)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocabulary ids to target ids (identity for a full-vocabulary head)."""
+        return self.draft_vocab[draft_ids]
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``folder`` atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": MODEL_TYPE, **asdict(self.config)}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
+        _atomic_write(
+            folder / "config.json",
+            lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        embedding: nn.Module | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> RecurrentDrafter:
+        """Load a drafter folder (the reference layout, with or without ``draft_vocab``)."""
+        folder = Path(folder)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise DrafterError(f"{folder} is not a drafter folder (needs config.json and model.safetensors)")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise DrafterError(f"{config_path}: invalid JSON ({error})") from None
+        if raw.get("model_type") != MODEL_TYPE:
+            raise DrafterError(f"{config_path}: model_type is {raw.get('model_type')!r}, not {MODEL_TYPE!r}")
+        fields = DrafterConfig.__dataclass_fields__
+        config = DrafterConfig(**{k: v for k, v in raw.items() if k in fields})
+        state = {_reference_name(k): v for k, v in load_file(weights_path).items()}
+        if "draft_vocab" not in state:
+            state["draft_vocab"] = torch.arange(config.draft_vocab_size, dtype=torch.long)
+        drafter = cls(config, embedding)
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DrafterError(f"{weights_path}: missing tensors {missing}, unexpected {unexpected}")
+        return drafter.to(device=device, dtype=dtype)
+
+    def check_fits(self, hidden_size: int, vocab_size: int) -> None:
+        """Raise :class:`DrafterError` unless this drafter was made for such a target."""
+        c = self.config
+        if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
+            raise DrafterError(
+                f"drafter is for hidden size {c.hidden_size} and vocabulary {c.vocab_size}, "
+                f"but the target has hidden size {hidden_size} and vocabulary {vocab_size}"
+            )
+
+
+def _reference_name(name: str) -> str:
+    """Accept the ``lm_heads.`` prefix that some converters write."""
+    return "lm_head." + name[len("lm_heads.") :] if name.startswith("lm_heads.") else name
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

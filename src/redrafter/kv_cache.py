@@ -1,0 +1,131 @@
+"""A preallocated key/value cache that keeps only the accepted path of each step, in place.
+
+Hugging Face's ``DynamicCache`` grows by concatenation, which copies the whole cache on every
+forward pass, and the reference implementation clones it again after every verification. Here
+each layer owns one buffer ``[B, H, capacity, D]``; a forward writes its new entries at
+``[length, length + q)`` and attends to a view of ``[0, length + q)``. After verification,
+:meth:`TreeKVCache.keep` moves the accepted tree nodes' entries (at most ``L`` of them) next to
+the context and sets the new length: no copy of the context is ever made.
+
+All rows of a batch share one length; rows that accepted fewer tokens than others are handled by
+the decode loop (their extra entries are masked out), so the buffers stay rectangular.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class ContiguousLayer(CacheLayerMixin):
+    """One layer's keys and values in a preallocated buffer ``[B, H, capacity, D]``."""
+
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(batch, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def _grow(self, needed: int) -> None:
+        """Double the capacity until ``needed`` entries fit (amortized; rare)."""
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], capacity, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        self.capacity = capacity
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key_states``/``value_states`` ``[B, H, q, D]`` after the cached entries.
+
+        Returns views ``[B, H, length + q, D]`` of everything cached, new entries included.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` entries (transformers 5 convention: a negative count)."""
+        self.length = max(0, self.length + min(tokens_to_remove, 0))
+
+    def keep(self, start: int, source: torch.Tensor) -> None:
+        """Keep, at ``[start, start + n)``, the entries now at ``start + source`` and drop the rest.
+
+        ``source``: ``[B, n]`` offsets (relative to ``start``) of the entries to keep, per row.
+        """
+        n = source.shape[1]
+        index = (start + source)[:, None, :, None]  # [B, 1, n, 1]
+        for buffer in (self.keys, self.values):
+            picked = buffer.gather(2, index.expand(-1, buffer.shape[1], -1, buffer.shape[-1]))
+            buffer[:, :, start : start + n] = picked
+        self.length = start + n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` ``[B']``."""
+        if self.is_initialized:
+            self.keys = self.keys[indices]
+            self.values = self.values[indices]
+
+
+class TreeKVCache(Cache):
+    """A ``Cache`` of :class:`ContiguousLayer` s that every transformers 5 decoder accepts.
+
+    Args:
+        num_layers: the target's number of decoder layers.
+        capacity: initial number of positions per layer (grown by doubling if exceeded).
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 1024) -> None:
+        super().__init__(layers=[ContiguousLayer(capacity) for _ in range(num_layers)])
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (the same in every layer)."""
+        return self.layers[0].length
+
+    def keep(self, start: int, source: torch.Tensor) -> None:
+        """Compact every layer: see :meth:`ContiguousLayer.keep`. ``source``: ``[B, n]``."""
+        for layer in self.layers:
+            layer.keep(start, source)
+
+    def crop_to(self, length: int) -> None:
+        """Forget every entry at position ``length`` and after."""
+        for layer in self.layers:
+            layer.length = min(layer.length, length)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` ``[B']`` (finished rows leave the batch)."""
+        for layer in self.layers:
+            layer.batch_select_indices(rows)

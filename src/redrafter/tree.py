@@ -1,0 +1,111 @@
+"""Dynamic tree attention: de-duplicate beams into a prefix tree and pack it for one forward pass.
+
+Beams ``[B, W, L]`` share prefixes (all share token 0, the last token the target produced). A
+token at depth ``j`` of beam ``w`` belongs to the earliest beam with the same prefix ``0..j``;
+the unique tokens are packed, beam by beam, into one sequence of ``N`` slots per row. Every slot
+attends to the cached context and to its own ancestors, and sits at position ``context + depth``.
+Everything is batched tensor arithmetic: no Python loop over rows, beams or depths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedTree:
+    """A batch of prefix trees packed into sequences.
+
+    Attributes:
+        tokens: ``[B, N]`` token ids in packed order (padding slots hold the root token).
+        depth: ``[B, N]`` depth of each slot in its tree (0 for the root and for padding).
+        ancestors: ``[B, N, N]`` bool, ``ancestors[b, i, k]``: slot ``i`` may attend to slot ``k``
+            (its ancestors and itself; padding slots see only themselves).
+        node_index: ``[B, W, L]`` packed slot of each beam token (shared prefixes share a slot).
+        num_nodes: ``[B]`` number of real (non-padding) slots per row.
+    """
+
+    tokens: torch.Tensor
+    depth: torch.Tensor
+    ancestors: torch.Tensor
+    node_index: torch.Tensor
+    num_nodes: torch.Tensor
+
+
+def prefix_representative(beams: torch.Tensor) -> torch.Tensor:
+    """For each beam token, the earliest beam that has the same prefix up to that depth.
+
+    Args:
+        beams: ``[B, W, L]`` token ids.
+    Returns:
+        ``[B, W, L]`` beam index ``w' <= w`` with ``beams[b, w', :j+1] == beams[b, w, :j+1]``.
+    """
+    same_token = beams[:, :, None, :] == beams[:, None, :, :]  # [B, W, W', L]
+    same_prefix = same_token.long().cumprod(dim=-1).bool()
+    # argmax of a bool returns the first True; w' = w is always True.
+    return same_prefix.int().argmax(dim=2)
+
+
+def build_tree(beams: torch.Tensor) -> PackedTree:
+    """De-duplicate ``beams`` ``[B, W, L]`` into prefix trees and pack them.
+
+    ``N = max_b num_nodes[b]``, at most ``1 + W (L - 1)`` when every beam starts with the same token.
+    """
+    batch, width, length = beams.shape
+    device = beams.device
+    beam_ids = torch.arange(width, device=device)[None, :, None]
+    representative = prefix_representative(beams)
+    is_unique = representative == beam_ids  # [B, W, L]
+    flat_unique = is_unique.reshape(batch, width * length)
+    slot_of_unique = flat_unique.long().cumsum(dim=1) - 1  # packed slot, valid where unique
+    num_nodes = flat_unique.sum(dim=1)
+    num_slots = int(num_nodes.max())
+
+    # Slot of every beam token: the slot of its representative's token at the same depth.
+    depth_ids = torch.arange(length, device=device)
+    rep_flat = representative * length + depth_ids  # [B, W, L] index into the flat (w, j) grid
+    node_index = slot_of_unique.gather(1, rep_flat.reshape(batch, -1)).reshape(batch, width, length)
+
+    # Tokens and depths of packed slots; padding slots get a scratch slot past the end.
+    target = torch.where(flat_unique, slot_of_unique, num_slots)  # [B, W*L]
+    tokens = beams.new_empty(batch, num_slots + 1)
+    tokens[:] = beams[:, :1, 0]
+    tokens.scatter_(1, target, beams.reshape(batch, -1))
+    depth = torch.zeros(batch, num_slots + 1, dtype=torch.long, device=device)
+    depth.scatter_(1, target, depth_ids.repeat(width)[None].expand(batch, -1))
+
+    # Ancestor mask: slot of (w, j) sees slots of (w, j') for j' <= j.
+    rows = node_index[:, :, :, None].expand(-1, -1, -1, length)
+    cols = node_index[:, :, None, :].expand(-1, -1, length, -1)
+    sees = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    flat = (rows * num_slots + cols).reshape(batch, -1)
+    counts = torch.zeros(batch, num_slots * num_slots, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, flat, sees.int().expand(batch, width, -1, -1).reshape(batch, -1))
+    ancestors = counts.view(batch, num_slots, num_slots) > 0
+    ancestors |= torch.eye(num_slots, dtype=torch.bool, device=device)
+    return PackedTree(
+        tokens=tokens[:, :num_slots],
+        depth=depth[:, :num_slots],
+        ancestors=ancestors,
+        node_index=node_index,
+        num_nodes=num_nodes,
+    )
+
+
+def tree_attention_mask(ancestors: torch.Tensor, context_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive 4D mask for verifying packed trees after a cached context.
+
+    Args:
+        ancestors: ``[B, N, N]`` bool (see :class:`PackedTree`).
+        context_valid: ``[B, C]`` bool, which cached positions each row may attend to.
+        dtype: the target's compute dtype.
+    Returns:
+        ``[B, 1, N, C + N]``: 0 where attention is allowed, the dtype's minimum elsewhere.
+    """
+    num_slots = ancestors.shape[1]
+    allowed = torch.cat([context_valid[:, None, :].expand(-1, num_slots, -1), ancestors], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=ancestors.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

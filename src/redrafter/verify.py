@@ -1,0 +1,51 @@
+"""Greedy verification: the longest drafted prefix the target agrees with, plus its next token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Verdict:
+    """What one verification step accepts, per row.
+
+    Attributes:
+        tokens: ``[B, L]`` emitted tokens: accepted drafts then the bonus token, then padding.
+        num_tokens: ``[B]`` how many of ``tokens`` are emitted (accepted + 1, in ``1..L``).
+        path: ``[B, L]`` packed slots of the accepted path (root first), padded with its last slot;
+            ``path[b, num_tokens[b] - 1]`` is the slot whose hidden state feeds the next draft.
+    """
+
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    path: torch.Tensor
+
+
+def verify_greedy(beams: torch.Tensor, node_index: torch.Tensor, target_argmax: torch.Tensor) -> Verdict:
+    """Accept, per row, the beam whose drafts match the target's argmax the longest.
+
+    Args:
+        beams: ``[B, W, L]`` drafted beams (token 0 is the root, already decided).
+        node_index: ``[B, W, L]`` packed slot of each beam token.
+        target_argmax: ``[B, N]`` the target's argmax after each packed slot.
+    Returns:
+        The :class:`Verdict`. The emitted tokens equal greedy decoding's next ``num_tokens``.
+    """
+    batch, width, length = beams.shape
+    # The target's prediction after each beam token: [B, W, L].
+    predicted = target_argmax.gather(1, node_index.reshape(batch, -1)).reshape(batch, width, length)
+    matches = beams[:, :, 1:] == predicted[:, :, :-1]  # [B, W, L-1]
+    accepted = matches.long().cumprod(dim=-1).sum(dim=-1)  # [B, W]
+    best_len, best = accepted.max(dim=1)  # first beam among the longest
+    rows = torch.arange(batch, device=beams.device)
+    best_beam, best_pred, best_nodes = beams[rows, best], predicted[rows, best], node_index[rows, best]
+    steps = torch.arange(length, device=beams.device)[None, :]
+    last = best_len[:, None]
+    # Emitted: drafts 1..a, then the bonus (the target's prediction after draft a).
+    drafts = best_beam.roll(-1, dims=1)
+    bonus = best_pred.gather(1, last)
+    tokens = torch.where(steps < last, drafts, bonus)
+    path = best_nodes.gather(1, torch.minimum(steps, last))
+    return Verdict(tokens=tokens, num_tokens=best_len + 1, path=path)
