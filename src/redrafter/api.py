@@ -197,7 +197,7 @@ class _IdStream:
         start = time.perf_counter()
         for step in self.rd.decoder.decode(self.prompts, self.max_new_tokens):
             now = time.perf_counter() - start
-            for row, tokens, done in zip(step.rows, step.tokens, step.finished):
+            for row, tokens, done in zip(step.rows, step.tokens, step.finished, strict=True):
                 self.token_ids[row].extend(tokens)
                 self.accepted[row].append(len(tokens))
                 if done:

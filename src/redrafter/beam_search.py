@@ -38,9 +38,9 @@ def beam_search(
     vocab = logprobs.shape[-1]
     width = min(num_beams, vocab)
     scores, draft_ids = logprobs.topk(width, dim=-1)  # [B, W]
-    if width < num_beams:  # a tiny draft vocabulary: repeat the last beam (dedup merges it)
+    if width < num_beams:  # a tiny draft vocabulary: extra beams repeat the last, never win later
         pad = num_beams - width
-        scores = torch.cat([scores, scores[:, -1:].expand(-1, pad)], dim=1)
+        scores = torch.cat([scores, scores.new_full((batch, pad), -torch.inf)], dim=1)
         draft_ids = torch.cat([draft_ids, draft_ids[:, -1:].expand(-1, pad)], dim=1)
     tokens = [drafter.to_target_ids(draft_ids)]  # list of [B, W]
     states = state[:, None, :].expand(-1, num_beams, -1)  # [B, W, d]

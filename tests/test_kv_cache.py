@@ -1,0 +1,38 @@
+"""The preallocated cache: writes in place, keeps accepted paths, grows when needed."""
+
+from __future__ import annotations
+
+import torch
+
+from redrafter.kv_cache import TreeKVCache
+
+
+def test_keep_moves_the_accepted_path_next_to_the_context():
+    cache = TreeKVCache(num_layers=2, capacity=4)
+    context = torch.arange(2 * 3 * 3 * 2, dtype=torch.float32).view(2, 3, 3, 2)
+    cache.update(context, -context, 0)
+    cache.update(context, -context, 1)
+    tree = torch.randn(2, 3, 5, 2)
+    keys, _ = cache.update(tree, -tree, 0)
+    cache.update(tree, -tree, 1)
+    assert keys.shape == (2, 3, 8, 2) and cache.layers[0].capacity >= 8  # grew
+    path = torch.tensor([[0, 2, 4], [0, 1, 1]])
+    cache.keep(3, path)
+    assert cache.length == 6
+    for layer in cache.layers:
+        assert torch.equal(layer.keys[:, :, :3], context)
+        for row in range(2):
+            assert torch.equal(layer.keys[row, :, 3:6], tree[row, :, path[row]])
+            assert torch.equal(layer.values[row, :, 3:6], -tree[row, :, path[row]])
+    # The next forward writes after the kept entries and sees exactly them.
+    keys, _ = cache.update(torch.zeros(2, 3, 1, 2), torch.zeros(2, 3, 1, 2), 0)
+    assert keys.shape[2] == 7
+
+
+def test_select_rows_and_crop():
+    cache = TreeKVCache(num_layers=1, capacity=8)
+    cache.update(torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 1), torch.zeros(3, 1, 4, 1), 0)
+    cache.select_rows(torch.tensor([2, 0]))
+    assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [2.0, 0.0]
+    cache.crop_to(2)
+    assert cache.length == 2 and cache.get_seq_length() == 2

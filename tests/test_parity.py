@@ -1,0 +1,178 @@
+"""Lossless greedy decoding: speculative output equals ``model.generate(do_sample=False)`` exactly.
+
+float64 tiny random targets of five families, random drafters, many prompts, W and L, through
+EOS and max-token boundaries. And an oracle drafter whose drafts are right gets every one accepted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HIDDEN, VOCAB, tiny_target
+
+from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def speculative(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: int):
+    """Run the loop; return generated ids per prompt and tokens emitted per step (row 0)."""
+    ids: list[list[int]] = [[] for _ in prompts]
+    per_step: list[int] = []
+    for step in decoder.decode(prompts, max_new_tokens):
+        for row, tokens in zip(step.rows, step.tokens, strict=True):
+            ids[row].extend(tokens)
+        if 0 in step.rows:
+            per_step.append(len(step.tokens[step.rows.index(0)]))
+    return ids, per_step
+
+
+def random_drafter(model, seed: int, **kwargs) -> RecurrentDrafter:
+    torch.manual_seed(seed)
+    drafter = RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, **kwargs))
+    return drafter.to(torch.float64).attach(model.get_input_embeddings()).eval()
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("beams,draft_len", [(1, 2), (4, 5), (3, 3), (8, 4), (2, 7)])
+def test_greedy_parity_across_families(family, beams, draft_len):
+    model = tiny_target(family)
+    drafter = random_drafter(model, seed=beams * 10 + draft_len)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, beams, draft_len), eos_token_ids=[])
+    for seed, (length, max_new) in enumerate([(1, 20), (5, 33), (17, 7), (40, 1)]):
+        prompt = random_prompt(length, seed)
+        ids, _ = speculative(decoder, [prompt], max_new)
+        assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} W={beams} L={draft_len} prompt {seed}"
+
+
+def test_parity_with_small_draft_vocabulary(family):
+    model = tiny_target(family, seed=1)
+    drafter = random_drafter(model, seed=3, draft_vocab_size=10, exit_dim=24, num_draft_layers=1)
+    drafter.draft_vocab.copy_(torch.randperm(VOCAB)[:10])
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 12, 3), eos_token_ids=[])  # W > K too
+    prompt = random_prompt(9, 5)
+    assert speculative(decoder, [prompt], 30)[0][0] == hf_greedy(model, prompt, 30)
+
+
+def oracle_proposer(continuation: list[int], prompt_len: int, num_beams: int, draft_len: int):
+    """Beam 0 is the target's own greedy continuation; the other beams are wrong on purpose."""
+    sequence = torch.tensor(continuation + [0] * draft_len)
+
+    def propose(hidden, last_token, positions):
+        start = int(positions[0]) - prompt_len  # index of last_token in the continuation
+        right = sequence[start : start + draft_len]
+        assert right[0] == last_token[0]
+        beams = right.repeat(num_beams, 1)
+        beams[1:, 1:] = (beams[1:, 1:] + torch.arange(1, num_beams)[:, None]) % VOCAB
+        return beams[None]
+
+    propose.draft_len = draft_len
+    return propose
+
+
+def noisy_oracle_proposer(continuation: list[int], prompt_len: int, num_beams: int, draft_len: int, seed: int):
+    """Each beam follows the greedy continuation for a random number of tokens, then goes wrong:
+    partial acceptance, shared prefixes and a best beam that is not beam 0."""
+    sequence = torch.tensor(continuation + [0] * draft_len)
+    generator = torch.Generator().manual_seed(seed)
+
+    def propose(hidden, last_token, positions):
+        start = int(positions[0]) - prompt_len
+        beams = sequence[start : start + draft_len].repeat(num_beams, 1)
+        right_for = torch.randint(1, draft_len + 1, (num_beams, 1), generator=generator)
+        wrong = (beams + torch.randint(1, VOCAB, beams.shape, generator=generator)) % VOCAB
+        steps = torch.arange(draft_len)[None, :]
+        return torch.where(steps < right_for, beams, wrong)[None]
+
+    propose.draft_len = draft_len
+    return propose
+
+
+@pytest.mark.parametrize("beams,draft_len", [(1, 2), (4, 5), (6, 3)])
+def test_partially_right_drafts_keep_parity(family, beams, draft_len):
+    model = tiny_target(family, seed=8)
+    for seed, (length, max_new) in enumerate([(3, 30), (12, 17)]):
+        prompt = random_prompt(length, 100 + seed)
+        continuation = hf_greedy(model, prompt, max_new + draft_len)
+        proposer = noisy_oracle_proposer(continuation, len(prompt), beams, draft_len, seed)
+        ids, per_step = speculative(SpeculativeDecoder(model, proposer, []), [prompt], max_new)
+        assert ids[0] == continuation[:max_new]
+        assert max(per_step) > 1 or draft_len == 1
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2"])
+@pytest.mark.parametrize("num_beams,draft_len", [(1, 2), (3, 5), (5, 4)])
+def test_oracle_drafts_are_all_accepted(family_name, num_beams, draft_len):
+    model = tiny_target(family_name, seed=2)
+    prompt, max_new = random_prompt(6, 7), 40
+    continuation = hf_greedy(model, prompt, max_new + draft_len)
+    proposer = oracle_proposer(continuation, len(prompt), num_beams, draft_len)
+    decoder = SpeculativeDecoder(model, proposer, eos_token_ids=[])
+    ids, per_step = speculative(decoder, [prompt], max_new)
+    assert ids[0] == continuation[:max_new]
+    # Prefill emits 1; every decoding step accepts all L-1 drafts + the bonus; the last is capped.
+    assert per_step[0] == 1
+    assert per_step[1:-1] == [draft_len] * (len(per_step) - 2)
+    assert 1 <= per_step[-1] <= draft_len
+
+
+def test_eos_stops_and_nothing_after_it_is_emitted(family):
+    model = tiny_target(family, seed=4)
+    prompt = random_prompt(8, 11)
+    free = hf_greedy(model, prompt, 30)
+    eos = free[12]  # a token that greedy decoding reaches
+    expected = hf_greedy(model, prompt, 30, eos=eos)
+    assert expected[-1] == eos and len(expected) <= 13
+    continuation = free + [0] * 8
+    for proposer in [
+        no_draft,
+        DrafterProposer(random_drafter(model, 0), 4, 5),
+        oracle_proposer(continuation, len(prompt), 2, 6),
+    ]:
+        decoder = SpeculativeDecoder(model, proposer, eos_token_ids=[eos])
+        ids, _ = speculative(decoder, [prompt], 30)
+        assert ids[0] == expected
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 4, 5, 6, 9, 10, 11])
+def test_max_new_tokens_is_exact_even_when_a_step_accepts_more(max_new):
+    model = tiny_target("llama", seed=5)
+    prompt = random_prompt(4, 3)
+    continuation = hf_greedy(model, prompt, 40)
+    decoder = SpeculativeDecoder(model, oracle_proposer(continuation, len(prompt), 2, 5), eos_token_ids=[])
+    ids, _ = speculative(decoder, [prompt], max_new)
+    assert ids[0] == continuation[:max_new]
+
+
+def test_autoregressive_loop_is_one_token_per_step():
+    model = tiny_target("llama")
+    prompt = random_prompt(5, 0)
+    ids, per_step = speculative(SpeculativeDecoder(model, no_draft, []), [prompt], 12)
+    assert ids[0] == hf_greedy(model, prompt, 12)
+    assert per_step == [1] * 12
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3"])
+def test_batch_of_mixed_lengths_equals_batch_of_one(family_name):
+    model = tiny_target(family_name, seed=6)
+    drafter = random_drafter(model, seed=6)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), eos_token_ids=[])
+    prompts = [random_prompt(n, n) for n in (3, 11, 6, 1)]
+    batched, _ = speculative(decoder, prompts, 25)
+    for prompt, ids in zip(prompts, batched, strict=True):
+        assert ids == hf_greedy(model, prompt, 25)

@@ -1,0 +1,93 @@
+"""De-duplication, packing and the tree mask against a slow, obviously correct reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redrafter.tree import build_tree, tree_attention_mask
+
+
+def reference_tree(beams: torch.Tensor):
+    """Per row: a dict from prefix tuple to slot, filled beam by beam, depth by depth."""
+    batch, width, length = beams.shape
+    rows = []
+    for b in range(batch):
+        slot_of: dict[tuple[int, ...], int] = {}
+        for w in range(width):
+            for j in range(length):
+                slot_of.setdefault(tuple(beams[b, w, : j + 1].tolist()), len(slot_of))
+        rows.append(slot_of)
+    return rows
+
+
+def check_against_reference(beams: torch.Tensor) -> None:
+    tree = build_tree(beams)
+    reference = reference_tree(beams)
+    batch, width, length = beams.shape
+    assert tree.num_nodes.tolist() == [len(r) for r in reference]
+    slots = tree.tokens.shape[1]
+    assert slots == max(len(r) for r in reference)
+    for b, slot_of in enumerate(reference):
+        for w in range(width):
+            for j in range(length):
+                assert tree.node_index[b, w, j] == slot_of[tuple(beams[b, w, : j + 1].tolist())]
+        expected = torch.eye(slots, dtype=torch.bool)
+        for prefix, slot in slot_of.items():
+            assert tree.tokens[b, slot] == prefix[-1]
+            assert tree.depth[b, slot] == len(prefix) - 1
+            for k in range(1, len(prefix) + 1):
+                expected[slot, slot_of[prefix[:k]]] = True
+        assert torch.equal(tree.ancestors[b], expected), f"row {b}"
+        # Padding slots are roots that see only themselves.
+        assert (tree.depth[b, len(slot_of) :] == 0).all()
+
+
+def random_beams(batch: int, width: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    beams = torch.randint(0, vocab, (batch, width, length), generator=generator)
+    beams[:, :, 0] = beams[:, :1, 0]  # every beam starts at the row's last token
+    return beams
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 4, 5), (3, 5, 5), (2, 8, 3), (1, 3, 7)])
+def test_shared_prefixes_match_reference(shape, seed):
+    # A vocabulary of 3 makes shared prefixes (and duplicate beams) frequent.
+    check_against_reference(random_beams(*shape, vocab=3, seed=seed))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_all_distinct_beams(seed):
+    beams = random_beams(2, 4, 5, vocab=10_000, seed=seed)
+    check_against_reference(beams)
+    assert build_tree(beams).num_nodes.tolist() == [1 + 4 * 4] * 2
+
+
+def test_all_beams_equal_is_one_path():
+    beams = torch.tensor([5, 6, 7, 8]).expand(2, 3, 4).clone()
+    check_against_reference(beams)
+    tree = build_tree(beams)
+    assert tree.num_nodes.tolist() == [4, 4]
+    assert tree.tokens.tolist() == [[5, 6, 7, 8]] * 2
+    assert torch.equal(tree.ancestors[0], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_rows_of_different_sizes_are_padded():
+    equal = torch.tensor([[1, 2, 3]] * 3)
+    distinct = torch.tensor([[1, 2, 3], [1, 4, 5], [1, 6, 7]])
+    beams = torch.stack([equal, distinct])
+    check_against_reference(beams)
+    assert build_tree(beams).num_nodes.tolist() == [3, 7]
+
+
+def test_mask_combines_context_and_tree():
+    beams = torch.tensor([[[1, 2, 3], [1, 4, 5]]])
+    tree = build_tree(beams)
+    context_valid = torch.tensor([[False, True, True]])  # one left-padding position
+    mask = tree_attention_mask(tree.ancestors, context_valid, torch.float32)
+    assert mask.shape == (1, 1, 5, 3 + 5)
+    allowed = mask[0, 0] == 0
+    assert not allowed[:, 0].any() and allowed[:, 1:3].all()
+    assert torch.equal(allowed[:, 3:], tree.ancestors[0])
+    assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
