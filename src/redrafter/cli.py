@@ -60,6 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object (text, token ids, statistics) instead of streaming"
     )
     gen.set_defaults(run=run_generate)
+
+    dis = commands.add_parser(
+        "distill",
+        help="build a training corpus from the target's own answers (resumable)",
+        description="Generate a drafter training corpus: prompts from --prompts FILE or written by the target "
+        "itself (sampled from the chat template's empty user turn), answered by the target. Re-run the same "
+        "command to resume an interrupted run.",
+    )
+    dis.add_argument("--model", default="default", help="'default', a .gguf file or a Hugging Face folder")
+    dis.add_argument("--out", required=True, help="corpus folder (created; resumed if it exists)")
+    dis.add_argument("--prompts", help="JSONL prompt file ('prompt', 'turns' or ShareGPT 'conversations')")
+    dis.add_argument(
+        "--num-prompts", type=_positive, default=2048, help="self-written prompts to make (default %(default)s)"
+    )
+    dis.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length cap (default %(default)s)")
+    dis.add_argument(
+        "--batch-size", type=_positive, default=32, help="prompts generated together (default %(default)s)"
+    )
+    dis.add_argument("--shard-size", type=_positive, default=128, help="conversations per shard (default %(default)s)")
+    dis.add_argument("--temperature", type=float, default=0.0, help="answer sampling temperature; 0 = greedy (default)")
+    dis.add_argument("--seed", type=int, default=0)
+    dis.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    dis.set_defaults(run=run_distill)
     return parser
 
 
@@ -93,6 +116,32 @@ def run_generate(args: argparse.Namespace) -> int:
     print(
         f"[{r.new_tokens} tokens, {r.steps} steps, {r.tokens_per_step:.2f} tokens/step, "
         f"{r.tokens_per_second:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill
+
+    if args.temperature < 0:
+        raise RedrafterError(f"--temperature must be at least 0, got {args.temperature}")
+    config = DistillConfig(
+        model=args.model,
+        prompts=args.prompts,
+        num_prompts=args.num_prompts,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    corpus = distill(config, args.out)
+    totals = corpus.meta()["totals"]
+    print(
+        f"{args.out}: {totals['conversations']} conversations, {totals['response_tokens']} response tokens "
+        f"in {len(corpus.shards)} shards",
         file=sys.stderr,
     )
     return 0
