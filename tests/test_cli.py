@@ -149,6 +149,7 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, model_dir, flag):
         main(["generate", "w5", "--model", str(model_dir), *flag])
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
     assert "must be at least 1" in err or "expected an integer" in err
 
 

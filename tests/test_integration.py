@@ -34,8 +34,9 @@ NEAR_TIE = 0.25
 def engines():
     ar = ReDrafter.from_pretrained("default", drafter="none", dtype="bfloat16")
     torch.manual_seed(0)
-    config = DrafterConfig(hidden_size=ar.target.config.hidden_size, vocab_size=ar.target.config.vocab_size,
-                           draft_vocab_size=4096)
+    config = DrafterConfig(
+        hidden_size=ar.target.config.hidden_size, vocab_size=ar.target.config.vocab_size, draft_vocab_size=4096
+    )
     drafter = RecurrentDrafter(config)
     spec = ReDrafter(ar.target, ar.tokenizer, drafter, num_beams=4, draft_len=5)
     return ar, spec
@@ -50,8 +51,12 @@ def top2_gap(model, ids: list[int]) -> float:
 
 def hf_greedy(model, ids: list[int]) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
     return out[0, len(ids) :].tolist()
 
 

@@ -41,13 +41,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="redrafter",
         description="ReDrafter speculative decoding: a recurrent drafter, beam search and tree attention "
         "that make a language model generate faster with unchanged output.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="generate text for a prompt, streamed as tokens are accepted")
     gen.add_argument("prompt", help="the prompt, or - to read it from standard input")

@@ -1,0 +1,148 @@
+"""The self-distillation corpus: resumable, benchmark-clean, clear errors on bad prompt files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_target
+from test_cli import word_tokenizer
+
+from redrafter.distill import Corpus, DistillConfig, distill
+from redrafter.errors import RedrafterError
+from redrafter.prompts import BenchmarkGuard, read_prompts
+
+
+@pytest.fixture(scope="module")
+def target():
+    model = tiny_target("llama", seed=9, dtype=torch.float32)
+    model.generation_config.eos_token_id = 1
+    return model, word_tokenizer()
+
+
+def prompt_file(tmp_path, n: int):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{20 + i} w{40 + i}"}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_corpus_holds_the_targets_own_greedy_answers(tmp_path, target):
+    model, tokenizer = target
+    config = DistillConfig(
+        model="tiny", prompts=prompt_file(tmp_path, 5), shard_size=2, batch_size=2, max_new_tokens=6, dtype="float32"
+    )
+    corpus = distill(config, tmp_path / "data", model, tokenizer, progress=False)
+    pairs = corpus.conversations()
+    assert len(corpus.shards) == 3 and len(pairs) == 5
+    for prompt, response in pairs:
+        ids = torch.tensor([prompt])
+        greedy = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=1, pad_token_id=1
+        )
+        assert response == greedy[0, len(prompt) :].tolist()[: len(response)]
+        assert len(response) == 6 or response[-1] == 1
+    assert corpus.meta()["totals"]["conversations"] == 5
+
+
+def test_an_interrupted_run_resumes_to_the_same_corpus(tmp_path, target, monkeypatch):
+    model, tokenizer = target
+    config = DistillConfig(
+        model="tiny", prompts=prompt_file(tmp_path, 6), shard_size=2, batch_size=2, max_new_tokens=5, dtype="float32"
+    )
+    whole = distill(config, tmp_path / "whole", model, tokenizer, progress=False).conversations()
+
+    import redrafter.distill as module
+
+    real_write, calls = module._write_shard, []
+
+    def write_then_die(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted while writing the second shard
+        real_write(path, *args)
+
+    monkeypatch.setattr(module, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        distill(config, tmp_path / "cut", model, tokenizer, progress=False)
+    cut = Corpus(tmp_path / "cut")
+    assert len(cut.shards) == 1 and not list(cut.folder.glob(".*"))  # no half-written shard
+    monkeypatch.setattr(module, "_write_shard", real_write)
+    resumed = distill(config, tmp_path / "cut", model, tokenizer, progress=False)
+    assert resumed.conversations() == whole
+    assert resumed.meta()["totals"]["conversations"] == 6
+
+
+def test_self_written_prompts(tmp_path, target):
+    model, tokenizer = target
+    config = DistillConfig(
+        model="tiny", num_prompts=3, shard_size=3, batch_size=8, max_new_tokens=4, prompt_max_tokens=12, dtype="float32"
+    )
+    corpus = distill(config, tmp_path / "self", model, tokenizer, progress=False)
+    texts = corpus.user_texts()
+    assert len(texts) == 3 and len(set(texts)) == 3
+    for text, (prompt, _) in zip(texts, corpus.conversations(), strict=True):
+        assert prompt == tokenizer(f"w2 {text} w3 w4", add_special_tokens=False)["input_ids"]
+
+
+def test_settings_change_is_refused(tmp_path, target):
+    model, tokenizer = target
+    config = DistillConfig(model="tiny", prompts=prompt_file(tmp_path, 2), shard_size=2, max_new_tokens=3)
+    distill(config, tmp_path / "d", model, tokenizer, progress=False)
+    config.max_new_tokens = 4
+    with pytest.raises(RedrafterError, match="other settings.*max_new_tokens"):
+        distill(config, tmp_path / "d", model, tokenizer, progress=False)
+
+
+def test_benchmark_prompts_are_refused(tmp_path, target):
+    model, tokenizer = target
+    guard = BenchmarkGuard.mt_bench()
+    question = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences"
+    assert guard.match(question.upper() + " please!") is not None
+    assert guard.match("Write a short poem about autumn leaves.") is None
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hello w5"}) + "\n" + json.dumps({"turns": [question]}) + "\n")
+    with pytest.raises(RedrafterError, match="prompt 2 is a near-duplicate of a benchmark prompt"):
+        distill(DistillConfig(model="tiny", prompts=str(path)), tmp_path / "out", model, tokenizer, progress=False)
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "no prompts"),
+        ('{"prompt": "ok"}\n{"prompt": "broken"\n', ":2: invalid JSON"),
+        ('{"text": "no known field"}\n', ":1: expected a non-empty 'prompt'"),
+        ('{"prompt": "   "}\n', ":1: expected a non-empty"),
+        ('["a list"]\n', ":1: expected"),
+    ],
+)
+def test_bad_prompt_files(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(RedrafterError, match=message):
+        read_prompts(path)
+
+
+def test_prompt_file_formats(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"prompt": "a"},
+        {"question_id": 7, "category": "math", "turns": ["b", "second turn"]},
+        {"conversations": [{"from": "system", "value": "x"}, {"from": "human", "value": "c"}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    prompts = read_prompts(path)
+    assert [p.text for p in prompts] == ["a", "b", "c"]
+    assert (prompts[1].category, prompts[1].question_id) == ("math", 7)
+
+
+def test_cli_bad_prompt_file_is_one_line_and_no_shard(tmp_path, capsys):
+    from redrafter.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    code = main(["distill", "--prompts", str(bad), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("redrafter: error") == 1 and ":1: invalid JSON" in err
+    assert not list((tmp_path / "out").glob("shard-*"))
