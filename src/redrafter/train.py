@@ -1,0 +1,376 @@
+"""``redrafter train``: fit a drafter to a frozen target on a distilled corpus.
+
+At every response position ``t`` of a conversation ``x`` the drafter sees the target's hidden state
+``h_t`` (after the final norm); draft step ``i`` (``0 <= i < S``) is fed ``E(x_{t+1+i})`` and must
+predict ``x_{t+2+i}``. Loss: the sum over steps of the cross-entropy on the corpus tokens (the
+target's own greedy output), plus optionally ``kd_weight`` times the KL divergence from the
+target's own next-token distribution at temperature ``kd_temperature`` (restricted to the draft
+vocabulary). Hidden states are computed on the fly by the frozen target, so memory stays small.
+
+Runs as one CPU process by default and unchanged under ``accelerate launch`` (DDP): only the
+drafter is wrapped; each process runs the target on its share of the batch.
+
+Checkpoints (``OUT/checkpoint``) hold the drafter, optimizer, scheduler, step and RNG states;
+the data order is a function of (seed, epoch), so ``--resume`` continues the very same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from .beam_search import beam_search
+from .distill import Corpus
+from .drafter import DrafterConfig, RecurrentDrafter, _atomic_write
+from .errors import RedrafterError
+from .models import decoder_of
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run (stored with the checkpoints)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    draft_steps: int = 4
+    draft_vocab: int = 8192
+    exit_dim: int | None = None
+    num_draft_layers: int = 2
+    rnn: bool = True
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    eval_every: int = 200
+    checkpoint_every: int = 100
+    log_every: int = 10
+    heldout_every: int = 50
+    eval_positions: int = 512
+    eval_beams: int = 4
+    seed: int = 0
+    autocast: bool = True
+
+
+def split_heldout(pairs: list, every: int) -> tuple[list, list]:
+    """Every ``every``-th conversation is held out (deterministic, independent of shard layout)."""
+    train = [p for i, p in enumerate(pairs) if i % every != every - 1]
+    heldout = [p for i, p in enumerate(pairs) if i % every == every - 1]
+    return train, heldout
+
+
+def choose_draft_vocab(pairs: list, vocab_size: int, size: int) -> torch.Tensor:
+    """The ``size`` most frequent response tokens (``size == 0``: the full vocabulary)."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter(t for _, response in pairs for t in response)
+    common = [t for t, _ in counts.most_common(size)]
+    chosen = set(common)
+    rest = [t for t in range(vocab_size) if t not in chosen][: size - len(common)]
+    return torch.tensor(sorted(common + rest))
+
+
+def coverage(pairs: list, draft_vocab: torch.Tensor) -> float:
+    """Share of response tokens inside the draft vocabulary."""
+    vocab = set(draft_vocab.tolist())
+    total = sum(len(r) for _, r in pairs)
+    return sum(t in vocab for _, r in pairs for t in r) / max(1, total)
+
+
+def make_batch(pairs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids [B, T]``, ``attention [B, T]`` and ``response_start [B]``."""
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    attention = torch.zeros(len(pairs), width, dtype=torch.long)
+    for row, (prompt, response) in enumerate(pairs):
+        seq = prompt + response
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+    return ids, attention, torch.tensor([len(p) for p, _ in pairs])
+
+
+def draft_targets(
+    ids: torch.Tensor, attention: torch.Tensor, response_start: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs and labels of every draft step at every position.
+
+    Returns ``inputs [B, T, S]`` (``x_{t+1+i}``), ``labels [B, T, S]`` (``x_{t+2+i}``) and ``valid
+    [B, T, S]``: the label is a real response token and ``h_t`` is at the prompt's end or later.
+    """
+    batch, width = ids.shape
+    offsets = (torch.arange(width)[:, None] + torch.arange(steps)[None, :]).expand(batch, -1, -1)  # t + i
+    inputs = ids.gather(1, (offsets + 1).clamp(max=width - 1).reshape(batch, -1)).reshape(batch, width, steps)
+    labels = ids.gather(1, (offsets + 2).clamp(max=width - 1).reshape(batch, -1)).reshape(batch, width, steps)
+    lengths = attention.sum(dim=1)[:, None, None]
+    valid = (offsets + 2 < lengths) & (torch.arange(width)[None, :, None] >= response_start[:, None, None] - 1)
+    return inputs, labels, valid
+
+
+class Trainer:
+    """Trains ``drafter`` against the frozen ``target`` on (prompt ids, response ids) pairs."""
+
+    def __init__(self, target, config: TrainConfig, train_pairs: list, heldout_pairs: list, out: str | Path,
+                 drafter: RecurrentDrafter | None = None, progress: bool = True) -> None:
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=target.device.type == "cpu")
+        self.target, self.config, self.out = target.eval().requires_grad_(False), config, Path(out)
+        self.decoder = decoder_of(target)
+        self.train_pairs, self.heldout_pairs = train_pairs, heldout_pairs
+        self.progress = progress and self.accelerator.is_main_process
+        if drafter is None:
+            torch.manual_seed(config.seed)
+            draft_vocab = choose_draft_vocab(train_pairs, target.config.vocab_size, config.draft_vocab)
+            drafter = RecurrentDrafter(DrafterConfig(
+                hidden_size=target.config.hidden_size, vocab_size=target.config.vocab_size,
+                exit_dim=config.exit_dim, num_draft_layers=config.num_draft_layers, rnn=config.rnn,
+                draft_vocab_size=len(draft_vocab),
+            ))
+            drafter.draft_vocab.copy_(draft_vocab)
+        drafter = drafter.float().attach(target.get_input_embeddings())
+        # Target ids -> draft ids (-1 outside the draft vocabulary).
+        self.to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
+        self.to_draft[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab))
+        decay = [p for n, p in drafter.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in drafter.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.drafter, self.optimizer, self.scheduler = self.accelerator.prepare(drafter, optimizer, scheduler)
+        self.step = 0
+
+    # -- schedule and data ----------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        warmup, total = self.config.warmup, self.config.steps
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def batch_for_step(self, step: int) -> list:
+        """This process's share of the conversations of ``step`` (order fixed by seed and epoch)."""
+        size = self.config.batch_size
+        per_epoch = max(1, len(self.train_pairs) // size)
+        epoch, index = divmod(step, per_epoch)
+        order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        chosen = order[index * size : (index + 1) * size].tolist()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return [self.train_pairs[i] for i in chosen[rank::world]]
+
+    @torch.no_grad()
+    def target_states(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d]`` hidden states of the frozen target (after its final norm)."""
+        device = self.target.device
+        out = self.decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        return out.last_hidden_state
+
+    # -- the loss ---------------------------------------------------------------------------
+    def loss(self, pairs: list) -> tuple[torch.Tensor, dict]:
+        """Summed per-step cross-entropy (+ KD) over the valid positions of ``pairs``."""
+        config = self.config
+        ids, attention, response_start = make_batch(pairs, pad=0)
+        hidden = self.target_states(ids, attention)
+        inputs, labels, valid = draft_targets(ids, attention, response_start, config.draft_steps)
+        draft_labels = self.to_draft[labels]
+        valid &= draft_labels >= 0
+        rows, positions = valid.any(dim=2).nonzero(as_tuple=True)  # only positions with a label
+        device = self.target.device
+        h = hidden[rows, positions].float()[None]  # [1, P, d]
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
+        with autocast:
+            logits = self.drafter(h, inputs[rows, positions].to(device)[None])[0].float()  # [P, S, K]
+        step_labels = draft_labels[rows, positions].to(device)
+        step_valid = valid[rows, positions].to(device)
+        ce = F.cross_entropy(logits.transpose(1, 2), step_labels.clamp(min=0), reduction="none")  # [P, S]
+        per_step = (ce * step_valid).sum(0) / step_valid.sum(0).clamp(min=1)
+        loss = per_step.sum()
+        metrics = {f"ce_{i}": float(v) for i, v in enumerate(per_step.detach())}
+        if config.kd_weight > 0:
+            # The target's distribution for x_{t+2+i} is its output at position t+1+i.
+            source = (positions[:, None] + 1 + torch.arange(config.draft_steps)).clamp(max=ids.shape[1] - 1)
+            teacher_hidden = hidden[rows[:, None], source]  # [P, S, d]
+            head = self.target.get_output_embeddings().weight[self.unwrapped.draft_vocab]
+            with torch.no_grad():
+                teacher = (teacher_hidden.float() @ head.float().T / config.kd_temperature).log_softmax(-1)
+            student = (logits / config.kd_temperature).log_softmax(-1)
+            kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [P, S]
+            kd = ((kl * step_valid).sum(0) / step_valid.sum(0).clamp(min=1)).sum() * config.kd_temperature**2
+            loss = loss + config.kd_weight * kd
+            metrics["kd"] = float(kd.detach())
+        metrics["loss"] = float(loss.detach())
+        metrics["positions"] = int(step_valid.sum())
+        return loss, metrics
+
+    @property
+    def unwrapped(self) -> RecurrentDrafter:
+        return self.accelerator.unwrap_model(self.drafter)
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out teacher-forced top-1 accuracy per draft step, and simulated tokens per step.
+
+        Tokens per step: at sampled held-out positions, beam search drafts ``eval_beams`` beams
+        of ``draft_steps + 1`` tokens from ``(h_t, x_{t+1})``; the longest prefix that matches the
+        corpus continuation (the target's greedy output) is accepted, plus the bonus token.
+        """
+        drafter = self.unwrapped.eval()
+        steps = self.config.draft_steps
+        correct, counted, accepted = torch.zeros(steps), torch.zeros(steps), []
+        generator = torch.Generator().manual_seed(1234)
+        budget = self.config.eval_positions
+        for start in range(0, len(self.heldout_pairs), self.config.batch_size):
+            pairs = self.heldout_pairs[start : start + self.config.batch_size]
+            ids, attention, response_start = make_batch(pairs, pad=0)
+            hidden = self.target_states(ids, attention).float()
+            inputs, labels, valid = draft_targets(ids, attention, response_start, steps)
+            logits = drafter(hidden, inputs.to(hidden.device))
+            predicted = drafter.to_target_ids(logits.argmax(-1)).cpu()
+            correct += ((predicted == labels) & valid).sum((0, 1))
+            counted += valid.sum((0, 1))
+            # Simulated acceptance at positions with a full continuation.
+            rows, positions = valid.all(dim=2).nonzero(as_tuple=True)
+            if budget > 0 and len(rows):
+                pick = torch.randperm(len(rows), generator=generator)[:budget]
+                rows, positions = rows[pick], positions[pick]
+                beams = beam_search(drafter, hidden[rows, positions], inputs[rows, positions, 0].to(hidden.device),
+                                    self.config.eval_beams, steps + 1).cpu()
+                truth = labels[rows, positions]  # [P, S]
+                match = (beams[:, :, 1:] == truth[:, None, :]).long().cumprod(-1).sum(-1)  # [P, W]
+                accepted += (match.max(dim=1).values + 1).tolist()
+                budget -= len(rows)
+        drafter.train()
+        accuracy = (correct / counted.clamp(min=1)).tolist()
+        return {
+            "accuracy": [round(a, 4) for a in accuracy],
+            "tokens_per_step": round(float(np.mean(accepted)), 4) if accepted else None,
+            "positions": int(counted[0]),
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = self.out / "checkpoint"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "config": asdict(self.config),
+            "drafter": self.unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        _atomic_write(folder / "state.pt", lambda p: torch.save(state, p))
+        self.unwrapped.save_pretrained(self.out)
+
+    def load_checkpoint(self) -> None:
+        path = self.out / "checkpoint" / "state.pt"
+        if not path.is_file():
+            raise RedrafterError(f"nothing to resume: {path} does not exist")
+        state = torch.load(path, weights_only=False)
+        if state["config"] != asdict(self.config):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.config).get(k))
+            raise RedrafterError(f"the checkpoint was made with other settings ({', '.join(changed)})")
+        self.unwrapped.load_state_dict(state["drafter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self, stop_after: int | None = None) -> RecurrentDrafter:
+        """Train until ``config.steps`` (or ``stop_after`` steps, for tests); returns the drafter."""
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        end = config.steps if stop_after is None else min(config.steps, self.step + stop_after)
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        self.drafter.train()
+        started = time.perf_counter()
+        while self.step < end:
+            loss, metrics = self.loss(self.batch_for_step(self.step))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_(self.drafter.parameters(), config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {metrics['loss']:.3f}")
+            if self.step % config.log_every == 0 or self.step == end:
+                self.log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                          "seconds": round(time.perf_counter() - started, 2), **metrics})
+            if self.step % config.eval_every == 0 or self.step == config.steps:
+                self.log({"step": self.step, "eval": self.evaluate()})
+            if self.step % config.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        return self.unwrapped
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Loss and held-out accuracy / tokens per step curves from ``metrics.jsonl``, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train])
+    left.set(xlabel="step", ylabel="training loss (sum over draft steps)", title="loss")
+    if evals:
+        steps = [r["step"] for r in evals]
+        for i in range(len(evals[0]["eval"]["accuracy"])):
+            right.plot(steps, [r["eval"]["accuracy"][i] for r in evals], marker="o", label=f"draft step {i + 1}")
+        right.set(xlabel="step", ylabel="held-out top-1 accuracy", title="held-out accuracy", ylim=(0, 1))
+        right.legend()
+        if evals[0]["eval"]["tokens_per_step"] is not None:
+            twin = right.twinx()
+            twin.plot(steps, [r["eval"]["tokens_per_step"] for r in evals], "k--", label="tokens/step")
+            twin.set_ylabel("simulated tokens per step (dashed)")
+    figure.tight_layout()
+    _atomic_write(Path(png_path), lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+
+
+def load_corpora(folders: list[str]) -> list:
+    """All conversations of the given corpus folders (duplicate prompts across folders dropped)."""
+    pairs, seen = [], set()
+    for folder in folders:
+        corpus = Corpus(folder)
+        if not corpus.shards:
+            raise RedrafterError(f"{folder}: no corpus shards (make one with redrafter distill)")
+        for pair in corpus.conversations():
+            key = tuple(pair[0])
+            if key not in seen:
+                seen.add(key)
+                pairs.append(pair)
+    return pairs
+
+
+def write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2) + "\n"))

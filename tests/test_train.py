@@ -1,0 +1,87 @@
+"""Drafter training: it learns, it resumes to the same weights, its output loads back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_target
+from test_cli import word_tokenizer
+
+from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.distill import DistillConfig, distill
+from redrafter.drafter import RecurrentDrafter
+from redrafter.train import Trainer, TrainConfig, choose_draft_vocab, coverage, plot_metrics, split_heldout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny float32 target and a corpus of its own greedy continuations of random prompts."""
+    folder = tmp_path_factory.mktemp("corpus")
+    model = tiny_target("llama", seed=9, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with open(folder / "p.jsonl", "w") as handle:
+        for _ in range(120):
+            words = " ".join(f"w{int(x)}" for x in torch.randint(5, 96, (4,), generator=generator))
+            handle.write(json.dumps({"prompt": words}) + "\n")
+    config = DistillConfig(model="tiny", prompts=str(folder / "p.jsonl"), shard_size=64, batch_size=32,
+                           max_new_tokens=24, dtype="float32")
+    pairs = distill(config, folder / "data", model, word_tokenizer(), progress=False).conversations()
+    return model, *split_heldout(pairs, 5)
+
+
+CONFIG = dict(batch_size=16, warmup=10, eval_every=1000, checkpoint_every=1000, eval_positions=256,
+              autocast=False, lr=3e-3)
+
+
+def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
+    model, train, heldout = setup
+    trainer = Trainer(model, TrainConfig(steps=150, draft_vocab=0, **CONFIG), train, heldout, tmp_path, progress=False)
+    before = trainer.evaluate()
+    drafter = trainer.train()
+    after = trainer.evaluate()
+    assert before["tokens_per_step"] < 1.2
+    assert after["tokens_per_step"] > 2.0, after
+    assert min(after["accuracy"]) > 3 * max(before["accuracy"])
+    # The trained drafter, loaded back, speeds up the real decode loop and keeps its output.
+    loaded = RecurrentDrafter.from_pretrained(tmp_path).attach(model.get_input_embeddings())
+    assert torch.equal(loaded.rnn_w.weight, drafter.rnn_w.weight)
+    decoder = SpeculativeDecoder(model, DrafterProposer(loaded, 4, 5), eos_token_ids=[1])
+    total_steps = total_tokens = 0
+    for prompt, _ in heldout[:8]:
+        steps = list(decoder.decode([prompt], 24))
+        emitted = [t for s in steps for t in s.tokens[0]]
+        ids = torch.tensor([prompt])
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                eos_token_id=1, pad_token_id=1)[0, len(prompt) :].tolist()
+        assert emitted == greedy
+        total_steps, total_tokens = total_steps + len(steps), total_tokens + len(emitted)
+    assert total_tokens > 1.5 * total_steps
+    # Metrics were logged and plotted.
+    assert (tmp_path / "metrics.jsonl").read_text().count('"eval"') == 1
+    plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_reaches_the_same_weights(setup, tmp_path):
+    model, train, heldout = setup
+    config = TrainConfig(steps=12, draft_vocab=40, kd_weight=0.5, kd_temperature=2.0, **CONFIG)
+    whole = Trainer(model, config, train, heldout, tmp_path / "whole", progress=False).train()
+    first = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
+    first.train(stop_after=5)
+    second = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
+    second.load_checkpoint()
+    assert second.step == 5
+    resumed = second.train()
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_reduced_draft_vocabulary_is_the_most_frequent_tokens(setup):
+    _, train, _ = setup
+    vocab = choose_draft_vocab(train, 96, 10)
+    counts = torch.bincount(torch.tensor([t for _, r in train for t in r]), minlength=96)
+    assert len(vocab) == 10 and set(vocab.tolist()) == set(counts.topk(10).indices.tolist())
+    assert coverage(train, vocab) == pytest.approx(counts.topk(10).values.sum().item() / counts.sum().item())
+    assert torch.equal(choose_draft_vocab(train, 96, 0), torch.arange(96))
