@@ -90,6 +90,39 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--seed", type=int, default=0)
     dis.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     dis.set_defaults(run=run_distill)
+
+    tr = commands.add_parser(
+        "train",
+        help="train a drafter for a frozen target on distilled corpora (resumable)",
+        description="Train a recurrent drafter by distillation from the target. OUT becomes a drafter folder "
+        "(config.json, model.safetensors) with metrics.jsonl, metrics.png, report.json and checkpoint/.",
+    )
+    tr.add_argument("--model", default="default", help="'default', a .gguf file or a Hugging Face folder")
+    tr.add_argument("--data", nargs="+", required=True, help="corpus folders made by redrafter distill")
+    tr.add_argument("--out", required=True, help="output drafter folder")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
+    tr.add_argument("--steps", type=_positive, default=2000)
+    tr.add_argument("--batch-size", type=_positive, default=16, help="conversations per step (default %(default)s)")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--weight-decay", type=float, default=0.01)
+    tr.add_argument("--warmup", type=int, default=100)
+    tr.add_argument(
+        "--draft-steps", type=_positive, default=4, help="drafted tokens per beam, L-1 (default %(default)s)"
+    )
+    tr.add_argument(
+        "--draft-vocab", type=int, default=8192, help="draft vocabulary size K; 0 = full (default %(default)s)"
+    )
+    tr.add_argument("--exit-dim", type=int, default=None, help="residual width (default 2 x hidden size)")
+    tr.add_argument("--layers", type=int, default=2, help="residual blocks N (default %(default)s)")
+    tr.add_argument("--no-rnn", action="store_true", help="ablation: independent heads, no recurrence")
+    tr.add_argument("--kd-weight", type=float, default=0.0, help="weight of the soft term against the target")
+    tr.add_argument("--kd-temperature", type=float, default=1.0)
+    tr.add_argument("--eval-every", type=_positive, default=200)
+    tr.add_argument("--checkpoint-every", type=_positive, default=100)
+    tr.add_argument("--heldout-every", type=int, default=50, help="every N-th conversation is held out")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--no-autocast", action="store_true", help="train the drafter in float32 without bfloat16 autocast")
+    tr.set_defaults(run=run_train)
     return parser
 
 
@@ -151,6 +184,62 @@ def run_distill(args: argparse.Namespace) -> int:
         f"in {len(corpus.shards)} shards",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from .models import load_target
+    from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics, split_heldout, write_json
+
+    if args.heldout_every < 2:
+        raise RedrafterError("--heldout-every must be at least 2")
+    pairs = load_corpora(args.data)
+    train, heldout = split_heldout(pairs, args.heldout_every)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        draft_steps=args.draft_steps,
+        draft_vocab=args.draft_vocab,
+        exit_dim=args.exit_dim,
+        num_draft_layers=args.layers,
+        rnn=not args.no_rnn,
+        kd_weight=args.kd_weight,
+        kd_temperature=args.kd_temperature,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        heldout_every=args.heldout_every,
+        seed=args.seed,
+        autocast=not args.no_autocast,
+    )
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoint").exists():
+        raise RedrafterError(f"{out} already holds a training run: pass --resume to continue it, or use a new --out")
+    target, _ = load_target(args.model)
+    trainer = Trainer(target, config, train, heldout, out)
+    if args.resume and (out / "checkpoint" / "state.pt").is_file():
+        trainer.load_checkpoint()
+    started = time.perf_counter()
+    drafter = trainer.train()
+    final = trainer.evaluate()
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    report = {
+        "conversations": {"train": len(train), "heldout": len(heldout)},
+        "response_tokens": {"train": sum(len(r) for _, r in train), "heldout": sum(len(r) for _, r in heldout)},
+        "draft_vocab": len(drafter.draft_vocab),
+        "draft_vocab_coverage_heldout": round(coverage(heldout, drafter.draft_vocab), 4),
+        "steps": trainer.step,
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "heldout": final,
+        "config": {k: v for k, v in vars(args).items() if k != "run"},
+    }
+    write_json(out / "report.json", report)
+    print(json.dumps(report["heldout"]), file=sys.stderr)
     return 0
 
 

@@ -106,7 +106,7 @@ class RecurrentDrafter(nn.Module):
         if not self._embedding:
             raise DrafterError("the drafter has no embedding table: call attach(target embeddings)")
         with torch.no_grad():
-            return self._embedding[0](token_ids)
+            return self._embedding[0](token_ids).to(self.rnn_w.weight.dtype)
 
     # -- the equations ------------------------------------------------------------------------
     def rnn_step(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:

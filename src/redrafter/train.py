@@ -120,8 +120,16 @@ def draft_targets(
 class Trainer:
     """Trains ``drafter`` against the frozen ``target`` on (prompt ids, response ids) pairs."""
 
-    def __init__(self, target, config: TrainConfig, train_pairs: list, heldout_pairs: list, out: str | Path,
-                 drafter: RecurrentDrafter | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        target,
+        config: TrainConfig,
+        train_pairs: list,
+        heldout_pairs: list,
+        out: str | Path,
+        drafter: RecurrentDrafter | None = None,
+        progress: bool = True,
+    ) -> None:
         from accelerate import Accelerator
 
         self.accelerator = Accelerator(cpu=target.device.type == "cpu")
@@ -132,11 +140,16 @@ class Trainer:
         if drafter is None:
             torch.manual_seed(config.seed)
             draft_vocab = choose_draft_vocab(train_pairs, target.config.vocab_size, config.draft_vocab)
-            drafter = RecurrentDrafter(DrafterConfig(
-                hidden_size=target.config.hidden_size, vocab_size=target.config.vocab_size,
-                exit_dim=config.exit_dim, num_draft_layers=config.num_draft_layers, rnn=config.rnn,
-                draft_vocab_size=len(draft_vocab),
-            ))
+            drafter = RecurrentDrafter(
+                DrafterConfig(
+                    hidden_size=target.config.hidden_size,
+                    vocab_size=target.config.vocab_size,
+                    exit_dim=config.exit_dim,
+                    num_draft_layers=config.num_draft_layers,
+                    rnn=config.rnn,
+                    draft_vocab_size=len(draft_vocab),
+                )
+            )
             drafter.draft_vocab.copy_(draft_vocab)
         drafter = drafter.float().attach(target.get_input_embeddings())
         # Target ids -> draft ids (-1 outside the draft vocabulary).
@@ -246,8 +259,13 @@ class Trainer:
             if budget > 0 and len(rows):
                 pick = torch.randperm(len(rows), generator=generator)[:budget]
                 rows, positions = rows[pick], positions[pick]
-                beams = beam_search(drafter, hidden[rows, positions], inputs[rows, positions, 0].to(hidden.device),
-                                    self.config.eval_beams, steps + 1).cpu()
+                beams = beam_search(
+                    drafter,
+                    hidden[rows, positions],
+                    inputs[rows, positions, 0].to(hidden.device),
+                    self.config.eval_beams,
+                    steps + 1,
+                ).cpu()
                 truth = labels[rows, positions]  # [P, S]
                 match = (beams[:, :, 1:] == truth[:, None, :]).long().cumprod(-1).sum(-1)  # [P, W]
                 accepted += (match.max(dim=1).values + 1).tolist()
@@ -304,8 +322,14 @@ class Trainer:
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         end = config.steps if stop_after is None else min(config.steps, self.step + stop_after)
-        bar = tqdm(total=config.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         self.drafter.train()
         started = time.perf_counter()
         while self.step < end:
@@ -319,8 +343,14 @@ class Trainer:
             bar.update(1)
             bar.set_postfix_str(f"loss {metrics['loss']:.3f}")
             if self.step % config.log_every == 0 or self.step == end:
-                self.log({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                          "seconds": round(time.perf_counter() - started, 2), **metrics})
+                self.log(
+                    {
+                        "step": self.step,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "seconds": round(time.perf_counter() - started, 2),
+                        **metrics,
+                    }
+                )
             if self.step % config.eval_every == 0 or self.step == config.steps:
                 self.log({"step": self.step, "eval": self.evaluate()})
             if self.step % config.checkpoint_every == 0 or self.step == end:
