@@ -162,3 +162,29 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().startswith("redrafter: error: model not found") and "Traceback" not in proc.stderr
+
+
+def test_sampling_flags(capsys, model_dir, drafter_dir):
+    base = [
+        "generate",
+        "w5 w6",
+        "--model",
+        str(model_dir),
+        "--drafter",
+        str(drafter_dir),
+        "--dtype",
+        "float64",
+        "--json",
+        "--max-new-tokens",
+        "8",
+    ]
+    runs = [
+        run(capsys, *base, "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9", "--seed", str(s))
+        for s in (1, 1, 2)
+    ]
+    assert all(code == 0 for code, _, _ in runs)
+    ids = [json.loads(out)["token_ids"] for _, out, _ in runs]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+    for flag, value in [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5")]:
+        code, out, err = run(capsys, *base, flag, value)
+        assert code == 2 and out == "" and err.count("redrafter: error") == 1

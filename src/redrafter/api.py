@@ -15,6 +15,7 @@ from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .models import load_target
+from .sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 DEFAULT_NUM_BEAMS = 4
@@ -142,26 +143,39 @@ class ReDrafter:
 
     # -- generation ---------------------------------------------------------------------------
     def generate(
-        self, prompt: str | list[str], max_new_tokens: int = 256, raw: bool = False
+        self,
+        prompt: str | list[str],
+        max_new_tokens: int = 256,
+        raw: bool = False,
+        sampling: SamplingParams | None = None,
     ) -> Generation | list[Generation]:
-        """Generate for one prompt (a :class:`Generation`) or a list (a list, in input order)."""
+        """Generate for one prompt (a :class:`Generation`) or a list (a list, in input order).
+
+        ``sampling``: None for greedy decoding, else exact speculative sampling with its settings.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        results = self.generate_ids([self.encode(p, raw) for p in prompts], max_new_tokens)
+        results = self.generate_ids([self.encode(p, raw) for p in prompts], max_new_tokens, sampling)
         return results[0] if isinstance(prompt, str) else results
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 256) -> list[Generation]:
+    def generate_ids(
+        self, prompts: list[list[int]], max_new_tokens: int = 256, sampling: SamplingParams | None = None
+    ) -> list[Generation]:
         """Generate from token id lists, decoded together as one batch."""
-        stream = self._stream_ids(prompts, max_new_tokens)
+        stream = self._stream_ids(prompts, max_new_tokens, sampling)
         for _ in stream:
             pass
         return stream.results
 
-    def stream(self, prompt: str, max_new_tokens: int = 256, raw: bool = False) -> GenerationStream:
+    def stream(
+        self, prompt: str, max_new_tokens: int = 256, raw: bool = False, sampling: SamplingParams | None = None
+    ) -> GenerationStream:
         """Text pieces as they are accepted; the stream's ``result`` holds the statistics after."""
-        return GenerationStream(self._stream_text(self.encode(prompt, raw), max_new_tokens))
+        return GenerationStream(self._stream_text(self.encode(prompt, raw), max_new_tokens, sampling))
 
-    def _stream_text(self, prompt_ids: list[int], max_new_tokens: int) -> Iterator[str]:
-        stream = self._stream_ids([prompt_ids], max_new_tokens)
+    def _stream_text(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams | None
+    ) -> Iterator[str]:
+        stream = self._stream_ids([prompt_ids], max_new_tokens, sampling)
         shown = ""
         for _ in stream:
             text = self.tokenizer.decode(stream.token_ids[0], skip_special_tokens=True)
@@ -173,19 +187,23 @@ class ReDrafter:
             yield result.text[len(shown) :]
         return result
 
-    def _stream_ids(self, prompts: list[list[int]], max_new_tokens: int) -> _IdStream:
+    def _stream_ids(
+        self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None
+    ) -> _IdStream:
         if max_new_tokens < 1:
             raise RedrafterError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
         if not prompts:
             raise RedrafterError("no prompts")
-        return _IdStream(self, prompts, max_new_tokens)
+        return _IdStream(self, prompts, max_new_tokens, sampling)
 
 
 class _IdStream:
     """Runs the decode loop; iterating yields after each step; collects per-row statistics."""
 
-    def __init__(self, rd: ReDrafter, prompts: list[list[int]], max_new_tokens: int) -> None:
-        self.rd, self.prompts, self.max_new_tokens = rd, prompts, max_new_tokens
+    def __init__(
+        self, rd: ReDrafter, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None
+    ) -> None:
+        self.rd, self.prompts, self.max_new_tokens, self.sampling = rd, prompts, max_new_tokens, sampling
         self.token_ids: list[list[int]] = [[] for _ in prompts]
         self.accepted: list[list[int]] = [[] for _ in prompts]
         self.seconds = [0.0] * len(prompts)
@@ -195,7 +213,7 @@ class _IdStream:
     def __iter__(self) -> Iterator[None]:
         eos = self.rd.decoder.eos_token_ids
         start = time.perf_counter()
-        for step in self.rd.decoder.decode(self.prompts, self.max_new_tokens):
+        for step in self.rd.decoder.decode(self.prompts, self.max_new_tokens, self.sampling):
             now = time.perf_counter() - start
             for row, tokens, done in zip(step.rows, step.tokens, step.finished, strict=True):
                 self.token_ids[row].extend(tokens)

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--json", action="store_true", help="print one JSON object (text, token ids, statistics) instead of streaming"
     )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0: exact sampling")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.set_defaults(run=run_generate)
 
     dis = commands.add_parser(
@@ -128,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .api import ReDrafter, resolve_drafter
+    from .sampling import SamplingParams
 
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise RedrafterError("the prompt is empty")
@@ -144,10 +150,10 @@ def run_generate(args: argparse.Namespace) -> int:
         draft_len=args.draft_len,
     )
     if args.json:
-        result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)
+        result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
         print(json.dumps(result.to_json(), ensure_ascii=False))
         return 0
-    stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw)
+    stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()

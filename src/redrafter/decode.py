@@ -5,7 +5,8 @@ One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cache
 1. the proposer drafts beams ``[B, W, L]`` from the hidden state ``[B, d]`` and last token ``[B]``;
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
 3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
-4. greedy verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`);
+4. verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`), from
+   the target's argmax (greedy) or one exact sample per node (:mod:`redrafter.sampling`);
 5. the cache keeps the accepted path's entries only, in place (:mod:`redrafter.kv_cache`).
 
 With no drafter the tree is the last token alone (``W = L = 1``): plain autoregressive decoding
@@ -29,8 +30,9 @@ from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
 from .models import decoder_of, hidden_to_logits
+from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
-from .verify import verify_greedy
+from .verify import verify
 
 
 class Proposer(Protocol):
@@ -71,7 +73,7 @@ class StepOutput:
 
 
 class SpeculativeDecoder:
-    """Greedy speculative decoding of any Hugging Face causal LM that accepts tree masks.
+    """Speculative decoding of any Hugging Face causal LM that accepts tree masks.
 
     Args:
         target: the target model (eval mode; see :func:`redrafter.models.check_tree_attention`).
@@ -96,9 +98,12 @@ class SpeculativeDecoder:
         return out.last_hidden_state
 
     @torch.inference_mode()
-    def decode(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[StepOutput]:
+    def decode(
+        self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None
+    ) -> Iterator[StepOutput]:
         """Decode ``prompts`` (token id lists) together; yield what each target forward emits.
 
+        ``sampling``: greedy when None (or temperature 0), else exact sampling with its settings.
         The first yield comes from the prompt's prefill (one token per row). Every yield is one
         target forward pass.
         """
@@ -106,6 +111,7 @@ class SpeculativeDecoder:
             return
         device = self.target.device
         dtype = self.target.dtype
+        choose = TokenChooser(sampling or SamplingParams(), device)
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
         # Left-pad: [B, P]; padding is masked out of every attention.
@@ -122,7 +128,7 @@ class SpeculativeDecoder:
 
         cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
         hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]  # [B, d]
-        last_token = hidden_to_logits(self.target, hidden).argmax(dim=-1)  # [B]
+        last_token = choose(hidden_to_logits(self.target, hidden[:, None]))[:, 0]  # [B]
         context_valid = valid  # [B, C]
         row_length = valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
@@ -171,9 +177,9 @@ class SpeculativeDecoder:
             start = cache.length
             tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
             tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
-            target_argmax = hidden_to_logits(self.target, tree_hidden).argmax(dim=-1)  # [B, N]
+            target_choice = choose(hidden_to_logits(self.target, tree_hidden))  # [B, N]
             # 4. Accept.
-            verdict = verify_greedy(beams, tree.node_index, target_argmax)
+            verdict = verify(beams, tree.node_index, target_choice)
             # 5. Keep the accepted path's cache entries; mask each row's surplus.
             kept = int(verdict.num_tokens.max())
             cache.keep(start, verdict.path[:, :kept])

@@ -1,4 +1,9 @@
-"""Greedy verification: the longest drafted prefix the target agrees with, plus its next token."""
+"""Verification: the longest drafted prefix the target agrees with, plus the target's own next token.
+
+"Agrees" means: equals the target's choice at the parent node, its argmax for greedy decoding or
+an independent sample per node for exact sampling (:mod:`redrafter.sampling` explains why the
+same rule is then distribution-exact).
+"""
 
 from __future__ import annotations
 
@@ -23,19 +28,20 @@ class Verdict:
     path: torch.Tensor
 
 
-def verify_greedy(beams: torch.Tensor, node_index: torch.Tensor, target_argmax: torch.Tensor) -> Verdict:
-    """Accept, per row, the beam whose drafts match the target's argmax the longest.
+def verify(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.Tensor) -> Verdict:
+    """Accept, per row, the beam whose drafts match the target's choices the longest.
 
     Args:
         beams: ``[B, W, L]`` drafted beams (token 0 is the root, already decided).
         node_index: ``[B, W, L]`` packed slot of each beam token.
-        target_argmax: ``[B, N]`` the target's argmax after each packed slot.
+        target_choice: ``[B, N]`` the target's token after each packed slot (argmax or sample).
     Returns:
-        The :class:`Verdict`. The emitted tokens equal greedy decoding's next ``num_tokens``.
+        The :class:`Verdict`. With argmax choices the emitted tokens equal greedy decoding's next
+        ``num_tokens``.
     """
     batch, width, length = beams.shape
     # The target's prediction after each beam token: [B, W, L].
-    predicted = target_argmax.gather(1, node_index.reshape(batch, -1)).reshape(batch, width, length)
+    predicted = target_choice.gather(1, node_index.reshape(batch, -1)).reshape(batch, width, length)
     matches = beams[:, :, 1:] == predicted[:, :, :-1]  # [B, W, L-1]
     accepted = matches.long().cumprod(dim=-1).sum(dim=-1)  # [B, W]
     best_len, best = accepted.max(dim=1)  # first beam among the longest

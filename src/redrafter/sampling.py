@@ -1,0 +1,84 @@
+"""What the target "chooses" at each tree node: its argmax (greedy) or an exact sample.
+
+Exact sampling over a deterministic beam tree (``../shared/DESIGN.md``): at a node with target
+distribution ``p`` and drafted children ``c1, c2, ...``, accept ``c1`` with probability ``p(c1)``,
+else zero it, renormalise and try ``c2``, ...; if every child is rejected, sample the bonus from
+what remains. The chance of emitting ``c_k`` works out to exactly ``p(c_k)``, and of any other
+token ``x`` to ``p(x)``: the rule is the same as drawing ``x ~ p`` once and descending into the
+child equal to ``x`` if there is one, else emitting ``x`` as the bonus token. So one independent
+draw per packed tree node, fed to the same longest-path acceptance as greedy decoding
+(:func:`redrafter.verify.verify`), emits every token distributed exactly as the target's own
+sampling, whatever the drafter proposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RedrafterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings, applied in the order transformers applies them: temperature, top-k, top-p.
+
+    ``temperature == 0`` means greedy decoding; ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise RedrafterError(f"temperature must be at least 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise RedrafterError(f"top-k must be at least 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise RedrafterError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``[..., V]`` logits -> the distribution that plain sampling with ``params`` draws from."""
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32)) / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = scores.topk(params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if params.top_p < 1:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+        sorted_scores, order = scores.sort(dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - params.top_p
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -torch.inf)
+    return scores.softmax(dim=-1)
+
+
+class TokenChooser:
+    """Chooses the target's token at every node: argmax, or an independent draw per node."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str) -> None:
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, N, V]`` logits -> ``[B, N]`` token ids."""
+        if self.params.greedy:
+            return logits.argmax(dim=-1)
+        probs = probabilities(logits, self.params)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])

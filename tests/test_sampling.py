@@ -1,0 +1,171 @@
+"""Exact sampling: speculative sampling draws from the target's own distribution.
+
+A tiny float64 target with an 8-token vocabulary; the exact joint distribution of the first three
+generated tokens is enumerated; thousands of rows (one batch) are sampled through the speculative
+loop with a drafter whose drafts are often accepted; a chi-square test must accept the match, and
+must reject a deliberately wrong acceptance rule (every draft of the first beam accepted).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import redrafter.decode as decode_module
+from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
+from redrafter.errors import RedrafterError
+from redrafter.sampling import SamplingParams, probabilities
+from redrafter.verify import Verdict, verify
+
+VOCAB, NEW, ROWS = 8, 3, 6000
+PROMPT = [1, 5, 2]
+
+
+@pytest.fixture(scope="module")
+def target():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(12.0)  # neither flat nor one-hot
+    return model
+
+
+def exact_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(x1, x2, x3) by enumeration with the same logits processing as plain sampling."""
+    dist = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(VOCAB), repeat=NEW - 1):
+            logits = model(torch.tensor([PROMPT + list(seq)])).logits[0, len(PROMPT) - 1 :]
+            p = probabilities(logits, params)
+            for last in range(VOCAB):
+                prob = 1.0
+                for i, tok in enumerate((*seq, last)):
+                    prob *= float(p[i, tok])
+                dist[(*seq, last)] = prob
+    return dist
+
+
+def sampled_counts(model, params: SamplingParams) -> dict[tuple[int, ...], int]:
+    torch.manual_seed(1)
+    drafter = RecurrentDrafter(DrafterConfig(hidden_size=16, vocab_size=VOCAB)).to(torch.float64)
+    drafter.attach(model.get_input_embeddings())
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 3), eos_token_ids=[])
+    rows: list[list[int]] = [[] for _ in range(ROWS)]
+    accepted_drafts = 0
+    for step in decoder.decode([PROMPT] * ROWS, NEW, params):
+        for row, tokens in zip(step.rows, step.tokens, strict=True):
+            rows[row].extend(tokens)
+            accepted_drafts += len(tokens) - 1
+    assert accepted_drafts > ROWS // 8, "the test must exercise accepted drafts"
+    counts: dict[tuple[int, ...], int] = {}
+    for row in rows:
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    return counts
+
+
+def chi_square_pvalue(exact: dict, counts: dict) -> float:
+    """Pearson chi-square over the joint outcomes, cells with expected count < 5 pooled."""
+    observed, expected, pool_obs, pool_exp = [], [], 0, 0.0
+    for outcome, prob in exact.items():
+        if prob * ROWS >= 5:
+            observed.append(counts.get(outcome, 0))
+            expected.append(prob * ROWS)
+        else:
+            pool_obs += counts.get(outcome, 0)
+            pool_exp += prob * ROWS
+    if pool_exp > 0:
+        observed.append(pool_obs)
+        expected.append(pool_exp)
+    elif pool_obs > 0:
+        return 0.0  # outcomes the target can never produce
+    total = sum(observed)
+    expected = [e * total / sum(expected) for e in expected]
+    return float(chisquare(observed, expected).pvalue)
+
+
+SETTINGS = [
+    SamplingParams(temperature=1.0, seed=3),
+    SamplingParams(temperature=0.6, seed=4),
+    SamplingParams(temperature=1.5, top_k=3, seed=5),
+    SamplingParams(temperature=1.0, top_p=0.7, seed=6),
+]
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.6", "t1.5-topk3", "topp0.7"])
+def test_speculative_sampling_matches_the_target_distribution(target, params):
+    exact = exact_distribution(target, params)
+    assert abs(sum(exact.values()) - 1) < 1e-9
+    pvalue = chi_square_pvalue(exact, sampled_counts(target, params))
+    assert pvalue > 1e-3, f"speculative samples do not follow the target's distribution (p={pvalue:.2e})"
+
+
+def accept_first_beam(beams, node_index, target_choice) -> Verdict:
+    """A wrong rule: every draft of beam 0 is accepted, then the target's token after it."""
+    batch, _, length = beams.shape
+    everything = verify(beams[:, :1], node_index[:, :1], target_choice)
+    path = node_index[:, 0]
+    bonus = target_choice.gather(1, path[:, -1:])
+    tokens = torch.cat([beams[:, 0, 1:], bonus], dim=1)
+    return Verdict(tokens=tokens, num_tokens=torch.full_like(everything.num_tokens, length), path=path)
+
+
+@pytest.mark.parametrize("params", SETTINGS[:1] + SETTINGS[2:3], ids=["t1", "t1.5-topk3"])
+def test_the_test_rejects_a_wrong_acceptance_rule(target, params, monkeypatch):
+    monkeypatch.setattr(decode_module, "verify", accept_first_beam)
+    pvalue = chi_square_pvalue(exact_distribution(target, params), sampled_counts(target, params))
+    assert pvalue < 1e-6
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.9, 20, 0.9)])
+def test_logit_processing_equals_transformers(temperature, top_k, top_p):
+    logits = torch.randn(6, 50, dtype=torch.float64) * 3
+    expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.allclose(probabilities(logits, params), expected.softmax(-1), atol=1e-12)
+
+
+def test_seed_reproduces_and_temperature_zero_is_greedy(target):
+    decoder = SpeculativeDecoder(target, lambda h, t, p: t[:, None, None], [])
+    params = SamplingParams(1.0, seed=9)
+    first = [s.tokens for s in decoder.decode([PROMPT] * 4, 10, params)]
+    assert first == [s.tokens for s in decoder.decode([PROMPT] * 4, 10, params)]
+    assert first != [s.tokens for s in decoder.decode([PROMPT] * 4, 10, SamplingParams(1.0, seed=10))]
+    ids = [t for s in decoder.decode([PROMPT], 10, SamplingParams(0.0, seed=9)) for t in s.tokens[0]]
+    hf = target.generate(
+        torch.tensor([PROMPT]), attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=10, do_sample=False
+    )[0, 3:].tolist()
+    assert ids == hf
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2)])
+def test_bad_settings(kwargs):
+    with pytest.raises(RedrafterError):
+        SamplingParams(**kwargs)
