@@ -188,3 +188,36 @@ def test_sampling_flags(capsys, model_dir, drafter_dir):
     for flag, value in [("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5")]:
         code, out, err = run(capsys, *base, flag, value)
         assert code == 2 and out == "" and err.count("redrafter: error") == 1
+
+
+def test_prompts_file_to_jsonl_in_order_with_a_bad_prompt_reported(capsys, model_dir, drafter_dir, tmp_path):
+    texts = ["w5 w6", "w7", " ".join(["w8"] * 70), "w9 w10 w11", "w12"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = run(capsys, "generate", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
+                            "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float64",
+                            "--batch-size", "3", "--max-new-tokens", "10")
+    assert code == 1 and "prompt 3: the prompt has" in err and "4 of 5 prompts generated" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and "error" in rows[2]
+    rd = ReDrafter.from_pretrained(str(model_dir), drafter=str(drafter_dir), dtype="float64")
+    for row, text in zip(rows, texts, strict=True):
+        if "error" not in row:
+            assert row["token_ids"] == rd.generate(text, max_new_tokens=10).token_ids
+
+
+def test_a_batch_out_of_memory_is_split_and_retried(model_dir, monkeypatch):
+    rd = ReDrafter.from_pretrained(str(model_dir), drafter="none", dtype="float64")
+    real = rd.generate_ids
+    sizes = []
+
+    def small_memory(prompts, *args):
+        sizes.append(len(prompts))
+        if len(prompts) > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(prompts, *args)
+
+    monkeypatch.setattr(rd, "generate_ids", small_memory)
+    rows = rd.generate_many(["w5", "w6", "w7"], batch_size=3, max_new_tokens=4)
+    assert [r["index"] for r in rows] == [0, 1, 2] and all("token_ids" in r for r in rows)
+    assert sizes[0] == 3 and sizes.count(1) == 3

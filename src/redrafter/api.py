@@ -166,6 +166,49 @@ class ReDrafter:
             pass
         return stream.results
 
+    def generate_many(
+        self,
+        prompts: list[str],
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        raw: bool = False,
+        sampling: SamplingParams | None = None,
+        on_done=None,
+    ) -> list[dict]:
+        """Generate for many prompts, ``batch_size`` at a time; one JSON-ready dict per prompt, in order.
+
+        A prompt that cannot be encoded (empty, longer than the context) gets ``{"index", "error"}``
+        and the others go on. A batch that runs out of memory is split in halves and retried.
+        ``on_done(n)`` is called as rows finish (for a progress bar).
+        """
+        results: list[dict | None] = [None] * len(prompts)
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            try:
+                encoded.append((index, self.encode(prompt, raw)))
+            except RedrafterError as error:
+                results[index] = {"index": index, "error": str(error)}
+                if on_done:
+                    on_done(1)
+        pending = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+        while pending:
+            batch = pending.pop(0)
+            try:
+                generations = self.generate_ids([ids for _, ids in batch], max_new_tokens, sampling)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if "memory" not in str(error).lower() and not isinstance(error, torch.OutOfMemoryError):
+                    raise
+                if len(batch) == 1:
+                    raise RedrafterError("out of memory even for a batch of one prompt") from None
+                half = len(batch) // 2
+                pending[:0] = [batch[:half], batch[half:]]
+                continue
+            for (index, _), generation in zip(batch, generations, strict=True):
+                results[index] = {"index": index, **generation.to_json()}
+            if on_done:
+                on_done(len(batch))
+        return results
+
     def stream(
         self, prompt: str, max_new_tokens: int = 256, raw: bool = False, sampling: SamplingParams | None = None
     ) -> GenerationStream:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from tqdm import tqdm
 
 from .errors import RedrafterError
+from .files import write_json, write_jsonl
+from .prompts import read_prompts
 
 
 def _positive(text: str) -> int:
@@ -57,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="generate text for a prompt, streamed as tokens are accepted")
-    gen.add_argument("prompt", help="the prompt, or - to read it from standard input")
+    gen.add_argument("prompt", nargs="?", help="the prompt, or - to read it from standard input")
+    gen.add_argument("--prompts", help="a JSONL prompt file: generate for every prompt (needs --out)")
+    gen.add_argument("--out", help="with --prompts: JSONL output, one object per prompt in input order")
+    gen.add_argument(
+        "--batch-size", type=_positive, default=8, help="with --prompts: rows decoded together (default 8)"
+    )
     _add_model_options(gen)
     gen.add_argument(
         "--max-new-tokens", type=_positive, default=256, help="at most this many new tokens (default %(default)s)"
@@ -135,9 +145,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise RedrafterError("the prompt is empty")
+    if args.prompts is not None:
+        if args.prompt is not None or args.out is None:
+            raise RedrafterError("--prompts FILE needs --out OUT.jsonl and no positional prompt")
+        prompts = [p.text for p in read_prompts(args.prompts)]
+    else:
+        if args.prompt is None:
+            raise RedrafterError("give a prompt, - for standard input, or --prompts FILE --out OUT.jsonl")
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            raise RedrafterError("the prompt is empty")
     drafter = resolve_drafter(args.drafter, args.model)
     if drafter is None and args.drafter == "default" and args.model == "default":
         print("redrafter: no drafter is shipped for this model; decoding without one", file=sys.stderr)
@@ -149,6 +166,17 @@ def run_generate(args: argparse.Namespace) -> int:
         num_beams=args.beams,
         draft_len=args.draft_len,
     )
+    if args.prompts is not None:
+        with tqdm(total=len(prompts), unit="prompt", desc="generate", file=sys.stderr) as bar:
+            rows = rd.generate_many(
+                prompts, args.batch_size, args.max_new_tokens, args.raw, sampling, on_done=bar.update
+            )
+        write_jsonl(Path(args.out), rows)
+        failed = [row for row in rows if "error" in row]
+        for row in failed:
+            print(f"redrafter: prompt {row['index'] + 1}: {row['error']}", file=sys.stderr)
+        print(f"{args.out}: {len(rows) - len(failed)} of {len(rows)} prompts generated", file=sys.stderr)
+        return 1 if failed else 0
     if args.json:
         result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
         print(json.dumps(result.to_json(), ensure_ascii=False))
@@ -195,10 +223,9 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from .models import load_target
-    from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics, split_heldout, write_json
+    from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics, split_heldout
 
     if args.heldout_every < 2:
         raise RedrafterError("--heldout-every must be at least 2")

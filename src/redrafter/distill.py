@@ -16,9 +16,7 @@ Layout of ``DATA``:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import RedrafterError
+from .files import atomic_write, write_json
 from .prompts import BenchmarkGuard, read_prompts
 
 SENTINEL = "\u2063REDRAFTER\u2063"
@@ -146,21 +145,19 @@ def _write_shard(path: Path, users: list[str], prompts: list[list[int]], respons
 
     prompt_tokens, prompt_offsets = pack(prompts)
     response_tokens, response_offsets = pack(responses)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(
-            tmp,
-            user_texts=np.array(users, dtype=str),
-            prompt_tokens=prompt_tokens,
-            prompt_offsets=prompt_offsets,
-            response_tokens=response_tokens,
-            response_offsets=response_offsets,
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a file object: numpy would append ".npz" to a name
+            np.savez_compressed(
+                handle,
+                user_texts=np.array(users, dtype=str),
+                prompt_tokens=prompt_tokens,
+                prompt_offsets=prompt_offsets,
+                response_tokens=response_tokens,
+                response_offsets=response_offsets,
+            )
+
+    atomic_write(path, save)
 
 
 def distill(config: DistillConfig, out: str | Path, model=None, tokenizer=None, progress: bool = True) -> Corpus:
@@ -267,8 +264,4 @@ def distill(config: DistillConfig, out: str | Path, model=None, tokenizer=None, 
 
 
 def _write_meta(folder: Path, config: DistillConfig, totals: dict) -> None:
-    meta = {"format": "redrafter-corpus-1", "config": asdict(config), "totals": totals}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".meta.", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(meta, handle, indent=2)
-    os.replace(tmp, folder / "meta.json")
+    write_json(folder / "meta.json", {"format": "redrafter-corpus-1", "config": asdict(config), "totals": totals})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import RedrafterError
+from .files import atomic_write
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 
@@ -154,8 +154,8 @@ class RecurrentDrafter(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_type": MODEL_TYPE, **asdict(self.config)}
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
-        _atomic_write(
+        atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
+        atomic_write(
             folder / "config.json",
             lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"),
         )
@@ -203,16 +203,3 @@ class RecurrentDrafter(nn.Module):
 def _reference_name(name: str) -> str:
     """Accept the ``lm_heads.`` prefix that some converters write."""
     return "lm_head." + name[len("lm_heads.") :] if name.startswith("lm_heads.") else name
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

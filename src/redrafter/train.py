@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from .beam_search import beam_search
 from .distill import Corpus
-from .drafter import DrafterConfig, RecurrentDrafter, _atomic_write
+from .drafter import DrafterConfig, RecurrentDrafter
 from .errors import RedrafterError
+from .files import atomic_write
 from .models import decoder_of
 
 
@@ -292,7 +293,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
-        _atomic_write(folder / "state.pt", lambda p: torch.save(state, p))
+        atomic_write(folder / "state.pt", lambda p: torch.save(state, p))
         self.unwrapped.save_pretrained(self.out)
 
     def load_checkpoint(self) -> None:
@@ -383,7 +384,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
             twin.plot(steps, [r["eval"]["tokens_per_step"] for r in evals], "k--", label="tokens/step")
             twin.set_ylabel("simulated tokens per step (dashed)")
     figure.tight_layout()
-    _atomic_write(Path(png_path), lambda p: figure.savefig(p, format="png", dpi=100))
+    atomic_write(Path(png_path), lambda p: figure.savefig(p, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -400,7 +401,3 @@ def load_corpora(folders: list[str]) -> list:
                 seen.add(key)
                 pairs.append(pair)
     return pairs
-
-
-def write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2) + "\n"))
