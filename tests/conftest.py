@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
 
 VOCAB = 96
 HIDDEN = 32
@@ -56,3 +60,35 @@ def tiny_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64):
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w4{% endif %}"
+)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_target("llama", seed=3)
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("drafter")
+    torch.manual_seed(0)
+    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB)).save_pretrained(folder)
+    return folder

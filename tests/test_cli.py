@@ -9,45 +9,14 @@ import sys
 
 import pytest
 import torch
-from conftest import HIDDEN, VOCAB, tiny_target
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+from conftest import HIDDEN, VOCAB, tiny_target, word_tokenizer
+from transformers import MambaConfig, MambaForCausalLM
 
 from redrafter import ReDrafter
 from redrafter.cli import main
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w4{% endif %}"
-)
 JSON_KEYS = {"text", "token_ids", "new_tokens", "steps", "tokens_per_step", "seconds", "tokens_per_second"}
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, VOCAB)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = tiny_target("llama", seed=3)
-    model.config.max_position_embeddings = 64
-    model.save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def drafter_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("drafter")
-    torch.manual_seed(0)
-    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB)).save_pretrained(folder)
-    return folder
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -194,9 +163,24 @@ def test_prompts_file_to_jsonl_in_order_with_a_bad_prompt_reported(capsys, model
     texts = ["w5 w6", "w7", " ".join(["w8"] * 70), "w9 w10 w11", "w12"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     out = tmp_path / "out.jsonl"
-    code, stdout, err = run(capsys, "generate", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(out),
-                            "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float64",
-                            "--batch-size", "3", "--max-new-tokens", "10")
+    code, stdout, err = run(
+        capsys,
+        "generate",
+        "--prompts",
+        str(tmp_path / "p.jsonl"),
+        "--out",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--drafter",
+        str(drafter_dir),
+        "--dtype",
+        "float64",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "10",
+    )
     assert code == 1 and "prompt 3: the prompt has" in err and "4 of 5 prompts generated" in err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and "error" in rows[2]

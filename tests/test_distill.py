@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_target
-from test_cli import word_tokenizer
+from conftest import tiny_target, word_tokenizer
 
 from redrafter.distill import Corpus, DistillConfig, distill
 from redrafter.errors import RedrafterError

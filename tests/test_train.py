@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_target
-from test_cli import word_tokenizer
+from conftest import tiny_target, word_tokenizer
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.distill import DistillConfig, distill
@@ -103,13 +102,11 @@ def test_reduced_draft_vocabulary_is_the_most_frequent_tokens(setup):
 
 
 def test_cli_train_writes_a_usable_drafter_folder(setup, tmp_path, capsys):
-    from test_cli import word_tokenizer as tokenizer
-
     from redrafter.cli import main
 
     model, _, _ = setup
     model.save_pretrained(tmp_path / "model")
-    tokenizer().save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
     corpus = tmp_path.parent / "corpus0" / "data"  # written by the module fixture
     args = [
         "train",

@@ -24,6 +24,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .api import DEFAULT_DRAFT_LEN, DEFAULT_NUM_BEAMS, DTYPES
 
@@ -137,6 +147,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-autocast", action="store_true", help="train the drafter in float32 without bfloat16 autocast")
     tr.set_defaults(run=run_train)
+
+    be = commands.add_parser(
+        "bench",
+        help="measure speed side by side with the baselines (Spec-Bench protocol)",
+        description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
+        "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), redrafter-nornn "
+        "(--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
+    )
+    be.add_argument(
+        "--prompts",
+        help="Spec-Bench/MT-Bench or 'prompt' JSONL (default: ../shared/data/mt_bench.jsonl "
+        "if it exists, else the bundled prompt set)",
+    )
+    be.add_argument("--limit", type=_positive, help="only the first N prompts")
+    be.add_argument("--max-new-tokens", type=_positive, default=256)
+    be.add_argument("--methods", nargs="+", default=["redrafter", "ar", "hf", "hf-pld"])
+    be.add_argument("--ablation-drafter", help="a drafter trained without the RNN, for redrafter-nornn")
+    be.add_argument("--out", required=True, help="results folder")
+    be.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    be.add_argument("--sweep", action="store_true", help="also measure tokens/s for a grid of W x L")
+    be.add_argument("--sweep-beams", type=_int_list, default=[1, 2, 4, 6, 8])
+    be.add_argument("--sweep-draft-lens", type=_int_list, default=[3, 4, 5, 6])
+    be.add_argument("--batch-size", type=_int_list, help="also measure tokens/s at these batch sizes, e.g. 1,4,8")
+    _add_model_options(be)
+    be.set_defaults(run=run_bench)
     return parser
 
 
@@ -273,6 +308,42 @@ def run_train(args: argparse.Namespace) -> int:
     }
     write_json(out / "report.json", report)
     print(json.dumps(report["heldout"]), file=sys.stderr)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .api import ReDrafter, resolve_drafter
+    from .bench import default_prompt_file, format_table, run_batch_sweep, run_benchmark, run_sweep
+
+    prompts = read_prompts(args.prompts or default_prompt_file())[: args.limit]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RedrafterError(f"--out {out} exists and is not a folder")
+    drafter = resolve_drafter(args.drafter, args.model)
+    ablation = resolve_drafter(args.ablation_drafter, args.model) if args.ablation_drafter else None
+    rd = ReDrafter.from_pretrained(
+        args.model,
+        drafter=drafter,
+        dtype=args.dtype,
+        device=args.device,
+        num_beams=args.beams,
+        draft_len=args.draft_len,
+    )
+    results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
+    print(format_table(results))
+    encoded = [rd.encode(p.text, args.raw) for p in prompts]
+    if args.sweep:
+        sweep = run_sweep(rd, encoded, args.sweep_beams, args.sweep_draft_lens, args.max_new_tokens, out)
+        best = sweep["best"]
+        print(
+            f"sweep: best W={best['beams']} L={best['draft_len']}: {best['tokens_per_second']:.2f} tokens/s "
+            f"({best['speedup']:.2f}x ar); {out / 'sweep.png'}"
+        )
+    if args.batch_size:
+        table = run_batch_sweep(rd, encoded, args.batch_size, args.max_new_tokens, out)
+        for name, rows in table.items():
+            print(f"{name:<10}" + "  ".join(f"B={b}: {r['tokens_per_second']:.1f} tok/s" for b, r in rows.items()))
+    print(f"results: {out / 'results.json'}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,440 @@
+"""``redrafter bench``: the Spec-Bench protocol, every method side by side in one run.
+
+Methods run interleaved per prompt (their order rotating from prompt to prompt) after a warm-up,
+so machine noise hits all alike. Every method's target forward passes are counted by a forward
+hook on the target itself, so ``tokens_per_step`` means the same thing for every method.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from .api import ReDrafter
+from .drafter import RecurrentDrafter
+from .errors import RedrafterError
+from .files import atomic_write, write_json
+from .prompts import Prompt
+
+SHARED_MT_BENCH = Path("../shared/data/mt_bench.jsonl")
+OWN_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
+NEAR_TIE = 0.25  # two bfloat16 steps at logits of magnitude 16-32
+
+
+def default_prompt_file() -> Path:
+    """``../shared/data/mt_bench.jsonl`` where it exists, else the project's own prompt set."""
+    return SHARED_MT_BENCH if SHARED_MT_BENCH.is_file() else OWN_PROMPTS
+
+
+@dataclass
+class Run:
+    """One method on one prompt. ``accepted``: tokens emitted per target forward (our loop only)."""
+
+    token_ids: list[int]
+    seconds: float
+    steps: int
+    accepted: list[int] | None = None
+
+
+class ForwardCounter:
+    """Counts the target's forward passes (a hook on the model's decoder)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.count = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.count += 1
+
+
+def make_methods(
+    rd: ReDrafter, names: list[str], max_new_tokens: int, ablation_drafter: RecurrentDrafter | None
+) -> dict[str, Callable[[list[int]], Run]]:
+    """The benchmark's methods by name, each a function of the prompt ids."""
+    target = rd.target
+    counter = ForwardCounter(rd.decoder.decoder)
+    eos = sorted(rd.decoder.eos_token_ids)
+
+    def ours(engine: ReDrafter) -> Callable[[list[int]], Run]:
+        def run(ids: list[int]) -> Run:
+            before = counter.count
+            result = engine.generate_ids([ids], max_new_tokens)[0]
+            return Run(result.token_ids, result.seconds, counter.count - before, result.accepted)
+
+        return run
+
+    def hf(**kwargs) -> Callable[[list[int]], Run]:
+        def run(ids: list[int]) -> Run:
+            inputs = torch.tensor([ids], device=target.device)
+            before, start = counter.count, time.perf_counter()
+            with torch.inference_mode():
+                out = target.generate(
+                    inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos[0] if eos else 0,
+                    **kwargs,
+                )
+            seconds = time.perf_counter() - start
+            return Run(out[0, len(ids) :].tolist(), seconds, counter.count - before)
+
+        return run
+
+    available: dict[str, Callable[[], Callable[[list[int]], Run]]] = {
+        "redrafter": lambda: ours(rd),
+        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
+        "hf": lambda: hf(),
+        "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
+        "redrafter-w1": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len)),
+        "redrafter-nornn": lambda: ours(ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len)),
+    }
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise RedrafterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    if rd.drafter is None and any(n.startswith("redrafter") for n in names):
+        raise RedrafterError("the redrafter methods need a drafter (--drafter FOLDER)")
+    if "redrafter-nornn" in names and ablation_drafter is None:
+        raise RedrafterError("redrafter-nornn needs --ablation-drafter FOLDER (a drafter trained with --no-rnn)")
+    return {name: available[name]() for name in names}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (or the shorter length), None when equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+@torch.inference_mode()
+def top2_gap(target, ids: list[int]) -> float:
+    """The target's top-1 minus top-2 logit after ``ids`` (a plain full forward)."""
+    logits = target(torch.tensor([ids], device=target.device)).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def run_benchmark(
+    rd: ReDrafter,
+    prompts: list[Prompt],
+    methods: list[str],
+    max_new_tokens: int,
+    out: Path,
+    ablation_drafter: RecurrentDrafter | None = None,
+    raw: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Measure ``methods`` on ``prompts``; write ``out/results.json`` and the plots; return the results."""
+    if "ar" not in methods:
+        methods = ["ar", *methods]  # the reference for speed and for identical output
+    runners = make_methods(rd, methods, max_new_tokens, ablation_drafter)
+    encoded = [rd.encode(p.text, raw) for p in prompts]
+    # Warm-up: every method once on a short generation.
+    for runner in runners.values():
+        runner(encoded[0][:64])
+    records = []
+    bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    for index, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
+        order = methods[index % len(methods) :] + methods[: index % len(methods)]
+        runs = {}
+        for name in order:
+            runs[name] = runners[name](ids)
+            bar.update(1)
+        records.append(prompt_record(rd.target, prompt, ids, methods, runs))
+        bar.set_postfix_str(f"redrafter/ar {_ratio(records, 'redrafter', 'ar'):.2f}x" if "redrafter" in runs else "")
+    bar.close()
+    results = summarize(rd, methods, records, max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    plot_speedup(results, out / "speedup.png")
+    if "redrafter" in methods:
+        plot_acceptance(records, out / "acceptance.png")
+    return results
+
+
+def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], runs: dict[str, Run]) -> dict:
+    """Per-prompt statistics of every method, and where it first differs from ``ar``."""
+    reference = runs["ar"].token_ids
+    record = {"question_id": prompt.question_id, "category": prompt.category, "prompt_tokens": len(ids), "methods": {}}
+    for name in methods:
+        run = runs[name]
+        entry = {
+            "new_tokens": len(run.token_ids),
+            "seconds": round(run.seconds, 4),
+            "steps": run.steps,
+            "tokens_per_step": round(len(run.token_ids) / max(1, run.steps), 4),
+        }
+        if run.accepted is not None:
+            # The prompt's prefill (always one token) is not a speculative step: left out.
+            entry["accepted_histogram"] = {str(k): v for k, v in sorted(Counter(run.accepted[1:]).items())}
+        diff = first_difference(run.token_ids, reference)
+        entry["identical"] = diff is None
+        if diff is not None:
+            gap = top2_gap(target, ids + reference[:diff]) if diff < len(reference) else None
+            entry.update(
+                first_difference=diff,
+                top2_gap=None if gap is None else round(gap, 4),
+                near_tie=gap is not None and gap <= NEAR_TIE,
+            )
+        record["methods"][name] = entry
+    return record
+
+
+def _totals(records: list[dict], method: str, category: str | None = None) -> dict:
+    rows = [r["methods"][method] for r in records if category is None or r["category"] == category]
+    tokens = sum(r["new_tokens"] for r in rows)
+    seconds = sum(r["seconds"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    return {
+        "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
+        "tokens_per_step": round(tokens / steps, 4) if steps else 0.0,
+        "seconds": round(seconds, 3),
+        "new_tokens": tokens,
+    }
+
+
+def _ratio(records: list[dict], method: str, base: str, category: str | None = None) -> float:
+    base_tps = _totals(records, base, category)["tokens_per_second"]
+    return _totals(records, method, category)["tokens_per_second"] / base_tps if base_tps else 0.0
+
+
+def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_tokens: int) -> dict:
+    """The ``results.json`` object (its shape is read by outside tools: keep it stable)."""
+    main = "redrafter" if "redrafter" in methods else methods[-1]
+    categories = sorted({r["category"] for r in records})
+    return {
+        "config": {
+            "model": str(getattr(rd.target.config, "_name_or_path", "")),
+            "drafter": None if rd.drafter is None else rd.drafter.config.__dict__,
+            "dtype": str(rd.target.dtype).removeprefix("torch."),
+            "beams": rd.num_beams,
+            "draft_len": rd.draft_len,
+            "max_new_tokens": max_new_tokens,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": str(rd.target.device),
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if rd.target.device.type == "cuda" else None,
+            "prompts": len(records),
+        },
+        "methods": {m: _totals(records, m) for m in methods},
+        "summary": {
+            "speedup": round(_ratio(records, main, "ar"), 4),
+            "speedup_vs_hf": round(_ratio(records, main, "hf"), 4) if "hf" in methods else None,
+            "tokens_per_step": _totals(records, main)["tokens_per_step"],
+            "identical": round(sum(r["methods"][main]["identical"] for r in records) / len(records), 4),
+            "different": sum(1 for r in records if not r["methods"][main]["identical"]),
+            "differences_on_near_ties": sum(
+                1 for r in records if not r["methods"][main]["identical"] and r["methods"][main]["near_tie"]
+            ),
+        },
+        "per_category": {
+            c: {
+                "speedup": round(_ratio(records, main, "ar", c), 4),
+                "tokens_per_step": _totals(records, main, c)["tokens_per_step"],
+                "tokens_per_second": _totals(records, main, c)["tokens_per_second"],
+                "methods": {m: round(_ratio(records, m, "ar", c), 4) for m in methods},
+            }
+            for c in categories
+        },
+        "prompts": records,
+    }
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_speedup(results: dict, path: Path) -> None:
+    """Speedup over ``ar`` per category (and overall), one bar per method."""
+    plt = _plt()
+    categories = list(results["per_category"]) + ["overall"]
+    methods = list(results["methods"])
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(categories)), 4))
+    width = 0.8 / len(methods)
+    ar_tps = results["methods"]["ar"]["tokens_per_second"]
+    for k, method in enumerate(methods):
+        values = [results["per_category"][c]["methods"][method] for c in categories[:-1]]
+        values.append(results["methods"][method]["tokens_per_second"] / ar_tps if ar_tps else 0)
+        axis.bar([i + k * width for i in range(len(categories))], values, width, label=method)
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, rotation=30, ha="right")
+    axis.set_ylabel("tokens/s relative to ar")
+    c = results["config"]
+    axis.set_title(
+        f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']})"
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+
+
+def plot_acceptance(records: list[dict], path: Path) -> None:
+    """Histogram of tokens emitted per decoding step by ``redrafter`` (the prefill left out)."""
+    plt = _plt()
+    counts: Counter = Counter()
+    for record in records:
+        for k, v in record["methods"]["redrafter"].get("accepted_histogram", {}).items():
+            counts[int(k)] += v
+    figure, axis = plt.subplots(figsize=(6, 4))
+    keys = sorted(counts)
+    axis.bar(keys, [counts[k] for k in keys])
+    axis.set(xlabel="tokens emitted by one target forward", ylabel="steps", title="redrafter acceptance")
+    figure.tight_layout()
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+
+
+def _throughput(engine: ReDrafter, batches: list[list[list[int]]], max_new_tokens: int) -> dict:
+    """Tokens/s of ``engine`` over ``batches`` of prompt ids (each batch decoded together)."""
+    tokens, seconds, steps = 0, 0.0, 0
+    for batch in batches:
+        start = time.perf_counter()
+        results = engine.generate_ids(batch, max_new_tokens)
+        seconds += time.perf_counter() - start
+        tokens += sum(r.new_tokens for r in results)
+        steps += max(r.steps for r in results)
+    return {
+        "tokens_per_second": round(tokens / seconds, 3),
+        "new_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "forwards": steps,
+    }
+
+
+def run_sweep(
+    rd: ReDrafter,
+    encoded: list[list[int]],
+    beams: list[int],
+    draft_lens: list[int],
+    max_new_tokens: int,
+    out: Path,
+    progress: bool = True,
+) -> dict:
+    """Tokens/s of every tree shape W x L (and of ``ar``), interleaved per prompt; ``sweep.json``/``.png``."""
+    if rd.drafter is None:
+        raise RedrafterError("--sweep needs a drafter (--drafter FOLDER)")
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    for w in beams:
+        for length in draft_lens:
+            engines[f"W{w}-L{length}"] = ReDrafter(rd.target, rd.tokenizer, rd.drafter, w, length)
+    for engine in engines.values():
+        engine.generate_ids([encoded[0][:64]], 8)  # warm-up
+    rows = {name: {"tokens": 0, "seconds": 0.0, "steps": 0} for name in engines}
+    bar = tqdm(total=len(encoded) * len(engines), desc="sweep", unit="run", disable=not progress)
+    for ids in encoded:
+        for name, engine in engines.items():
+            result = engine.generate_ids([ids], max_new_tokens)[0]
+            rows[name]["tokens"] += result.new_tokens
+            rows[name]["seconds"] += result.seconds
+            rows[name]["steps"] += result.steps
+            bar.update(1)
+    bar.close()
+    shapes = []
+    ar_tps = rows["ar"]["tokens"] / rows["ar"]["seconds"]
+    for name, row in rows.items():
+        if name == "ar":
+            continue
+        w, length = (int(x[1:]) for x in name.split("-"))
+        tps = row["tokens"] / row["seconds"]
+        shapes.append(
+            {
+                "beams": w,
+                "draft_len": length,
+                "tree_size": 1 + w * (length - 1),
+                "tokens_per_second": round(tps, 3),
+                "tokens_per_step": round(row["tokens"] / row["steps"], 4),
+                "speedup": round(tps / ar_tps, 4),
+            }
+        )
+    best = max(shapes, key=lambda s: s["tokens_per_second"])
+    sweep = {"ar_tokens_per_second": round(ar_tps, 3), "shapes": shapes, "best": best, "prompts": len(encoded)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", sweep)
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for w in beams:
+        points = sorted((s["tree_size"], s["tokens_per_second"], s["draft_len"]) for s in shapes if s["beams"] == w)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"W={w}")
+        for size, tps, length in points:
+            axis.annotate(f"L={length}", (size, tps), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.axhline(ar_tps, color="grey", linestyle="--", label="ar")
+    axis.set(
+        xlabel="tree size 1 + W(L-1) (tokens verified per step, at most)",
+        ylabel="tokens/s",
+        title="tokens/s against tree shape",
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(out / "sweep.png", lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+    return sweep
+
+
+def run_batch_sweep(
+    rd: ReDrafter, encoded: list[list[int]], batch_sizes: list[int], max_new_tokens: int, out: Path
+) -> dict:
+    """Tokens/s against batch size for ``redrafter`` and ``ar``; ``batch.json``/``batch.png``."""
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    if rd.drafter is not None:
+        engines["redrafter"] = rd
+    table: dict[str, dict[str, dict]] = {name: {} for name in engines}
+    for size in batch_sizes:
+        batches = [encoded[i : i + size] for i in range(0, len(encoded), size)]
+        for name, engine in engines.items():
+            engine.generate_ids(batches[0][:size], 8)  # warm-up at this shape
+            table[name][str(size)] = _throughput(engine, batches, max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "batch.json", {"batch_sizes": batch_sizes, "methods": table, "prompts": len(encoded)})
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, rows in table.items():
+        axis.plot(batch_sizes, [rows[str(b)]["tokens_per_second"] for b in batch_sizes], marker="o", label=name)
+    axis.set(xlabel="batch size", ylabel="tokens/s (all rows)", title="throughput against batch size")
+    axis.legend()
+    figure.tight_layout()
+    atomic_write(out / "batch.png", lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+    return table
+
+
+def format_table(results: dict) -> str:
+    """The terminal summary: one line per method, then per category."""
+    ar = results["methods"]["ar"]["tokens_per_second"]
+    lines = [f"{'method':<18}{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'tokens':>9}{'seconds':>10}"]
+    for name, row in results["methods"].items():
+        lines.append(
+            f"{name:<18}{row['tokens_per_second']:>10.2f}{row['tokens_per_second'] / ar:>8.2f}x"
+            f"{row['tokens_per_step']:>10.2f}{row['new_tokens']:>9}{row['seconds']:>10.1f}"
+        )
+    lines.append("")
+    lines.append(f"{'category':<18}{'speedup':>9}{'tok/step':>10}{'tokens/s':>10}")
+    for name, row in results["per_category"].items():
+        lines.append(
+            f"{name:<18}{row['speedup']:>8.2f}x{row['tokens_per_step']:>10.2f}{row['tokens_per_second']:>10.2f}"
+        )
+    s = results["summary"]
+    lines.append("")
+    lines.append(
+        f"identical to ar: {s['identical']:.0%} of prompts"
+        f" ({s['differences_on_near_ties']} differences, each on a near-tie, listed in results.json)"
+        if s["identical"] < 1
+        else "identical to ar: 100% of prompts"
+    )
+    return "\n".join(lines)

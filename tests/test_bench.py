@@ -1,0 +1,172 @@
+"""redrafter bench: the results schema, atomic writes, the identical-output check, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run
+
+import redrafter.bench as bench
+from redrafter.files import atomic_write
+
+CATEGORIES = ["writing", "math", "writing"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    rows = [
+        {"question_id": i, "category": c, "turns": [f"w{5 + i} w{9 + i} w{30 + i}", "second turn"]}
+        for i, c in enumerate(CATEGORIES)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def bench_args(model_dir, drafter_dir, prompt_file, out, *extra):
+    return [
+        "bench",
+        "--prompts",
+        str(prompt_file),
+        "--model",
+        str(model_dir),
+        "--drafter",
+        str(drafter_dir),
+        "--dtype",
+        "float64",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        capsys,
+        *bench_args(
+            model_dir, drafter_dir, prompt_file, out, "--methods", "redrafter", "ar", "hf", "hf-pld", "redrafter-w1"
+        ),
+    )
+    assert code == 0 and "speedup" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"config", "methods", "summary", "per_category", "prompts"}
+    for key in ["model", "drafter", "dtype", "beams", "draft_len", "max_new_tokens", "torch", "transformers"]:
+        assert key in results["config"]
+    assert set(results["methods"]) == {"redrafter", "ar", "hf", "hf-pld", "redrafter-w1"}
+    for row in results["methods"].values():
+        assert set(row) >= {"tokens_per_second", "tokens_per_step", "seconds", "new_tokens"}
+    assert set(results["summary"]) >= {"speedup", "speedup_vs_hf", "tokens_per_step", "identical"}
+    assert results["summary"]["identical"] == 1.0  # float64: exact
+    assert set(results["per_category"]) == {"writing", "math"}
+    assert set(results["per_category"]["math"]) >= {"speedup", "tokens_per_step", "tokens_per_second"}
+    assert len(results["prompts"]) == 3
+    first = results["prompts"][0]["methods"]
+    assert first["ar"]["steps"] == first["ar"]["new_tokens"] == first["hf"]["new_tokens"]
+    assert sum(first["redrafter"]["accepted_histogram"].values()) == first["redrafter"]["steps"] - 1
+    assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG" and (out / "acceptance.png").is_file()
+    assert not list(out.glob(".*"))
+
+
+def test_identical_check_catches_an_engine_that_changes_output(
+    model_dir,
+    drafter_dir,
+    prompt_file,
+    tmp_path,
+    monkeypatch,
+):
+    real = bench.make_methods
+
+    def broken(*args):
+        methods = real(*args)
+        honest = methods["redrafter"]
+
+        def changed(ids):
+            result = honest(ids)
+            result.token_ids[2] = (result.token_ids[2] + 1) % 96
+            return result
+
+        methods["redrafter"] = changed
+        return methods
+
+    monkeypatch.setattr(bench, "make_methods", broken)
+    from redrafter.cli import main
+
+    assert main(bench_args(model_dir, drafter_dir, prompt_file, tmp_path / "o", "--methods", "redrafter", "ar")) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["summary"]["identical"] == 0.0 and results["summary"]["different"] == 3
+    entry = results["prompts"][0]["methods"]["redrafter"]
+    assert entry["identical"] is False and entry["first_difference"] == 2 and entry["top2_gap"] is not None
+
+
+def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
+    out = tmp_path / "s"
+    code, stdout, _ = run(
+        capsys,
+        *bench_args(
+            model_dir,
+            drafter_dir,
+            prompt_file,
+            out,
+            "--methods",
+            "redrafter",
+            "--sweep",
+            "--sweep-beams",
+            "1,2",
+            "--sweep-draft-lens",
+            "2,3",
+            "--batch-size",
+            "1,2",
+        ),
+    )
+    assert code == 0 and "sweep: best" in stdout
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["shapes"]) == 4 and {s["tree_size"] for s in sweep["shapes"]} == {2, 3, 5}
+    batch = json.loads((out / "batch.json").read_text())
+    assert set(batch["methods"]) == {"ar", "redrafter"} and set(batch["methods"]["ar"]) == {"1", "2"}
+    assert (out / "sweep.png").is_file() and (out / "batch.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--methods", "redrafter", "bogus"], "unknown method(s) bogus"),
+        (["--methods", "redrafter-nornn"], "needs --ablation-drafter"),
+    ],
+)
+def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):
+    code, out, err = run(capsys, *bench_args(model_dir, drafter_dir, prompt_file, tmp_path / "x", *extra))
+    assert code == 2 and err.count("redrafter: error") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [("", "no prompts"), ("{bad\n", ":1: invalid JSON")])
+def test_bad_prompt_files(capsys, model_dir, drafter_dir, tmp_path, content, message):
+    (tmp_path / "p.jsonl").write_text(content)
+    code, _, err = run(capsys, *bench_args(model_dir, drafter_dir, tmp_path / "p.jsonl", tmp_path / "x"))
+    assert code == 2 and err.count("redrafter: error") == 1 and message in err
+
+
+@pytest.mark.parametrize("flag", [["--limit", "0"], ["--batch-size", "1,x"], ["--sweep-beams", "0"]])
+def test_bad_numbers(capsys, model_dir, drafter_dir, prompt_file, tmp_path, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        from redrafter.cli import main
+
+        main(bench_args(model_dir, drafter_dir, prompt_file, tmp_path / "x", *flag))
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def fail(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
