@@ -1,9 +1,11 @@
 """The real default model (SmolLM2-135M-Instruct) in bfloat16: speculative output equals HF greedy.
 
 In bfloat16 a tree forward of N tokens and a one-token forward reduce in different orders, so a
-logit can move by about one bfloat16 step; where the target's top-2 logits are that close, greedy
-decoding itself is decided by rounding. The contract tested here: outputs are identical, or the
-first difference sits on such a near-tie of the target's top-2 logits (reported by the test).
+hidden state can move by a rounding step; where the target's top-2 logits are that close, greedy
+decoding itself is decided by rounding. Our loop takes the argmax of the head in float32
+(``exact_argmax``), HF takes it of bfloat16 logits, where exact ties are common. The contract
+tested here, for ar vs HF, redrafter vs HF and redrafter vs ar: outputs are identical, or the first
+difference sits on a near-tie of the target's top-2 logits (each case is printed).
 """
 
 from __future__ import annotations
@@ -60,17 +62,22 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(3))
 def test_default_model_matches_hf_greedy_or_differs_on_a_near_tie(engines, index):
     ar, spec = engines
-    prompt = json.loads(PROMPTS.read_text().splitlines()[index * 4])["prompt"]
+    prompt = json.loads(PROMPTS.read_text().splitlines()[index * 5])["prompt"]
     ids = ar.encode(prompt)
-    expected = hf_greedy(ar.target, ids)
-    for name, engine in [("ar", ar), ("redrafter", spec)]:
-        got = engine.generate_ids([ids], NEW_TOKENS)[0].token_ids
+    outputs = {
+        "hf": hf_greedy(ar.target, ids),
+        "ar": ar.generate_ids([ids], NEW_TOKENS)[0].token_ids,
+        "redrafter": spec.generate_ids([ids], NEW_TOKENS)[0].token_ids,
+    }
+    for name, reference in [("ar", "hf"), ("redrafter", "hf"), ("redrafter", "ar")]:
+        got, expected = outputs[name], outputs[reference]
         if got == expected:
+            print(f"prompt {index}: {name} == {reference}")
             continue
         first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
         gap = top2_gap(ar.target, ids + expected[:first])
-        print(f"{name}: prompt {index} first differs at token {first}; target top-2 gap there {gap:.4f}")
+        print(f"prompt {index}: {name} differs from {reference} at token {first}; target top-2 gap there {gap:.4f}")
         assert gap <= NEAR_TIE, f"{name} differs at token {first} where the target is not near a tie (gap {gap})"

@@ -169,3 +169,27 @@ def test_seed_reproduces_and_temperature_zero_is_greedy(target):
 def test_bad_settings(kwargs):
     with pytest.raises(RedrafterError):
         SamplingParams(**kwargs)
+
+
+def test_exact_argmax_breaks_bfloat16_ties_in_float32():
+    from redrafter.sampling import exact_argmax
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).to(torch.bfloat16)
+    with torch.no_grad():
+        weight = torch.zeros(16, 8)
+        weight[3, 0], weight[11, 0] = 16.0, 16.0
+        weight[11, 1] = 0.03  # token 11 wins by 0.03: invisible at bfloat16's 0.125 step near 16
+        model.lm_head.weight.copy_(weight)
+    hidden = torch.tensor([[[1.0, 1.0, 0, 0, 0, 0, 0, 0]]], dtype=torch.bfloat16)
+    logits = model.lm_head(hidden)
+    assert logits[0, 0, 3] == logits[0, 0, 11] and logits.argmax(-1).item() == 3  # a bfloat16 tie
+    assert exact_argmax(model, hidden).item() == 11

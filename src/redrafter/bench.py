@@ -432,9 +432,7 @@ def format_table(results: dict) -> str:
     s = results["summary"]
     lines.append("")
     lines.append(
-        f"identical to ar: {s['identical']:.0%} of prompts"
-        f" ({s['differences_on_near_ties']} differences, each on a near-tie, listed in results.json)"
-        if s["identical"] < 1
-        else "identical to ar: 100% of prompts"
+        f"identical to ar: {s['identical']:.0%} of prompts; {s['different']} differ, "
+        f"{s['differences_on_near_ties']} of them first on a near-tie of the target's top-2 logits (results.json)"
     )
     return "\n".join(lines)

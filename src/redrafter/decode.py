@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
-from .models import decoder_of, hidden_to_logits
+from .models import decoder_of
 from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
 from .verify import verify
@@ -111,7 +111,7 @@ class SpeculativeDecoder:
             return
         device = self.target.device
         dtype = self.target.dtype
-        choose = TokenChooser(sampling or SamplingParams(), device)
+        choose = TokenChooser(self.target, sampling or SamplingParams())
         batch = len(prompts)
         longest = max(len(p) for p in prompts)
         # Left-pad: [B, P]; padding is masked out of every attention.
@@ -128,7 +128,7 @@ class SpeculativeDecoder:
 
         cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
         hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]  # [B, d]
-        last_token = choose(hidden_to_logits(self.target, hidden[:, None]))[:, 0]  # [B]
+        last_token = choose(hidden[:, None])[:, 0]  # [B]
         context_valid = valid  # [B, C]
         row_length = valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
@@ -177,7 +177,7 @@ class SpeculativeDecoder:
             start = cache.length
             tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
             tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
-            target_choice = choose(hidden_to_logits(self.target, tree_hidden))  # [B, N]
+            target_choice = choose(tree_hidden)  # [B, N]
             # 4. Accept.
             verdict = verify(beams, tree.node_index, target_choice)
             # 5. Keep the accepted path's cache entries; mask each row's surplus.

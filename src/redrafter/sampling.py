@@ -16,8 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedModel
 
 from .errors import RedrafterError
+from .models import hidden_to_logits
 
 
 @dataclass(frozen=True)
@@ -62,23 +64,42 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
+def exact_argmax(target: PreTrainedModel, hidden: torch.Tensor, candidates: int = 8) -> torch.Tensor:
+    """The argmax of the target's head computed in float32: ``[..., d]`` hidden -> ``[...]`` ids.
+
+    In bfloat16 the logits of a 49k-token head are rounded to steps of 0.125 at typical
+    magnitudes, so exact ties are common, and a token tree (N queries) and a single token
+    round differently: ties would then break differently and greedy output would depend on the
+    tree. The ``candidates`` best bfloat16 logits are recomputed in float32 and the best wins.
+    """
+    head = target.get_output_embeddings()
+    logits = hidden_to_logits(target, hidden)
+    if logits.dtype in (torch.float32, torch.float64):
+        return logits.argmax(dim=-1)
+    top = logits.topk(candidates, dim=-1).indices  # [..., k]
+    exact = (head.weight[top].float() @ hidden.float()[..., None])[..., 0]  # [..., k]
+    if getattr(head, "bias", None) is not None:
+        exact = exact + head.bias[top].float()
+    return top.gather(-1, exact.argmax(dim=-1, keepdim=True))[..., 0]
+
+
 class TokenChooser:
     """Chooses the target's token at every node: argmax, or an independent draw per node."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str) -> None:
-        self.params = params
+    def __init__(self, target: PreTrainedModel, params: SamplingParams) -> None:
+        self.target, self.params = target, params
         self.generator = None
         if not params.greedy:
-            self.generator = torch.Generator(device=device)
+            self.generator = torch.Generator(device=target.device)
             if params.seed is not None:
                 self.generator.manual_seed(params.seed)
             else:
                 self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[B, N, V]`` logits -> ``[B, N]`` token ids."""
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, N, d]`` final hidden states -> ``[B, N]`` token ids."""
         if self.params.greedy:
-            return logits.argmax(dim=-1)
-        probs = probabilities(logits, self.params)
+            return exact_argmax(self.target, hidden)
+        probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
