@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from redrafter import ReDrafter
+from redrafter.bench import NEAR_TIE, top2_gap
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.models import ModelError, default_gguf_path
 
@@ -28,8 +29,6 @@ except ModelError:
 pytestmark = pytest.mark.integration
 PROMPTS = Path(__file__).parents[1] / "src" / "redrafter" / "data" / "prompts.jsonl"
 NEW_TOKENS = 48
-# A bfloat16 logit of magnitude 16-32 has a step of 0.125; two steps of slack.
-NEAR_TIE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +41,6 @@ def engines():
     drafter = RecurrentDrafter(config)
     spec = ReDrafter(ar.target, ar.tokenizer, drafter, num_beams=4, draft_len=5)
     return ar, spec
-
-
-def top2_gap(model, ids: list[int]) -> float:
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, -1].float()
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
 
 
 def hf_greedy(model, ids: list[int]) -> list[int]:

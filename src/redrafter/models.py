@@ -121,9 +121,18 @@ def decoder_of(target: PreTrainedModel) -> torch.nn.Module:
     return target.get_decoder() if hasattr(target, "get_decoder") else target.model
 
 
-def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """``[..., d]`` final hidden states -> ``[..., V]`` logits, as the target's own head does."""
-    logits = target.get_output_embeddings()(hidden)
+def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """``[..., d]`` final hidden states -> ``[..., V]`` logits, as the target's own head does.
+
+    ``float32``: compute the head in (at least) float32 instead of the model's dtype.
+    """
+    head = target.get_output_embeddings()
+    if float32:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        bias = None if getattr(head, "bias", None) is None else head.bias.to(dtype)
+        logits = torch.nn.functional.linear(hidden.to(dtype), head.weight.to(dtype), bias)
+    else:
+        logits = head(hidden)
     softcap = getattr(target.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
