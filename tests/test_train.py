@@ -138,3 +138,36 @@ def test_cli_train_writes_a_usable_drafter_folder(setup, tmp_path, capsys):
     assert main([*args, "--resume"]) == 0  # already finished: nothing more to do
     assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
     assert "no corpus shards" in capsys.readouterr().err
+
+
+def test_hidden_state_cache_trains_the_same_and_resumes(setup, tmp_path, monkeypatch):
+    import redrafter.hidden_cache as module
+
+    model, train, heldout = setup
+    config = TrainConfig(steps=5, draft_vocab=40, **CONFIG)
+    plain = Trainer(model, config, train, heldout, tmp_path / "plain", progress=False).train()
+    # Build the cache, interrupted right after its first chunk, then resumed by the trainer.
+    real_write_json = module.write_json
+
+    def write_then_stop(path, meta):
+        real_write_json(path, meta)
+        if meta["done"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "write_json", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        module.HiddenStates(tmp_path / "cache", train + heldout, model, batch_size=16, progress=False)
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["done"] == 16
+    monkeypatch.setattr(module, "write_json", real_write_json)
+    cached = Trainer(
+        model, config, train, heldout, tmp_path / "cached", progress=False, hidden_cache=tmp_path / "cache"
+    )
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["done"] == len(train + heldout)
+    for index in [0, 20, len(train) + 3]:
+        prompt, response = cached.pairs[index]
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            expected = model.model(input_ids=ids).last_hidden_state[0]
+        assert torch.allclose(cached.states.batch([index])[0], expected, atol=1e-5)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), cached.train().state_dict().items(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name

@@ -105,6 +105,18 @@ def _generate(model, sequences, pad, eos, max_new_tokens, temperature, top_p, ge
     return results
 
 
+def make_batch(pairs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids [B, T]``, ``attention [B, T]`` and ``response_start [B]``."""
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    attention = torch.zeros(len(pairs), width, dtype=torch.long)
+    for row, (prompt, response) in enumerate(pairs):
+        seq = prompt + response
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+    return ids, attention, torch.tensor([len(p) for p, _ in pairs])
+
+
 class Corpus:
     """A distilled corpus folder: its shards and metadata."""
 

@@ -30,10 +30,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from .beam_search import beam_search
-from .distill import Corpus
+from .distill import Corpus, make_batch
 from .drafter import DrafterConfig, RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write
+from .hidden_cache import HiddenStates
 from .models import decoder_of
 
 
@@ -89,18 +90,6 @@ def coverage(pairs: list, draft_vocab: torch.Tensor) -> float:
     return sum(t in vocab for _, r in pairs for t in r) / max(1, total)
 
 
-def make_batch(pairs: list, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids [B, T]``, ``attention [B, T]`` and ``response_start [B]``."""
-    width = max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    attention = torch.zeros(len(pairs), width, dtype=torch.long)
-    for row, (prompt, response) in enumerate(pairs):
-        seq = prompt + response
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-    return ids, attention, torch.tensor([len(p) for p, _ in pairs])
-
-
 def draft_targets(
     ids: torch.Tensor, attention: torch.Tensor, response_start: torch.Tensor, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +119,7 @@ class Trainer:
         out: str | Path,
         drafter: RecurrentDrafter | None = None,
         progress: bool = True,
+        hidden_cache: str | Path | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -138,6 +128,12 @@ class Trainer:
         self.decoder = decoder_of(target)
         self.train_pairs, self.heldout_pairs = train_pairs, heldout_pairs
         self.progress = progress and self.accelerator.is_main_process
+        # Conversation i of train + heldout; the hidden-state cache (if any) is indexed the same way.
+        self.pairs = train_pairs + heldout_pairs
+        self.states = None
+        if hidden_cache is not None:
+            with self.accelerator.main_process_first():
+                self.states = HiddenStates(hidden_cache, self.pairs, self.target, config.batch_size, self.progress)
         if drafter is None:
             torch.manual_seed(config.seed)
             draft_vocab = choose_draft_vocab(train_pairs, target.config.vocab_size, config.draft_vocab)
@@ -174,7 +170,7 @@ class Trainer:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def batch_for_step(self, step: int) -> list:
+    def batch_for_step(self, step: int) -> list[int]:
         """This process's share of the conversations of ``step`` (order fixed by seed and epoch)."""
         size = self.config.batch_size
         per_epoch = max(1, len(self.train_pairs) // size)
@@ -182,21 +178,23 @@ class Trainer:
         order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         chosen = order[index * size : (index + 1) * size].tolist()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return [self.train_pairs[i] for i in chosen[rank::world]]
+        return chosen[rank::world]
 
     @torch.no_grad()
-    def target_states(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def target_states(self, indices: list[int], ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """``[B, T, d]`` hidden states of the frozen target (after its final norm)."""
+        if self.states is not None:
+            return self.states.batch(indices)
         device = self.target.device
         out = self.decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
         return out.last_hidden_state
 
     # -- the loss ---------------------------------------------------------------------------
-    def loss(self, pairs: list) -> tuple[torch.Tensor, dict]:
-        """Summed per-step cross-entropy (+ KD) over the valid positions of ``pairs``."""
+    def loss(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
+        """Summed per-step cross-entropy (+ KD) over the valid positions of conversations ``indices``."""
         config = self.config
-        ids, attention, response_start = make_batch(pairs, pad=0)
-        hidden = self.target_states(ids, attention)
+        ids, attention, response_start = make_batch([self.pairs[i] for i in indices], pad=0)
+        hidden = self.target_states(indices, ids, attention)
         inputs, labels, valid = draft_targets(ids, attention, response_start, config.draft_steps)
         draft_labels = self.to_draft[labels]
         valid &= draft_labels >= 0
@@ -246,10 +244,11 @@ class Trainer:
         correct, counted, accepted = torch.zeros(steps), torch.zeros(steps), []
         generator = torch.Generator().manual_seed(1234)
         budget = self.config.eval_positions
-        for start in range(0, len(self.heldout_pairs), self.config.batch_size):
-            pairs = self.heldout_pairs[start : start + self.config.batch_size]
-            ids, attention, response_start = make_batch(pairs, pad=0)
-            hidden = self.target_states(ids, attention).float()
+        heldout = range(len(self.train_pairs), len(self.pairs))
+        for start in range(0, len(heldout), self.config.batch_size):
+            indices = list(heldout[start : start + self.config.batch_size])
+            ids, attention, response_start = make_batch([self.pairs[i] for i in indices], pad=0)
+            hidden = self.target_states(indices, ids, attention).float()
             inputs, labels, valid = draft_targets(ids, attention, response_start, steps)
             logits = drafter(hidden, inputs.to(hidden.device))
             predicted = drafter.to_target_ids(logits.argmax(-1)).cpu()

@@ -1,0 +1,101 @@
+"""The frozen target's hidden states of a corpus, computed once and kept on disk.
+
+Training runs many epochs over the same conversations; the target's forward costs about as much
+as the drafter's forward and backward, so computing it once saves half or more of every later
+epoch. Layout of the folder: ``states.bin`` (every token's final hidden state, ``[tokens, d]`` in
+the target's dtype, as raw bytes in a memory map) and ``meta.json`` (a signature of the corpus and
+model, and how many conversations are done: an interrupted build resumes there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .distill import make_batch
+from .errors import RedrafterError
+from .files import write_json
+from .models import decoder_of
+
+
+def signature(pairs: list, target) -> str:
+    """Changes when any token, the model or its dtype changes."""
+    digest = hashlib.sha256(f"{target.config._name_or_path}|{target.dtype}|{target.config.hidden_size}".encode())
+    for prompt, response in pairs:
+        digest.update(np.asarray(prompt + response + [-1], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:20]
+
+
+class HiddenStates:
+    """Hidden states ``[len(prompt) + len(response), d]`` of each conversation of ``pairs``.
+
+    Args:
+        folder: where the cache lives (created).
+        pairs: the (prompt ids, response ids) conversations, in a fixed order.
+        target: the frozen target.
+        batch_size: conversations per forward while building.
+    """
+
+    def __init__(self, folder: str | Path, pairs: list, target, batch_size: int = 8, progress: bool = True) -> None:
+        self.folder, self.pairs, self.target = Path(folder), pairs, target
+        self.dtype = target.dtype
+        self.width = target.config.hidden_size * torch.finfo(self.dtype).bits // 8  # bytes per token
+        lengths = np.array([len(p) + len(r) for p, r in pairs], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_path = self.folder / "meta.json"
+        sig = signature(pairs, target)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if meta.get("signature") != sig:
+            meta = {"signature": sig, "conversations": len(pairs), "tokens": int(self.offsets[-1]), "done": 0}
+            np.memmap(self.folder / "states.bin", dtype=np.uint8, mode="w+", shape=(max(1, meta["tokens"]), self.width))
+            write_json(meta_path, meta)
+        self.states = np.memmap(
+            self.folder / "states.bin", dtype=np.uint8, mode="r+", shape=(max(1, meta["tokens"]), self.width)
+        )
+        self._build(meta, batch_size, progress)
+
+    @torch.no_grad()
+    def _build(self, meta: dict, batch_size: int, progress: bool) -> None:
+        decoder = decoder_of(self.target)
+        bar = tqdm(
+            total=len(self.pairs),
+            initial=meta["done"],
+            desc="hidden states",
+            unit="conv",
+            disable=not progress or meta["done"] == len(self.pairs),
+        )
+        for start in range(meta["done"], len(self.pairs), batch_size):
+            chunk = self.pairs[start : start + batch_size]
+            ids, attention, _ = make_batch(chunk, pad=0)
+            device = self.target.device
+            hidden = decoder(
+                input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
+            ).last_hidden_state.cpu()
+            for row, index in enumerate(range(start, start + len(chunk))):
+                length = int(self.offsets[index + 1] - self.offsets[index])
+                raw = hidden[row, :length].contiguous().view(torch.uint8).numpy()
+                self.states[self.offsets[index] : self.offsets[index + 1]] = raw
+            self.states.flush()
+            meta["done"] = start + len(chunk)
+            write_json(self.folder / "meta.json", meta)
+            bar.update(len(chunk))
+        bar.close()
+
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        """Right-padded ``[len(indices), T, d]`` hidden states (zeros past each conversation)."""
+        if not indices:
+            raise RedrafterError("no conversations")
+        rows = [
+            torch.from_numpy(np.array(self.states[self.offsets[i] : self.offsets[i + 1]])).view(self.dtype)
+            for i in indices
+        ]
+        out = torch.zeros(len(rows), max(r.shape[0] for r in rows), rows[0].shape[1], dtype=self.dtype)
+        for k, row in enumerate(rows):
+            out[k, : row.shape[0]] = row
+        return out.to(self.target.device)
