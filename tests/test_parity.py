@@ -176,3 +176,16 @@ def test_batch_of_mixed_lengths_equals_batch_of_one(family_name):
     batched, _ = speculative(decoder, prompts, 25)
     for prompt, ids in zip(prompts, batched, strict=True):
         assert ids == hf_greedy(model, prompt, 25)
+
+
+def test_sliding_window_models_stop_at_the_window_instead_of_going_wrong():
+    from conftest import COMMON
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=24)).to(torch.float64).eval()
+    prompt = random_prompt(5, 1)
+    drafter = random_drafter(model, seed=1)
+    ids, _ = speculative(SpeculativeDecoder(model, DrafterProposer(drafter, 2, 4), []), [prompt], 40)
+    assert 10 < len(ids[0]) < 24 - len(prompt)
+    assert ids[0] == hf_greedy(model, prompt, 40)[: len(ids[0])]

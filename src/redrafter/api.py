@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
-from .models import load_target
+from .models import context_limit, load_target
 from .sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -136,8 +136,8 @@ class ReDrafter:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(prompt)["input_ids"]
-        limit = getattr(self.target.config, "max_position_embeddings", None)
-        if limit is not None and len(ids) + self.draft_len >= limit:
+        limit = context_limit(self.target.config)
+        if len(ids) + self.draft_len >= limit:
             raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids
 

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
-from .models import decoder_of
+from .models import context_limit, decoder_of
 from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
 from .verify import verify
@@ -86,7 +86,7 @@ class SpeculativeDecoder:
         self.decoder = decoder_of(target)
         self.proposer = proposer
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_positions = getattr(target.config, "max_position_embeddings", None) or 1 << 30
+        self.max_positions = context_limit(target.config)
 
     def _forward(
         self, cache: TreeKVCache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor

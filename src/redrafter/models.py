@@ -139,6 +139,19 @@ def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor, float32: boo
     return logits
 
 
+def context_limit(config) -> int:
+    """Positions the target can attend over correctly here.
+
+    The cache keeps every position and the tree mask does not apply sliding windows, so for a
+    model with sliding-window layers the usable context ends at the window.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or 1 << 30
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    return min(limit, window) if sliding else limit
+
+
 def check_tree_attention(target: PreTrainedModel) -> None:
     """Raise :class:`ModelError` unless ``target`` honours a custom 4D mask and position ids.
 
