@@ -97,6 +97,24 @@ class SpeculativeDecoder:
         )
         return out.last_hidden_state
 
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor]:
+        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]`` and
+        which cached positions are real tokens ``[B, P]`` (padding is masked out of every attention)."""
+        device, dtype = self.target.device, self.target.dtype
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
+            valid[row, longest - len(prompt) :] = True
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
+        allowed |= torch.eye(longest, dtype=torch.bool, device=device)  # padding sees itself
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
+        hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]
+        return cache, hidden, valid
+
     @torch.inference_mode()
     def decode(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingParams | None = None
@@ -113,24 +131,9 @@ class SpeculativeDecoder:
         dtype = self.target.dtype
         choose = TokenChooser(self.target, sampling or SamplingParams())
         batch = len(prompts)
-        longest = max(len(p) for p in prompts)
-        # Left-pad: [B, P]; padding is masked out of every attention.
-        input_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, device=device)
-            valid[row, longest - len(prompt) :] = True
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-        allowed = causal[None] & valid[:, None, :]
-        allowed |= torch.eye(longest, dtype=torch.bool, device=device)  # padding sees itself
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-
-        cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
-        hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]  # [B, d]
+        cache, hidden, context_valid = self._prefill(prompts, max_new_tokens)  # context_valid: [B, C]
         last_token = choose(hidden[:, None])[:, 0]  # [B]
-        context_valid = valid  # [B, C]
-        row_length = valid.sum(dim=1)  # [B] real tokens cached per row
+        row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
         emitted = [0] * batch
 
