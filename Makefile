@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint corpus
 
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -19,3 +19,13 @@ test:
 lint:
 	ruff check src tests
 	ruff format --check src tests
+
+# The self-distilled corpus for the default model (committed under data/corpus/): two generators
+# of one thread each use the two cores better than one of two threads. Resumable: run it again.
+PROMPTS_PER_RUN ?= 20000
+corpus:
+	OMP_NUM_THREADS=1 redrafter distill --out data/corpus/smollm2-135m-instruct --num-prompts $(PROMPTS_PER_RUN) \
+		--shard-size 256 --batch-size 32 --max-new-tokens 256 & \
+	OMP_NUM_THREADS=1 redrafter distill --out data/corpus/smollm2-135m-instruct-seed1 --seed 1 \
+		--num-prompts $(PROMPTS_PER_RUN) --shard-size 256 --batch-size 32 --max-new-tokens 256 & \
+	wait
