@@ -80,13 +80,18 @@ def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
 
 def test_resume_reaches_the_same_weights(setup, tmp_path):
     model, train, heldout = setup
-    config = TrainConfig(steps=12, draft_vocab=40, kd_weight=0.5, kd_temperature=2.0, **CONFIG)
+    config = TrainConfig(steps=12, draft_vocab=40, kd_weight=0.5, kd_temperature=2.0, position_fraction=0.5, **CONFIG)
     whole = Trainer(model, config, train, heldout, tmp_path / "whole", progress=False).train()
     first = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
     first.train(stop_after=5)
     second = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
     second.load_checkpoint()
     assert second.step == 5
+    _, all_positions = Trainer(model, TrainConfig(**CONFIG), train, heldout, tmp_path / "all", progress=False).loss(
+        second.batch_for_step(5), 5
+    )
+    _, half_positions = second.loss(second.batch_for_step(5), 5)
+    assert half_positions["positions"] < 0.7 * all_positions["positions"]
     resumed = second.train()
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name

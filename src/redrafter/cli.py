@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=_positive, default=200)
     tr.add_argument("--checkpoint-every", type=_positive, default=100)
     tr.add_argument("--heldout-every", type=int, default=50, help="every N-th conversation is held out")
+    tr.add_argument(
+        "--position-fraction",
+        type=float,
+        default=1.0,
+        help="train on this random share of each batch's positions (default 1: all)",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument(
         "--hidden-cache",
@@ -267,6 +273,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .models import load_target
     from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics, split_heldout
 
+    if not 0 < args.position_fraction <= 1:
+        raise RedrafterError(f"--position-fraction must be in (0, 1], got {args.position_fraction}")
     if args.heldout_every < 2:
         raise RedrafterError("--heldout-every must be at least 2")
     pairs = load_corpora(args.data)
@@ -287,6 +295,7 @@ def run_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         heldout_every=args.heldout_every,
+        position_fraction=args.position_fraction,
         seed=args.seed,
         autocast=not args.no_autocast,
     )

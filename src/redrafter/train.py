@@ -63,6 +63,7 @@ class TrainConfig:
     eval_beams: int = 4
     seed: int = 0
     autocast: bool = True
+    position_fraction: float = 1.0
 
 
 def split_heldout(pairs: list, every: int) -> tuple[list, list]:
@@ -190,8 +191,13 @@ class Trainer:
         return out.last_hidden_state
 
     # -- the loss ---------------------------------------------------------------------------
-    def loss(self, indices: list[int]) -> tuple[torch.Tensor, dict]:
-        """Summed per-step cross-entropy (+ KD) over the valid positions of conversations ``indices``."""
+    def loss(self, indices: list[int], step: int = 0) -> tuple[torch.Tensor, dict]:
+        """Summed per-step cross-entropy (+ KD) over the valid positions of conversations ``indices``.
+
+        With ``position_fraction < 1`` a random share of the positions is used (fixed by seed and
+        ``step``): neighbouring positions of one answer teach much the same, so this trades little
+        signal for a proportional cut of the drafter's forward and backward.
+        """
         config = self.config
         ids, attention, response_start = make_batch([self.pairs[i] for i in indices], pad=0)
         hidden = self.target_states(indices, ids, attention)
@@ -199,6 +205,10 @@ class Trainer:
         draft_labels = self.to_draft[labels]
         valid &= draft_labels >= 0
         rows, positions = valid.any(dim=2).nonzero(as_tuple=True)  # only positions with a label
+        if config.position_fraction < 1:
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            keep = torch.randperm(len(rows), generator=generator)[: max(1, int(len(rows) * config.position_fraction))]
+            rows, positions = rows[keep], positions[keep]
         device = self.target.device
         h = hidden[rows, positions].float()[None]  # [1, P, d]
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast)
@@ -333,7 +343,7 @@ class Trainer:
         self.drafter.train()
         started = time.perf_counter()
         while self.step < end:
-            loss, metrics = self.loss(self.batch_for_step(self.step))
+            loss, metrics = self.loss(self.batch_for_step(self.step), self.step)
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self.accelerator.clip_grad_norm_(self.drafter.parameters(), config.grad_clip)
