@@ -11,7 +11,7 @@ from conftest import tiny_target, word_tokenizer
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.distill import DistillConfig, distill
 from redrafter.drafter import RecurrentDrafter
-from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, plot_metrics, split_heldout
+from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, plot_metrics
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,18 @@ def setup(tmp_path_factory):
         model="tiny", prompts=str(folder / "p.jsonl"), shard_size=64, batch_size=32, max_new_tokens=24, dtype="float32"
     )
     pairs = distill(config, folder / "data", model, word_tokenizer(), progress=False).conversations()
-    return model, *split_heldout(pairs, 5)
+    return model, pairs
 
 
 CONFIG = dict(
-    batch_size=16, warmup=10, eval_every=1000, checkpoint_every=1000, eval_positions=256, autocast=False, lr=3e-3
+    heldout_every=5,
+    batch_size=16,
+    warmup=10,
+    eval_every=1000,
+    checkpoint_every=1000,
+    eval_positions=256,
+    autocast=False,
+    lr=3e-3,
 )
 
 
@@ -53,8 +60,8 @@ def engine_tokens_per_step(model, proposer, pairs) -> float:
 
 
 def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
-    model, train, heldout = setup
-    trainer = Trainer(model, TrainConfig(steps=150, draft_vocab=0, **CONFIG), train, heldout, tmp_path, progress=False)
+    model, pairs = setup
+    trainer = Trainer(model, TrainConfig(steps=150, draft_vocab=0, **CONFIG), pairs, tmp_path, progress=False)
     before = trainer.evaluate()
     drafter = trainer.train()
     after = trainer.evaluate()
@@ -69,8 +76,9 @@ def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
     def repeat_last(hidden, last_token, positions):
         return last_token[:, None, None].expand(-1, 1, 5)
 
-    trained = engine_tokens_per_step(model, DrafterProposer(loaded, 4, 5), heldout[:12])
-    repeating = engine_tokens_per_step(model, repeat_last, heldout[:12])
+    heldout = [pairs[i] for i in trainer.heldout_idx[:12]]
+    trained = engine_tokens_per_step(model, DrafterProposer(loaded, 4, 5), heldout)
+    repeating = engine_tokens_per_step(model, repeat_last, heldout)
     assert trained > repeating + 0.4, (trained, repeating)
     # Metrics were logged and plotted.
     assert (tmp_path / "metrics.jsonl").read_text().count('"eval"') == 1
@@ -79,15 +87,15 @@ def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
 
 
 def test_resume_reaches_the_same_weights(setup, tmp_path):
-    model, train, heldout = setup
+    model, pairs = setup
     config = TrainConfig(steps=12, draft_vocab=40, kd_weight=0.5, kd_temperature=2.0, position_fraction=0.5, **CONFIG)
-    whole = Trainer(model, config, train, heldout, tmp_path / "whole", progress=False).train()
-    first = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
+    whole = Trainer(model, config, pairs, tmp_path / "whole", progress=False).train()
+    first = Trainer(model, config, pairs, tmp_path / "cut", progress=False)
     first.train(stop_after=5)
-    second = Trainer(model, config, train, heldout, tmp_path / "cut", progress=False)
+    second = Trainer(model, config, pairs, tmp_path / "cut", progress=False)
     second.load_checkpoint()
     assert second.step == 5
-    _, all_positions = Trainer(model, TrainConfig(**CONFIG), train, heldout, tmp_path / "all", progress=False).loss(
+    _, all_positions = Trainer(model, TrainConfig(**CONFIG), pairs, tmp_path / "all", progress=False).loss(
         second.batch_for_step(5), 5
     )
     _, half_positions = second.loss(second.batch_for_step(5), 5)
@@ -98,7 +106,8 @@ def test_resume_reaches_the_same_weights(setup, tmp_path):
 
 
 def test_reduced_draft_vocabulary_is_the_most_frequent_tokens(setup):
-    _, train, _ = setup
+    _, pairs = setup
+    train = [pairs[i] for i in range(len(pairs)) if i % 5 != 4]
     vocab = choose_draft_vocab(train, 96, 10)
     counts = torch.bincount(torch.tensor([t for _, r in train for t in r]), minlength=96)
     assert len(vocab) == 10 and set(vocab.tolist()) == set(counts.topk(10).indices.tolist())
@@ -109,7 +118,7 @@ def test_reduced_draft_vocabulary_is_the_most_frequent_tokens(setup):
 def test_cli_train_writes_a_usable_drafter_folder(setup, tmp_path, capsys):
     from redrafter.cli import main
 
-    model, _, _ = setup
+    model, _ = setup
     model.save_pretrained(tmp_path / "model")
     word_tokenizer().save_pretrained(tmp_path / "model")
     corpus = tmp_path.parent / "corpus0" / "data"  # written by the module fixture
@@ -148,9 +157,9 @@ def test_cli_train_writes_a_usable_drafter_folder(setup, tmp_path, capsys):
 def test_hidden_state_cache_trains_the_same_and_resumes(setup, tmp_path, monkeypatch):
     import redrafter.hidden_cache as module
 
-    model, train, heldout = setup
+    model, pairs = setup
     config = TrainConfig(steps=5, draft_vocab=40, **CONFIG)
-    plain = Trainer(model, config, train, heldout, tmp_path / "plain", progress=False).train()
+    plain = Trainer(model, config, pairs, tmp_path / "plain", progress=False).train()
     # Build the cache, interrupted right after its first chunk, then resumed by the trainer.
     real_write_json = module.write_json
 
@@ -161,14 +170,12 @@ def test_hidden_state_cache_trains_the_same_and_resumes(setup, tmp_path, monkeyp
 
     monkeypatch.setattr(module, "write_json", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        module.HiddenStates(tmp_path / "cache", train + heldout, model, batch_size=16, progress=False)
+        module.HiddenStates(tmp_path / "cache", pairs, model, batch_size=16, progress=False)
     assert json.loads((tmp_path / "cache" / "meta.json").read_text())["done"] == 16
     monkeypatch.setattr(module, "write_json", real_write_json)
-    cached = Trainer(
-        model, config, train, heldout, tmp_path / "cached", progress=False, hidden_cache=tmp_path / "cache"
-    )
-    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["done"] == len(train + heldout)
-    for index in [0, 20, len(train) + 3]:
+    cached = Trainer(model, config, pairs, tmp_path / "cached", progress=False, hidden_cache=tmp_path / "cache")
+    assert json.loads((tmp_path / "cache" / "meta.json").read_text())["done"] == len(pairs)
+    for index in [0, 20, len(pairs) - 1]:
         prompt, response = cached.pairs[index]
         ids = torch.tensor([prompt + response])
         with torch.no_grad():

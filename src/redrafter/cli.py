@@ -271,14 +271,13 @@ def run_train(args: argparse.Namespace) -> int:
     import time
 
     from .models import load_target
-    from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics, split_heldout
+    from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics
 
     if not 0 < args.position_fraction <= 1:
         raise RedrafterError(f"--position-fraction must be in (0, 1], got {args.position_fraction}")
     if args.heldout_every < 2:
         raise RedrafterError("--heldout-every must be at least 2")
     pairs = load_corpora(args.data)
-    train, heldout = split_heldout(pairs, args.heldout_every)
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -303,7 +302,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.resume and (out / "checkpoint").exists():
         raise RedrafterError(f"{out} already holds a training run: pass --resume to continue it, or use a new --out")
     target, _ = load_target(args.model)
-    trainer = Trainer(target, config, train, heldout, out, hidden_cache=args.hidden_cache)
+    trainer = Trainer(target, config, pairs, out, hidden_cache=args.hidden_cache)
+    train = [pairs[i] for i in trainer.train_idx]
+    heldout = [pairs[i] for i in trainer.heldout_idx]
     if args.resume and (out / "checkpoint" / "state.pt").is_file():
         trainer.load_checkpoint()
     started = time.perf_counter()

@@ -66,10 +66,10 @@ class TrainConfig:
     position_fraction: float = 1.0
 
 
-def split_heldout(pairs: list, every: int) -> tuple[list, list]:
-    """Every ``every``-th conversation is held out (deterministic, independent of shard layout)."""
-    train = [p for i, p in enumerate(pairs) if i % every != every - 1]
-    heldout = [p for i, p in enumerate(pairs) if i % every == every - 1]
+def split_heldout(count: int, every: int) -> tuple[list[int], list[int]]:
+    """Indices of training and held-out conversations: every ``every``-th one is held out."""
+    train = [i for i in range(count) if i % every != every - 1]
+    heldout = [i for i in range(count) if i % every == every - 1]
     return train, heldout
 
 
@@ -109,14 +109,16 @@ def draft_targets(
 
 
 class Trainer:
-    """Trains ``drafter`` against the frozen ``target`` on (prompt ids, response ids) pairs."""
+    """Trains ``drafter`` against the frozen ``target`` on (prompt ids, response ids) pairs.
+
+    Every ``config.heldout_every``-th conversation is held out for evaluation.
+    """
 
     def __init__(
         self,
         target,
         config: TrainConfig,
-        train_pairs: list,
-        heldout_pairs: list,
+        pairs: list,
         out: str | Path,
         drafter: RecurrentDrafter | None = None,
         progress: bool = True,
@@ -127,10 +129,11 @@ class Trainer:
         self.accelerator = Accelerator(cpu=target.device.type == "cpu")
         self.target, self.config, self.out = target.eval().requires_grad_(False), config, Path(out)
         self.decoder = decoder_of(target)
-        self.train_pairs, self.heldout_pairs = train_pairs, heldout_pairs
         self.progress = progress and self.accelerator.is_main_process
-        # Conversation i of train + heldout; the hidden-state cache (if any) is indexed the same way.
-        self.pairs = train_pairs + heldout_pairs
+        # Conversations in corpus order; the split and the hidden-state cache index into them.
+        self.pairs = pairs
+        self.train_idx, self.heldout_idx = split_heldout(len(pairs), config.heldout_every)
+        train_pairs = [pairs[i] for i in self.train_idx]
         self.states = None
         if hidden_cache is not None:
             with self.accelerator.main_process_first():
@@ -174,12 +177,12 @@ class Trainer:
     def batch_for_step(self, step: int) -> list[int]:
         """This process's share of the conversations of ``step`` (order fixed by seed and epoch)."""
         size = self.config.batch_size
-        per_epoch = max(1, len(self.train_pairs) // size)
+        per_epoch = max(1, len(self.train_idx) // size)
         epoch, index = divmod(step, per_epoch)
-        order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        order = torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         chosen = order[index * size : (index + 1) * size].tolist()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        return chosen[rank::world]
+        return [self.train_idx[i] for i in chosen[rank::world]]
 
     @torch.no_grad()
     def target_states(self, indices: list[int], ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
@@ -254,7 +257,7 @@ class Trainer:
         correct, counted, accepted = torch.zeros(steps), torch.zeros(steps), []
         generator = torch.Generator().manual_seed(1234)
         budget = self.config.eval_positions
-        heldout = range(len(self.train_pairs), len(self.pairs))
+        heldout = self.heldout_idx
         for start in range(0, len(heldout), self.config.batch_size):
             indices = list(heldout[start : start + self.config.batch_size])
             ids, attention, response_start = make_batch([self.pairs[i] for i in indices], pad=0)
