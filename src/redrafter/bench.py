@@ -53,18 +53,24 @@ class ForwardCounter:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.count = 0
-        module.register_forward_hook(self._hook)
+        self.handle = module.register_forward_hook(self._hook)
 
     def _hook(self, *args) -> None:
         self.count += 1
 
+    def close(self) -> None:
+        self.handle.remove()
+
 
 def make_methods(
-    rd: ReDrafter, names: list[str], max_new_tokens: int, ablation_drafter: RecurrentDrafter | None
+    rd: ReDrafter,
+    names: list[str],
+    max_new_tokens: int,
+    ablation_drafter: RecurrentDrafter | None,
+    counter: ForwardCounter,
 ) -> dict[str, Callable[[list[int]], Run]]:
     """The benchmark's methods by name, each a function of the prompt ids."""
     target = rd.target
-    counter = ForwardCounter(rd.decoder.decoder)
     eos = sorted(rd.decoder.eos_token_ids)
 
     def ours(engine: ReDrafter) -> Callable[[list[int]], Run]:
@@ -140,9 +146,26 @@ def run_benchmark(
     """Measure ``methods`` on ``prompts``; write ``out/results.json`` and the plots; return the results."""
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speed and for identical output
-    runners = make_methods(rd, methods, max_new_tokens, ablation_drafter)
+    counter = ForwardCounter(rd.decoder.decoder)
+    try:
+        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter)
+        records = _measure(rd, prompts, methods, runners, raw, progress)
+    finally:
+        counter.close()
+    results = summarize(rd, methods, records, max_new_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    plot_speedup(results, out / "speedup.png")
+    if "redrafter" in methods:
+        plot_acceptance(records, out / "acceptance.png")
+    return results
+
+
+def _measure(
+    rd: ReDrafter, prompts: list[Prompt], methods: list[str], runners: dict, raw: bool, progress: bool
+) -> list[dict]:
+    """Warm every method up, then run them all on each prompt, in an order rotating per prompt."""
     encoded = [rd.encode(p.text, raw) for p in prompts]
-    # Warm-up: every method once on a short generation.
     for runner in runners.values():
         runner(encoded[0][:64])
     records = []
@@ -156,13 +179,7 @@ def run_benchmark(
         records.append(prompt_record(rd.target, prompt, ids, methods, runs))
         bar.set_postfix_str(f"redrafter/ar {_ratio(records, 'redrafter', 'ar'):.2f}x" if "redrafter" in runs else "")
     bar.close()
-    results = summarize(rd, methods, records, max_new_tokens)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", results)
-    plot_speedup(results, out / "speedup.png")
-    if "redrafter" in methods:
-        plot_acceptance(records, out / "acceptance.png")
-    return results
+    return records
 
 
 def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], runs: dict[str, Run]) -> dict:
