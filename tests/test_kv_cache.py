@@ -34,5 +34,5 @@ def test_select_rows_and_crop():
     cache.update(torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 1), torch.zeros(3, 1, 4, 1), 0)
     cache.select_rows(torch.tensor([2, 0]))
     assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [2.0, 0.0]
-    cache.crop_to(2)
+    cache.crop(-2)  # the transformers 5 convention: a negative count
     assert cache.length == 2 and cache.get_seq_length() == 2

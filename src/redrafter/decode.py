@@ -141,11 +141,14 @@ class SpeculativeDecoder:
         step_counts = torch.ones(batch, dtype=torch.long, device=device)
         while True:
             # Host side: what each row emits, where it stops.
-            tokens_list, counts_list = step_tokens.tolist(), step_counts.tolist()
-            lengths_list = row_length.tolist()
+            # One device-to-host copy per step: [tokens..., count, cached length] per row.
+            host = torch.cat([step_tokens, step_counts[:, None], row_length[:, None]], dim=1).tolist()
+            width = step_tokens.shape[1]
+            counts_list = [h[width] for h in host]
+            lengths_list = [h[width + 1] for h in host]
             out_tokens, finished = [], []
             for i, row in enumerate(rows):
-                tokens = tokens_list[i][: counts_list[i]]
+                tokens = host[i][: counts_list[i]]
                 eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
                 if eos_at is not None:
                     tokens = tokens[: eos_at + 1]

@@ -120,11 +120,6 @@ class TreeKVCache(Cache):
         for layer in self.layers:
             layer.keep(start, source)
 
-    def crop_to(self, length: int) -> None:
-        """Forget every entry at position ``length`` and after."""
-        for layer in self.layers:
-            layer.length = min(layer.length, length)
-
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ``[B']`` (finished rows leave the batch)."""
         for layer in self.layers:
