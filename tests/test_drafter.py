@@ -131,3 +131,32 @@ def test_bad_folders_and_mismatched_targets(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(DrafterError, match="invalid JSON"):
         RecurrentDrafter.from_pretrained(tmp_path)
+
+
+def test_tied_head_is_the_target_rows_times_a_projection_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_target("llama").to(torch.float64)
+    config = DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, draft_vocab_size=12, tied_head=True)
+    drafter = RecurrentDrafter(config).to(torch.float64)
+    assert torch.equal(drafter.lm_head[-1].weight[:, :HIDDEN], torch.eye(HIDDEN, dtype=torch.float64))
+    torch.nn.init.normal_(drafter.lm_head[-1].weight)
+    drafter.draft_vocab.copy_(torch.randperm(VOCAB)[:12])
+    drafter.attach(model.get_input_embeddings(), model.get_output_embeddings())
+    rows = model.get_output_embeddings().weight[drafter.draft_vocab]
+    h, s = torch.randn(3, HIDDEN, dtype=torch.float64), torch.randn(3, HIDDEN, dtype=torch.float64)
+    x = torch.cat([h, s], dim=-1)
+    for block in drafter.lm_head[:-1]:
+        x = x + torch.nn.functional.silu(block.linear(x))
+    assert torch.allclose(drafter.head(h, s), x @ drafter.lm_head[-1].weight.T @ rows.T)
+    assert torch.allclose(drafter.head(h, s), x @ drafter.reference_head().T)
+    drafter.save_pretrained(tmp_path)
+    assert "output_rows" not in load_file(tmp_path / "model.safetensors")  # the target's, never saved
+    loaded = RecurrentDrafter.from_pretrained(
+        tmp_path, model.get_input_embeddings(), torch.float64, output_embedding=model.get_output_embeddings()
+    )
+    assert torch.equal(loaded.output_rows, rows)  # re-gathered with the loaded draft vocabulary
+    assert torch.equal(
+        beam_search(drafter, h, torch.tensor([1, 2, 3]), 4, 4), beam_search(loaded, h, torch.tensor([1, 2, 3]), 4, 4)
+    )
+    with pytest.raises(DrafterError, match="attach"):
+        RecurrentDrafter.from_pretrained(tmp_path).head(h.float(), s.float())

@@ -60,10 +60,12 @@ def test_greedy_parity_across_families(family, beams, draft_len):
         assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} W={beams} L={draft_len} prompt {seed}"
 
 
-def test_parity_with_small_draft_vocabulary(family):
+@pytest.mark.parametrize("tied_head", [False, True])
+def test_parity_with_small_draft_vocabulary(family, tied_head):
     model = tiny_target(family, seed=1)
-    drafter = random_drafter(model, seed=3, draft_vocab_size=10, exit_dim=24, num_draft_layers=1)
+    drafter = random_drafter(model, seed=3, draft_vocab_size=10, exit_dim=24, num_draft_layers=1, tied_head=tied_head)
     drafter.draft_vocab.copy_(torch.randperm(VOCAB)[:10])
+    drafter.attach(model.get_input_embeddings(), model.get_output_embeddings())
     decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 12, 3), eos_token_ids=[])  # W > K too
     prompt = random_prompt(9, 5)
     assert speculative(decoder, [prompt], 30)[0][0] == hf_greedy(model, prompt, 30)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_target, word_tokenizer
+from safetensors.torch import load_file
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.distill import DistillConfig, distill
@@ -147,6 +148,16 @@ def test_cli_train_writes_a_usable_drafter_folder(setup, tmp_path, capsys):
     assert len(report["heldout"]["accuracy"]) == 4
     assert (tmp_path / "d" / "metrics.png").is_file()
     assert RecurrentDrafter.from_pretrained(tmp_path / "d").config.draft_vocab_size == 30
+    # A shippable variant: tied head, saved in bfloat16, usable by the API.
+    shipped = [*args[:6], str(tmp_path / "d2"), *args[7:], "--tied-head", "--save-dtype", "bfloat16"]
+    assert main(shipped) == 0
+    tensors = load_file(tmp_path / "d2" / "model.safetensors")
+    assert {v.dtype for v in tensors.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert tensors["lm_head.2.weight"].shape == (model.config.hidden_size, 2 * model.config.hidden_size)
+    from redrafter.api import ReDrafter
+
+    rd = ReDrafter.from_pretrained(str(tmp_path / "model"), drafter=str(tmp_path / "d2"), dtype="float64")
+    assert rd.drafter.config.tied_head and rd.generate("a b c", max_new_tokens=5).new_tokens == 5
     capsys.readouterr()
     assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # already finished: nothing more to do
@@ -183,3 +194,27 @@ def test_hidden_state_cache_trains_the_same_and_resumes(setup, tmp_path, monkeyp
         assert torch.allclose(cached.states.batch([index])[0], expected, atol=1e-5)
     for (name, a), (_, b) in zip(plain.state_dict().items(), cached.train().state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_hidden_state_cache_grows_with_the_corpus(setup, tmp_path):
+    import redrafter.hidden_cache as module
+
+    model, pairs = setup
+    module.HiddenStates(tmp_path / "cache", pairs[:20], model, batch_size=8, progress=False)
+    calls = []
+    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    grown = module.HiddenStates(tmp_path / "cache", pairs, model, batch_size=8, progress=False)
+    handle.remove()
+    assert len(calls) == -(-(len(pairs) - 20) // 8)  # only the new conversations were run
+    for index in [0, 19, 20, len(pairs) - 1]:
+        prompt, response = pairs[index]
+        with torch.no_grad():
+            expected = model.model(input_ids=torch.tensor([prompt + response])).last_hidden_state[0]
+        assert torch.allclose(grown.batch([index])[0], expected, atol=1e-5)
+    # A changed conversation inside the built part starts the cache over.
+    changed = [(pairs[0][0], [1] + pairs[0][1][1:]), *pairs[1:]]
+    calls.clear()
+    handle = model.model.register_forward_hook(lambda *args: calls.append(1))
+    module.HiddenStates(tmp_path / "cache", changed, model, batch_size=8, progress=False)
+    handle.remove()
+    assert len(calls) == -(-len(pairs) // 8)

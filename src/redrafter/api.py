@@ -94,7 +94,9 @@ class ReDrafter:
         proposer: Proposer = no_draft
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
-            drafter.attach(target.get_input_embeddings()).to(device=target.device, dtype=target.dtype).eval()
+            drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
+                device=target.device, dtype=target.dtype
+            ).eval()
             proposer = DrafterProposer(drafter, num_beams, draft_len)
         eos = target.generation_config.eos_token_id
         if eos is None:

@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--exit-dim", type=int, default=None, help="residual width (default 2 x hidden size)")
     tr.add_argument("--layers", type=int, default=2, help="residual blocks N (default %(default)s)")
     tr.add_argument("--no-rnn", action="store_true", help="ablation: independent heads, no recurrence")
+    tr.add_argument(
+        "--tied-head",
+        action="store_true",
+        help="head = projection to the target's hidden size x the target's output embedding rows (fewer parameters)",
+    )
     tr.add_argument("--kd-weight", type=float, default=0.0, help="weight of the soft term against the target")
     tr.add_argument("--kd-temperature", type=float, default=1.0)
     tr.add_argument("--eval-every", type=_positive, default=200)
@@ -155,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-cache",
         help="folder to keep the target's hidden states in (computed once, "
         "resumable; ~1.2 kB a token in bfloat16 for the default model)",
+    )
+    tr.add_argument(
+        "--save-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the final model.safetensors (bfloat16 halves a shipped drafter; checkpoints stay float32)",
     )
     tr.add_argument("--no-autocast", action="store_true", help="train the drafter in float32 without bfloat16 autocast")
     tr.set_defaults(run=run_train)
@@ -270,6 +281,7 @@ def run_distill(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import time
 
+    from .api import DTYPES
     from .models import load_target
     from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics
 
@@ -289,6 +301,7 @@ def run_train(args: argparse.Namespace) -> int:
         exit_dim=args.exit_dim,
         num_draft_layers=args.layers,
         rnn=not args.no_rnn,
+        tied_head=args.tied_head,
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
         eval_every=args.eval_every,
@@ -310,6 +323,10 @@ def run_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     drafter = trainer.train()
     final = trainer.evaluate()
+    if args.save_dtype != "float32":
+        copy = type(drafter)(drafter.config)
+        copy.load_state_dict(drafter.state_dict())
+        copy.to(DTYPES[args.save_dtype]).save_pretrained(out)
     plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     report = {
         "conversations": {"train": len(train), "heldout": len(heldout)},

@@ -24,7 +24,7 @@ from .models import decoder_of
 
 
 def signature(pairs: list, target) -> str:
-    """Changes when any token, the model or its dtype changes."""
+    """Of ``pairs`` and the model: changes when any token, the model or its dtype changes."""
     digest = hashlib.sha256(f"{target.config._name_or_path}|{target.dtype}|{target.config.hidden_size}".encode())
     for prompt, response in pairs:
         digest.update(np.asarray(prompt + response + [-1], dtype=np.int64).tobytes())
@@ -49,15 +49,18 @@ class HiddenStates:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.folder.mkdir(parents=True, exist_ok=True)
         meta_path = self.folder / "meta.json"
-        sig = signature(pairs, target)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if meta.get("signature") != sig:
-            meta = {"signature": sig, "conversations": len(pairs), "tokens": int(self.offsets[-1]), "done": 0}
-            np.memmap(self.folder / "states.bin", dtype=np.uint8, mode="w+", shape=(max(1, meta["tokens"]), self.width))
-            write_json(meta_path, meta)
-        self.states = np.memmap(
-            self.folder / "states.bin", dtype=np.uint8, mode="r+", shape=(max(1, meta["tokens"]), self.width)
-        )
+        done = meta.get("done", 0)
+        tokens = max(1, int(self.offsets[-1]))
+        path = self.folder / "states.bin"
+        if done > len(pairs) or meta.get("signature") != signature(pairs[:done], target) or not path.is_file():
+            done = 0  # another corpus or model: start over
+            path.unlink(missing_ok=True)
+        with open(path, "ab") as handle:  # create, or grow to the current corpus (keeps the built part)
+            handle.truncate(tokens * self.width)
+        meta = {"signature": signature(pairs[:done], target), "conversations": len(pairs), "done": done}
+        write_json(meta_path, meta)
+        self.states = np.memmap(path, dtype=np.uint8, mode="r+", shape=(tokens, self.width))
         self._build(meta, batch_size, progress)
 
     @torch.no_grad()
@@ -83,6 +86,7 @@ class HiddenStates:
                 self.states[self.offsets[index] : self.offsets[index + 1]] = raw
             self.states.flush()
             meta["done"] = start + len(chunk)
+            meta["signature"] = signature(self.pairs[: meta["done"]], self.target)
             write_json(self.folder / "meta.json", meta)
             bar.update(len(chunk))
         bar.close()

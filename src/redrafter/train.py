@@ -53,6 +53,7 @@ class TrainConfig:
     exit_dim: int | None = None
     num_draft_layers: int = 2
     rnn: bool = True
+    tied_head: bool = False
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     eval_every: int = 200
@@ -148,11 +149,12 @@ class Trainer:
                     exit_dim=config.exit_dim,
                     num_draft_layers=config.num_draft_layers,
                     rnn=config.rnn,
+                    tied_head=config.tied_head,
                     draft_vocab_size=len(draft_vocab),
                 )
             )
             drafter.draft_vocab.copy_(draft_vocab)
-        drafter = drafter.float().attach(target.get_input_embeddings())
+        drafter = drafter.float().attach(target.get_input_embeddings(), target.get_output_embeddings())
         # Target ids -> draft ids (-1 outside the draft vocabulary).
         self.to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
         self.to_draft[drafter.draft_vocab] = torch.arange(len(drafter.draft_vocab))
