@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup demo test lint corpus
+.PHONY: setup demo test lint corpus drafter
 
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -20,12 +20,22 @@ lint:
 	ruff check src tests
 	ruff format --check src tests
 
-# The self-distilled corpus for the default model (committed under data/corpus/): two generators
-# of one thread each use the two cores better than one of two threads. Resumable: run it again.
-PROMPTS_PER_RUN ?= 20000
+# The self-distilled corpus for the default model (committed under data/corpus/): generators of one
+# thread each use the two cores better than one of two threads. Shard i of a folder is generated
+# from its own seed, so this reproduces the committed shards; already present shards are skipped.
+CORPUS = data/corpus/smollm2-135m-instruct
+DISTILL = OMP_NUM_THREADS=1 redrafter distill --shard-size 256 --batch-size 32 --max-new-tokens 256
 corpus:
-	OMP_NUM_THREADS=1 redrafter distill --out data/corpus/smollm2-135m-instruct --num-prompts $(PROMPTS_PER_RUN) \
-		--shard-size 256 --batch-size 32 --max-new-tokens 256 & \
-	OMP_NUM_THREADS=1 redrafter distill --out data/corpus/smollm2-135m-instruct-seed1 --seed 1 \
-		--num-prompts $(PROMPTS_PER_RUN) --shard-size 256 --batch-size 32 --max-new-tokens 256 & \
+	$(DISTILL) --out $(CORPUS) --num-prompts 1792 & \
+	$(DISTILL) --out $(CORPUS)-seed1 --seed 1 --num-prompts 1792 & \
 	wait
+	$(DISTILL) --out $(CORPUS)-seed2 --seed 2 --num-prompts $(SEED2_PROMPTS)
+
+# The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
+DRAFTER_RUN ?= build/drafter-smollm2-135m-instruct
+SHIPPED = src/redrafter/drafters/smollm2-135m-instruct
+drafter: corpus
+	OMP_NUM_THREADS=2 redrafter train --data $(CORPUS) $(CORPUS)-seed1 $(CORPUS)-seed2 --out $(DRAFTER_RUN) --resume \
+		--hidden-cache build/hidden-states $(TRAIN_ARGS) --save-dtype bfloat16
+	mkdir -p $(SHIPPED)
+	cp $(DRAFTER_RUN)/config.json $(DRAFTER_RUN)/model.safetensors $(SHIPPED)/

@@ -120,14 +120,21 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
             "2,3",
             "--batch-size",
             "1,2",
+            "--profile",
         ),
     )
-    assert code == 0 and "sweep: best" in stdout
+    assert code == 0 and "sweep: best" in stdout and "profile redrafter:" in stdout
     sweep = json.loads((out / "sweep.json").read_text())
     assert len(sweep["shapes"]) == 4 and {s["tree_size"] for s in sweep["shapes"]} == {2, 3, 5}
     batch = json.loads((out / "batch.json").read_text())
     assert set(batch["methods"]) == {"ar", "redrafter"} and set(batch["methods"]["ar"]) == {"1", "2"}
     assert (out / "sweep.png").is_file() and (out / "batch.png").is_file()
+    profile = json.loads((out / "profile.json").read_text())["methods"]
+    for row in profile.values():  # the stages and the rest add up to the whole step
+        assert row["steps"] > 0 and {"draft: beam search", "target: forward", "cache: keep path"} <= set(
+            row["stages_ms_per_step"]
+        )
+        assert sum(row["stages_ms_per_step"].values()) == pytest.approx(row["ms_per_step"], abs=0.01)
 
 
 @pytest.mark.parametrize(

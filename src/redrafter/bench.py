@@ -19,6 +19,7 @@ import transformers
 from tqdm import tqdm
 
 from .api import ReDrafter
+from .decode import StageClock
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
@@ -432,6 +433,38 @@ def run_batch_sweep(
     figure.tight_layout()
     atomic_write(out / "batch.png", lambda p: figure.savefig(p, format="png", dpi=100))
     plt.close(figure)
+    return table
+
+
+def run_profile(rd: ReDrafter, encoded: list[list[int]], max_new_tokens: int, out: Path) -> dict:
+    """Where a decode step's time goes: milliseconds per step and stage, ``redrafter`` and ``ar``.
+
+    The device is synchronised around every stage (see :class:`redrafter.decode.StageClock`);
+    ``prefill and other`` is the rest of the wall-clock time (prompt prefill, API overhead).
+    Writes ``profile.json``.
+    """
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    if rd.drafter is not None:
+        engines["redrafter"] = rd
+    table = {}
+    for name, engine in engines.items():
+        engine.generate_ids([encoded[0][:64]], 8)  # warm-up
+        clock = engine.decoder.clock = StageClock()
+        start = time.perf_counter()
+        new_tokens = sum(engine.generate_ids([ids], max_new_tokens)[0].new_tokens for ids in encoded)
+        total = time.perf_counter() - start
+        engine.decoder.clock = None
+        steps = max(1, clock.steps)
+        stages = {k: round(1000 * v / steps, 3) for k, v in clock.seconds.items()}
+        stages["prefill and other"] = round(1000 * total / steps - sum(stages.values()), 3)
+        table[name] = {
+            "steps": clock.steps,
+            "new_tokens": new_tokens,
+            "ms_per_step": round(1000 * total / steps, 3),
+            "stages_ms_per_step": stages,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "profile.json", {"prompts": len(encoded), "max_new_tokens": max_new_tokens, "methods": table})
     return table
 
 

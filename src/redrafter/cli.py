@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--sweep-beams", type=_int_list, default=[1, 2, 4, 6, 8])
     be.add_argument("--sweep-draft-lens", type=_int_list, default=[3, 4, 5, 6])
     be.add_argument("--batch-size", type=_int_list, help="also measure tokens/s at these batch sizes, e.g. 1,4,8")
+    be.add_argument(
+        "--profile", action="store_true", help="also time each stage of a decode step (redrafter and ar): profile.json"
+    )
     _add_model_options(be)
     be.set_defaults(run=run_bench)
     return parser
@@ -345,7 +348,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .api import ReDrafter, resolve_drafter
-    from .bench import default_prompt_file, format_table, run_batch_sweep, run_benchmark, run_sweep
+    from .bench import default_prompt_file, format_table, run_batch_sweep, run_benchmark, run_profile, run_sweep
 
     prompts = read_prompts(args.prompts or default_prompt_file())[: args.limit]
     out = Path(args.out)
@@ -375,6 +378,10 @@ def run_bench(args: argparse.Namespace) -> int:
         table = run_batch_sweep(rd, encoded, args.batch_size, args.max_new_tokens, out)
         for name, rows in table.items():
             print(f"{name:<10}" + "  ".join(f"B={b}: {r['tokens_per_second']:.1f} tok/s" for b, r in rows.items()))
+    if args.profile:
+        for name, row in run_profile(rd, encoded, args.max_new_tokens, out).items():
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages_ms_per_step"].items())
+            print(f"profile {name}: {row['ms_per_step']:.1f} ms/step = {stages}")
     print(f"results: {out / 'results.json'}", file=sys.stderr)
     return 0
 

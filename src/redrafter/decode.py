@@ -19,7 +19,10 @@ budget) leaves the batch at once.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,6 +75,28 @@ class StepOutput:
     finished: list[bool]
 
 
+class StageClock:
+    """Wall-clock seconds of each stage of the decode loop, summed over steps (a profiler).
+
+    Attach one to a :class:`SpeculativeDecoder` (``decoder.clock = StageClock()``); it synchronises
+    the device around every stage, so attach it only to measure.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds[name] += time.perf_counter() - start
+
+
 class SpeculativeDecoder:
     """Speculative decoding of any Hugging Face causal LM that accepts tree masks.
 
@@ -87,6 +112,10 @@ class SpeculativeDecoder:
         self.proposer = proposer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_positions = context_limit(target.config)
+        self.clock: StageClock | None = None
+
+    def _stage(self, name: str) -> AbstractContextManager:
+        return nullcontext() if self.clock is None else self.clock.stage(name, self.target.device)
 
     def _forward(
         self, cache: TreeKVCache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
@@ -142,25 +171,26 @@ class SpeculativeDecoder:
         while True:
             # Host side: what each row emits, where it stops.
             # One device-to-host copy per step: [tokens..., count, cached length] per row.
-            host = torch.cat([step_tokens, step_counts[:, None], row_length[:, None]], dim=1).tolist()
-            width = step_tokens.shape[1]
-            counts_list = [h[width] for h in host]
-            lengths_list = [h[width + 1] for h in host]
-            out_tokens, finished = [], []
-            for i, row in enumerate(rows):
-                tokens = host[i][: counts_list[i]]
-                eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
-                if eos_at is not None:
-                    tokens = tokens[: eos_at + 1]
-                tokens = tokens[: max_new_tokens - emitted[row]]
-                emitted[row] += len(tokens)
-                done = (
-                    eos_at is not None
-                    or emitted[row] >= max_new_tokens
-                    or lengths_list[i] + counts_list[i] + self._tree_depth() >= self.max_positions
-                )
-                out_tokens.append(tokens)
-                finished.append(done)
+            with self._stage("host: emit, stop"):
+                host = torch.cat([step_tokens, step_counts[:, None], row_length[:, None]], dim=1).tolist()
+                width = step_tokens.shape[1]
+                counts_list = [h[width] for h in host]
+                lengths_list = [h[width + 1] for h in host]
+                out_tokens, finished = [], []
+                for i, row in enumerate(rows):
+                    tokens = host[i][: counts_list[i]]
+                    eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
+                    if eos_at is not None:
+                        tokens = tokens[: eos_at + 1]
+                    tokens = tokens[: max_new_tokens - emitted[row]]
+                    emitted[row] += len(tokens)
+                    done = (
+                        eos_at is not None
+                        or emitted[row] >= max_new_tokens
+                        or lengths_list[i] + counts_list[i] + self._tree_depth() >= self.max_positions
+                    )
+                    out_tokens.append(tokens)
+                    finished.append(done)
             yield StepOutput(rows=list(rows), tokens=out_tokens, finished=finished)
             keep = [i for i, done in enumerate(finished) if not done]
             if not keep:
@@ -176,26 +206,34 @@ class SpeculativeDecoder:
                 )
                 rows = [rows[i] for i in keep]
 
+            if self.clock is not None:
+                self.clock.steps += 1
             # 1-2. Draft and pack the tree.
-            beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
-            tree = build_tree(beams)
+            with self._stage("draft: beam search"):
+                beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
+            with self._stage("tree: pack, mask"):
+                tree = build_tree(beams)
+                tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
             # 3. Verify the whole tree in one forward.
             start = cache.length
-            tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
-            tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
-            target_choice = choose(tree_hidden)  # [B, N]
+            with self._stage("target: forward"):
+                tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
+            with self._stage("target: head, argmax"):
+                target_choice = choose(tree_hidden)  # [B, N]
             # 4. Accept.
-            verdict = verify(beams, tree.node_index, target_choice)
+            with self._stage("verify"):
+                verdict = verify(beams, tree.node_index, target_choice)
             # 5. Keep the accepted path's cache entries; mask each row's surplus.
-            kept = int(verdict.num_tokens.max())
-            cache.keep(start, verdict.path[:, :kept])
-            steps = torch.arange(kept, device=device)[None, :]
-            context_valid = torch.cat([context_valid, steps < verdict.num_tokens[:, None]], dim=1)
-            last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
-            hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
-            row_length = row_length + verdict.num_tokens
-            step_tokens, step_counts = verdict.tokens, verdict.num_tokens
-            last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
+            with self._stage("cache: keep path"):
+                kept = int(verdict.num_tokens.max())
+                cache.keep(start, verdict.path[:, :kept])
+                steps = torch.arange(kept, device=device)[None, :]
+                context_valid = torch.cat([context_valid, steps < verdict.num_tokens[:, None]], dim=1)
+                last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
+                hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
+                row_length = row_length + verdict.num_tokens
+                step_tokens, step_counts = verdict.tokens, verdict.num_tokens
+                last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
 
     def _tree_depth(self) -> int:
         return getattr(self.proposer, "draft_len", 1)
