@@ -29,9 +29,13 @@ corpus:
 	$(DISTILL) --out $(CORPUS) --num-prompts 1792 & \
 	$(DISTILL) --out $(CORPUS)-seed1 --seed 1 --num-prompts 1792 & \
 	wait
-	$(DISTILL) --out $(CORPUS)-seed2 --seed 2 --num-prompts $(SEED2_PROMPTS)
+	$(DISTILL) --out $(CORPUS)-seed2 --seed 2 --num-prompts 1536
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
+# Many small batches beat few large ones here (measured: same positions seen, held-out accuracy
+# 0.43 with batches of 8 conversations against 0.39 with 32).
+TRAIN_ARGS ?= --tied-head --steps 7000 --batch-size 8 --position-fraction 0.25 --warmup 200 \
+	--eval-every 1000 --checkpoint-every 500 --heldout-every 25
 DRAFTER_RUN ?= build/drafter-smollm2-135m-instruct
 SHIPPED = src/redrafter/drafters/smollm2-135m-instruct
 drafter: corpus

@@ -73,3 +73,31 @@ def test_default_model_matches_hf_greedy_or_differs_on_a_near_tie(engines, index
         gap = top2_gap(ar.target, ids + expected[:first])
         print(f"prompt {index}: {name} differs from {reference} at token {first}; target top-2 gap there {gap:.4f}")
         assert gap <= NEAR_TIE, f"{name} differs at token {first} where the target is not near a tie (gap {gap})"
+
+
+@pytest.fixture(scope="module")
+def shipped(engines):
+    ar, _ = engines
+    rd = ReDrafter.from_pretrained("default", drafter="default", dtype="bfloat16")
+    assert rd.drafter is not None, "no drafter is shipped for the default model"
+    return ar, rd
+
+
+def test_shipped_drafter_is_lossless_up_to_near_ties_and_accepts_drafts(shipped):
+    """The drafter shipped in the package: used by default, same output as ar (or a near-tie), and
+    it really drafts (a random drafter gets 1.0 tokens per step on these prompts, measured)."""
+    ar, rd = shipped
+    lines = PROMPTS.read_text().splitlines()
+    emitted = steps = 0
+    for index in range(4):
+        ids = ar.encode(json.loads(lines[index * 4 + 1])["prompt"])
+        expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
+        result = rd.generate_ids([ids], NEW_TOKENS)[0]
+        emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1  # the prefill excluded
+        if result.token_ids != expected:
+            first = next(i for i, (a, b) in enumerate(zip(result.token_ids, expected, strict=False)) if a != b)
+            gap = top2_gap(ar.target, ids + expected[:first])
+            print(f"prompt {index}: shipped drafter differs from ar at token {first}; top-2 gap {gap:.4f}")
+            assert gap <= NEAR_TIE
+    print(f"shipped drafter: {emitted / steps:.2f} tokens per step on 4 prompts x {NEW_TOKENS} tokens")
+    assert emitted / steps > 1.5

@@ -10,9 +10,9 @@ from conftest import tiny_target, word_tokenizer
 from safetensors.torch import load_file
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
-from redrafter.distill import DistillConfig, distill
+from redrafter.distill import DistillConfig, distill, make_batch
 from redrafter.drafter import RecurrentDrafter
-from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, plot_metrics
+from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, draft_targets, plot_metrics
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,17 @@ def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
     trained = engine_tokens_per_step(model, DrafterProposer(loaded, 4, 5), heldout)
     repeating = engine_tokens_per_step(model, repeat_last, heldout)
     assert trained > repeating + 0.4, (trained, repeating)
+    # The walked estimate is the loop itself: same steps, step by step, along each held-out answer.
+    decoder = SpeculativeDecoder(model, DrafterProposer(loaded, 4, 5), eos_token_ids=[1])
+    for index in trainer.heldout_idx[:6]:
+        prompt, response = pairs[index]
+        loop = [len(step.tokens[0]) for step in decoder.decode([prompt], len(response) + 10)][1:]  # after the prefill
+        ids, attention, start = make_batch([pairs[index]], pad=0)
+        inputs, labels, valid = draft_targets(ids, attention, start, 4)
+        hidden = trainer.target_states([index], ids, attention)
+        walk = trainer._walk(loaded, hidden, inputs, labels, valid.all(dim=2), start, attention.sum(1))
+        assert walk and walk == loop[: len(walk)], (walk, loop)
+    assert after["tokens_per_step_walk"] <= after["tokens_per_step"] + 0.2
     # Metrics were logged and plotted.
     assert (tmp_path / "metrics.jsonl").read_text().count('"eval"') == 1
     plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
