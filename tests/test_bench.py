@@ -125,7 +125,8 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
     )
     assert code == 0 and "sweep: best" in stdout and "profile redrafter:" in stdout
     sweep = json.loads((out / "sweep.json").read_text())
-    assert len(sweep["shapes"]) == 4 and {s["tree_size"] for s in sweep["shapes"]} == {2, 3, 5}
+    lookup_nodes = sweep["lookup_len"] - 1  # the context-lookup beam's tokens after the root
+    assert len(sweep["shapes"]) == 4 and {s["tree_size"] - lookup_nodes for s in sweep["shapes"]} == {2, 3, 5}
     batch = json.loads((out / "batch.json").read_text())
     assert set(batch["methods"]) == {"ar", "redrafter"} and set(batch["methods"]["ar"]) == {"1", "2"}
     assert (out / "sweep.png").is_file() and (out / "batch.png").is_file()

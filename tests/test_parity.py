@@ -60,6 +60,20 @@ def test_greedy_parity_across_families(family, beams, draft_len):
         assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} W={beams} L={draft_len} prompt {seed}"
 
 
+@pytest.mark.parametrize("lookup_len", [2, 4, 9])
+def test_context_lookup_beam_keeps_parity(family, lookup_len):
+    model = tiny_target(family, seed=9)
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=9), 3, 4), [], lookup_len)
+    longest = 0
+    for seed, (length, max_new) in enumerate([(1, 40), (9, 33), (24, 7), (30, 1)]):
+        prompt = random_prompt(length // 3 + 1, seed) * 3  # repeated text: the lookup finds matches
+        ids, per_step = speculative(decoder, [prompt], max_new)
+        assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} lookup {lookup_len} prompt {seed}"
+        longest = max(longest, *per_step)
+    if lookup_len > 4:  # some step accepted more than the drafter's own beams could give
+        assert longest > 4
+
+
 @pytest.mark.parametrize("tied_head", [False, True])
 def test_parity_with_small_draft_vocabulary(family, tied_head):
     model = tiny_target(family, seed=1)
@@ -141,12 +155,13 @@ def test_eos_stops_and_nothing_after_it_is_emitted(family):
     expected = hf_greedy(model, prompt, 30, eos=eos)
     assert expected[-1] == eos and len(expected) <= 13
     continuation = free + [0] * 8
-    for proposer in [
-        no_draft,
-        DrafterProposer(random_drafter(model, 0), 4, 5),
-        oracle_proposer(continuation, len(prompt), 2, 6),
+    for proposer, lookup_len in [
+        (no_draft, 0),
+        (DrafterProposer(random_drafter(model, 0), 4, 5), 0),
+        (DrafterProposer(random_drafter(model, 0), 4, 3), 8),
+        (oracle_proposer(continuation, len(prompt), 2, 6), 0),
     ]:
-        decoder = SpeculativeDecoder(model, proposer, eos_token_ids=[eos])
+        decoder = SpeculativeDecoder(model, proposer, [eos], lookup_len)
         ids, _ = speculative(decoder, [prompt], 30)
         assert ids[0] == expected
 
@@ -169,11 +184,12 @@ def test_autoregressive_loop_is_one_token_per_step():
     assert per_step == [1] * 12
 
 
+@pytest.mark.parametrize("lookup_len", [0, 7])
 @pytest.mark.parametrize("family_name", ["llama", "gemma3"])
-def test_batch_of_mixed_lengths_equals_batch_of_one(family_name):
+def test_batch_of_mixed_lengths_equals_batch_of_one(family_name, lookup_len):
     model = tiny_target(family_name, seed=6)
     drafter = random_drafter(model, seed=6)
-    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), eos_token_ids=[])
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), [], lookup_len)
     prompts = [random_prompt(n, n) for n in (3, 11, 6, 1)]
     batched, _ = speculative(decoder, prompts, 25)
     for prompt, ids in zip(prompts, batched, strict=True):

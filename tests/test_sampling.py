@@ -69,11 +69,11 @@ def exact_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], f
     return dist
 
 
-def sampled_counts(model, params: SamplingParams) -> dict[tuple[int, ...], int]:
+def sampled_counts(model, params: SamplingParams, lookup_len: int = 0) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
     drafter = RecurrentDrafter(DrafterConfig(hidden_size=16, vocab_size=VOCAB)).to(torch.float64)
     drafter.attach(model.get_input_embeddings())
-    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 3), eos_token_ids=[])
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 3), [], lookup_len)
     rows: list[list[int]] = [[] for _ in range(ROWS)]
     accepted_drafts = 0
     for step in decoder.decode([PROMPT] * ROWS, NEW, params):
@@ -115,11 +115,12 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("lookup_len", [0, 4], ids=["drafter", "drafter+lookup"])
 @pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.6", "t1.5-topk3", "topp0.7"])
-def test_speculative_sampling_matches_the_target_distribution(target, params):
+def test_speculative_sampling_matches_the_target_distribution(target, params, lookup_len):
     exact = exact_distribution(target, params)
     assert abs(sum(exact.values()) - 1) < 1e-9
-    pvalue = chi_square_pvalue(exact, sampled_counts(target, params))
+    pvalue = chi_square_pvalue(exact, sampled_counts(target, params, lookup_len))
     assert pvalue > 1e-3, f"speculative samples do not follow the target's distribution (p={pvalue:.2e})"
 
 

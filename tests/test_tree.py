@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redrafter.tree import build_tree, tree_attention_mask
+from redrafter.tree import PAD, build_tree, tree_attention_mask
 
 
 def reference_tree(beams: torch.Tensor):
@@ -91,3 +91,39 @@ def test_mask_combines_context_and_tree():
     assert not allowed[:, 0].any() and allowed[:, 1:3].all()
     assert torch.equal(allowed[:, 3:], tree.ancestors[0])
     assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
+
+
+def reference_padded_tree(beams: torch.Tensor):
+    """The reference of :func:`reference_tree` over each beam's real tokens only."""
+    batch, width, length = beams.shape
+    rows = []
+    for b in range(batch):
+        slot_of: dict[tuple[int, ...], int] = {}
+        for w in range(width):
+            real = [t for t in beams[b, w].tolist() if t != PAD]
+            for j in range(len(real)):
+                slot_of.setdefault(tuple(real[: j + 1]), len(slot_of))
+        rows.append(slot_of)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_padded_beams_take_no_slots(seed):
+    generator = torch.Generator().manual_seed(seed)
+    beams = random_beams(2, 5, 6, vocab=3, seed=seed)
+    real_len = torch.randint(1, 7, (2, 5), generator=generator)
+    beams[torch.arange(6)[None, None, :] >= real_len[:, :, None]] = PAD
+    tree = build_tree(beams)
+    reference = reference_padded_tree(beams)
+    assert tree.num_nodes.tolist() == [len(r) for r in reference]
+    for b, slot_of in enumerate(reference):
+        for w in range(5):
+            real = [t for t in beams[b, w].tolist() if t != PAD]
+            for j in range(6):  # a padded token points at its beam's last real slot
+                assert tree.node_index[b, w, j] == slot_of[tuple(real[: min(j, len(real) - 1) + 1])]
+        expected = torch.eye(tree.tokens.shape[1], dtype=torch.bool)
+        for prefix, slot in slot_of.items():
+            assert tree.tokens[b, slot] == prefix[-1]
+            for k in range(1, len(prefix) + 1):
+                expected[slot, slot_of[prefix[:k]]] = True
+        assert torch.equal(tree.ancestors[b], expected)

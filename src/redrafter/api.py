@@ -20,6 +20,7 @@ from .sampling import SamplingParams
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 DEFAULT_NUM_BEAMS = 8
 DEFAULT_DRAFT_LEN = 4
+DEFAULT_LOOKUP_LEN = 8
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -75,6 +76,8 @@ class ReDrafter:
         drafter: a drafter fitted to ``target``, or None for autoregressive decoding.
         num_beams: ``W``, beams drafted per step.
         draft_len: ``L``, tokens per beam (the root included), so at most ``L`` tokens per step.
+        lookup_len: tokens of a context-lookup beam (copied from the prompt and output so far) added to
+            the drafter's beams, its root included; 0 for none.
     """
 
     def __init__(
@@ -84,13 +87,16 @@ class ReDrafter:
         drafter: RecurrentDrafter | None = None,
         num_beams: int = DEFAULT_NUM_BEAMS,
         draft_len: int = DEFAULT_DRAFT_LEN,
+        lookup_len: int = DEFAULT_LOOKUP_LEN,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
         if draft_len < 1:
             raise RedrafterError(f"--draft-len must be at least 1, got {draft_len}")
+        if lookup_len < 0:
+            raise RedrafterError(f"--lookup-len must be 0 or more, got {lookup_len}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
-        self.num_beams, self.draft_len = num_beams, draft_len
+        self.num_beams, self.draft_len, self.lookup_len = num_beams, draft_len, lookup_len
         proposer: Proposer = no_draft
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
@@ -102,7 +108,7 @@ class ReDrafter:
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids)
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, lookup_len if drafter is not None else 0)
 
     @classmethod
     def from_pretrained(
@@ -113,6 +119,7 @@ class ReDrafter:
         device: str | torch.device = "cpu",
         num_beams: int = DEFAULT_NUM_BEAMS,
         draft_len: int = DEFAULT_DRAFT_LEN,
+        lookup_len: int = DEFAULT_LOOKUP_LEN,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -124,7 +131,7 @@ class ReDrafter:
                 raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len)
+        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
@@ -139,7 +146,7 @@ class ReDrafter:
         else:
             ids = self.tokenizer(prompt)["input_ids"]
         limit = context_limit(self.target.config)
-        if len(ids) + self.draft_len >= limit:
+        if len(ids) + max(self.draft_len, self.lookup_len) >= limit:
             raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids
 

@@ -106,8 +106,11 @@ def make_methods(
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
-        "redrafter-w1": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len)),
-        "redrafter-nornn": lambda: ours(ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len)),
+        "redrafter-w1": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len)),
+        "redrafter-nolookup": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, 0)),
+        "redrafter-nornn": lambda: ours(
+            ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len, rd.lookup_len)
+        ),
     }
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -240,6 +243,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "beams": rd.num_beams,
             "draft_len": rd.draft_len,
+            "lookup_len": rd.lookup_len,
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -299,7 +303,8 @@ def plot_speedup(results: dict, path: Path) -> None:
     axis.set_ylabel("tokens/s relative to ar")
     c = results["config"]
     axis.set_title(
-        f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']})"
+        f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']}, "
+        f"lookup {c['lookup_len']})"
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -355,7 +360,7 @@ def run_sweep(
     engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
     for w in beams:
         for length in draft_lens:
-            engines[f"W{w}-L{length}"] = ReDrafter(rd.target, rd.tokenizer, rd.drafter, w, length)
+            engines[f"W{w}-L{length}"] = ReDrafter(rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len)
     for engine in engines.values():
         engine.generate_ids([encoded[0][:64]], 8)  # warm-up
     rows = {name: {"tokens": 0, "seconds": 0.0, "steps": 0} for name in engines}
@@ -379,14 +384,20 @@ def run_sweep(
             {
                 "beams": w,
                 "draft_len": length,
-                "tree_size": 1 + w * (length - 1),
+                "tree_size": 1 + w * (length - 1) + max(0, rd.lookup_len - 1),
                 "tokens_per_second": round(tps, 3),
                 "tokens_per_step": round(row["tokens"] / row["steps"], 4),
                 "speedup": round(tps / ar_tps, 4),
             }
         )
     best = max(shapes, key=lambda s: s["tokens_per_second"])
-    sweep = {"ar_tokens_per_second": round(ar_tps, 3), "shapes": shapes, "best": best, "prompts": len(encoded)}
+    sweep = {
+        "ar_tokens_per_second": round(ar_tps, 3),
+        "lookup_len": rd.lookup_len,
+        "shapes": shapes,
+        "best": best,
+        "prompts": len(encoded),
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", sweep)
     plt = _plt()
@@ -398,7 +409,7 @@ def run_sweep(
             axis.annotate(f"L={length}", (size, tps), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axis.axhline(ar_tps, color="grey", linestyle="--", label="ar")
     axis.set(
-        xlabel="tree size 1 + W(L-1) (tokens verified per step, at most)",
+        xlabel=f"tree size 1 + W(L-1) + {max(0, rd.lookup_len - 1)} lookup (tokens verified per step, at most)",
         ylabel="tokens/s",
         title="tokens/s against tree shape",
     )

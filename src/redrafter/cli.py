@@ -14,14 +14,22 @@ from .files import write_json, write_jsonl
 from .prompts import read_prompts
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def _int_list(text: str) -> list[int]:
@@ -35,7 +43,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .api import DEFAULT_DRAFT_LEN, DEFAULT_NUM_BEAMS, DTYPES
+    from .api import DEFAULT_DRAFT_LEN, DEFAULT_LOOKUP_LEN, DEFAULT_NUM_BEAMS, DTYPES
 
     parser.add_argument(
         "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
@@ -51,6 +59,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         default=DEFAULT_DRAFT_LEN,
         help="tokens per beam L, root included (default %(default)s)",
+    )
+    parser.add_argument(
+        "--lookup-len",
+        type=_at_least(0),
+        default=DEFAULT_LOOKUP_LEN,
+        help="tokens of one more beam copied from the prompt and output so far, root included "
+        "(default %(default)s; 0 = drafter beams only)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -174,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure speed side by side with the baselines (Spec-Bench protocol)",
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
-        "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), redrafter-nornn "
+        "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
+        "redrafter-nolookup (drafter beams only), redrafter-nornn "
         "(--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(
@@ -225,6 +241,7 @@ def run_generate(args: argparse.Namespace) -> int:
         device=args.device,
         num_beams=args.beams,
         draft_len=args.draft_len,
+        lookup_len=args.lookup_len,
     )
     if args.prompts is not None:
         with tqdm(total=len(prompts), unit="prompt", desc="generate", file=sys.stderr) as bar:
@@ -363,6 +380,7 @@ def run_bench(args: argparse.Namespace) -> int:
         device=args.device,
         num_beams=args.beams,
         draft_len=args.draft_len,
+        lookup_len=args.lookup_len,
     )
     results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
     print(format_table(results))

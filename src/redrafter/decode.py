@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
+from .lookup import ContextLookup
 from .models import context_limit, decoder_of
 from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
@@ -104,12 +105,17 @@ class SpeculativeDecoder:
         target: the target model (eval mode; see :func:`redrafter.models.check_tree_attention`).
         proposer: drafts beams; :func:`no_draft` for autoregressive decoding.
         eos_token_ids: ids that end a row (emitted, then the row stops).
+        lookup_len: when positive, add one context-lookup beam of this many tokens (its root
+            included) per row to the proposer's beams (:mod:`redrafter.lookup`).
     """
 
-    def __init__(self, target: PreTrainedModel, proposer: Proposer, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self, target: PreTrainedModel, proposer: Proposer, eos_token_ids: list[int], lookup_len: int = 0
+    ) -> None:
         self.target = target
         self.decoder = decoder_of(target)
         self.proposer = proposer
+        self.lookup_len = lookup_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_positions = context_limit(target.config)
         self.clock: StageClock | None = None
@@ -165,6 +171,7 @@ class SpeculativeDecoder:
         row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
         emitted = [0] * batch
+        lookup = ContextLookup(prompts, self.lookup_len) if self.lookup_len > 1 else None
 
         step_tokens = last_token[:, None]
         step_counts = torch.ones(batch, dtype=torch.long, device=device)
@@ -191,6 +198,8 @@ class SpeculativeDecoder:
                     )
                     out_tokens.append(tokens)
                     finished.append(done)
+                    if lookup is not None and not done:
+                        lookup.extend(i, tokens)
             yield StepOutput(rows=list(rows), tokens=out_tokens, finished=finished)
             keep = [i for i, done in enumerate(finished) if not done]
             if not keep:
@@ -198,6 +207,8 @@ class SpeculativeDecoder:
             if len(keep) < len(rows):
                 index = torch.tensor(keep, device=device)
                 cache.select_rows(index)
+                if lookup is not None:
+                    lookup.select(keep)
                 hidden, last_token, context_valid, row_length = (
                     hidden[index],
                     last_token[index],
@@ -211,6 +222,8 @@ class SpeculativeDecoder:
             # 1-2. Draft and pack the tree.
             with self._stage("draft: beam search"):
                 beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
+                if lookup is not None:
+                    beams = lookup.beams(beams)  # [B, W + 1, max(L, lookup_len)]
             with self._stage("tree: pack, mask"):
                 tree = build_tree(beams)
                 tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
@@ -236,4 +249,4 @@ class SpeculativeDecoder:
                 last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
 
     def _tree_depth(self) -> int:
-        return getattr(self.proposer, "draft_len", 1)
+        return max(getattr(self.proposer, "draft_len", 1), self.lookup_len)

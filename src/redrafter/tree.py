@@ -4,6 +4,8 @@ Beams ``[B, W, L]`` share prefixes (all share token 0, the last token the target
 token at depth ``j`` of beam ``w`` belongs to the earliest beam with the same prefix ``0..j``;
 the unique tokens are packed, beam by beam, into one sequence of ``N`` slots per row. Every slot
 attends to the cached context and to its own ancestors, and sits at position ``context + depth``.
+A beam may be shorter than ``L``: its tail holds ``-1`` (:data:`PAD`), which takes no slot and
+never matches the target's choice.
 Everything is batched tensor arithmetic: no Python loop over rows, beams or depths.
 """
 
@@ -12,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+PAD = -1
+"""Token id of the unused tail of a beam shorter than the others."""
 
 
 @dataclass
@@ -23,7 +28,8 @@ class PackedTree:
         depth: ``[B, N]`` depth of each slot in its tree (0 for the root and for padding).
         ancestors: ``[B, N, N]`` bool, ``ancestors[b, i, k]``: slot ``i`` may attend to slot ``k``
             (its ancestors and itself; padding slots see only themselves).
-        node_index: ``[B, W, L]`` packed slot of each beam token (shared prefixes share a slot).
+        node_index: ``[B, W, L]`` packed slot of each beam token (shared prefixes share a slot; a
+            :data:`PAD` token gets its beam's last real slot).
         num_nodes: ``[B]`` number of real (non-padding) slots per row.
     """
 
@@ -52,12 +58,14 @@ def build_tree(beams: torch.Tensor) -> PackedTree:
     """De-duplicate ``beams`` ``[B, W, L]`` into prefix trees and pack them.
 
     ``N = max_b num_nodes[b]``, at most ``1 + W (L - 1)`` when every beam starts with the same token.
+    Token 0 of every beam must be real; later ones may be :data:`PAD` (a tail, not a hole).
     """
     batch, width, length = beams.shape
     device = beams.device
     beam_ids = torch.arange(width, device=device)[None, :, None]
     representative = prefix_representative(beams)
-    is_unique = representative == beam_ids  # [B, W, L]
+    real = beams != PAD
+    is_unique = (representative == beam_ids) & real  # [B, W, L]
     flat_unique = is_unique.reshape(batch, width * length)
     slot_of_unique = flat_unique.long().cumsum(dim=1) - 1  # packed slot, valid where unique
     num_nodes = flat_unique.sum(dim=1)
@@ -67,6 +75,8 @@ def build_tree(beams: torch.Tensor) -> PackedTree:
     depth_ids = torch.arange(length, device=device)
     rep_flat = representative * length + depth_ids  # [B, W, L] index into the flat (w, j) grid
     node_index = slot_of_unique.gather(1, rep_flat.reshape(batch, -1)).reshape(batch, width, length)
+    last_real = real.sum(dim=2, keepdim=True) - 1  # [B, W, 1]
+    node_index = torch.where(real, node_index, node_index.gather(2, last_real))
 
     # Tokens and depths of packed slots; padding slots get a scratch slot past the end.
     target = torch.where(flat_unique, slot_of_unique, num_slots)  # [B, W*L]

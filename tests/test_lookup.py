@@ -1,0 +1,82 @@
+"""Context lookup: continuations against a brute-force search; the extra beam and its padding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from redrafter.lookup import ContextLookup
+from redrafter.tree import PAD
+
+
+def reference_continuation(history: list[int], count: int, sizes: range) -> list[int] | None:
+    """Longest suffix first; its latest earlier occurrence with a follower; copy, overlapping."""
+    for n in sizes:
+        if len(history) < n:
+            continue
+        suffix = history[-n:]
+        starts = [i + n for i in range(len(history) - n) if history[i : i + n] == suffix]
+        if starts:
+            extended = list(history)
+            start = max(starts)
+            for i in range(count):
+                extended.append(extended[start + i])
+            return extended[len(history) :]
+    return None
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_continuation_matches_brute_force(seed):
+    rng = random.Random(seed)
+    vocab = rng.choice([2, 3, 5, 20])
+    prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+    lookup = ContextLookup([prompt], length=6, max_ngram=3, min_ngram=rng.choice([1, 2]))
+    history = list(prompt)
+    for _ in range(5):  # the history grows by steps of several tokens, as in the decode loop
+        emitted = [rng.randrange(vocab) for _ in range(rng.randrange(1, 5))]
+        lookup.extend(0, emitted)
+        history += emitted
+        assert lookup.histories[0] == history
+        assert lookup.continuation(0, 5) == reference_continuation(history, 5, lookup.sizes)
+
+
+def test_latest_occurrence_and_longest_suffix_win():
+    # "7 8" occurs twice; the suffix "1 7 8" only once, at the start: the trigram decides.
+    lookup = ContextLookup([[1, 7, 8, 2, 3, 7, 8, 4, 5, 1, 7, 8]], length=3)
+    assert lookup.continuation(0, 2) == [2, 3]
+    lookup = ContextLookup([[7, 8, 2, 3, 7, 8, 4, 5, 9, 7, 8]], length=3)
+    assert lookup.continuation(0, 2) == [4, 5]  # the latest "7 8"
+
+
+def test_a_loop_is_continued_past_the_end_of_history():
+    lookup = ContextLookup([[4, 1, 2, 1, 2]], length=6)
+    assert lookup.continuation(0, 5) == [1, 2, 1, 2, 1]
+
+
+def test_no_match_and_row_selection():
+    lookup = ContextLookup([[1, 2, 3], [5, 6, 5]], length=4)
+    assert lookup.continuation(0, 3) is None
+    assert lookup.continuation(1, 3) == [6, 5, 6]
+    lookup.select([1])
+    assert lookup.histories == [[5, 6, 5]]
+    assert lookup.continuation(0, 3) == [6, 5, 6]
+
+
+def test_beams_add_one_padded_lookup_beam():
+    # Row 0 repeats itself, row 1 has no earlier occurrence of its last token.
+    lookup = ContextLookup([[3, 4, 5, 6, 3], [7, 8, 9]], length=5)
+    drafted = torch.tensor([[[3, 1, 2], [3, 1, 0]], [[9, 2, 2], [9, 0, 1]]])  # [B=2, W=2, L=3]
+    beams = lookup.beams(drafted)
+    assert beams.shape == (2, 3, 5)
+    assert torch.equal(beams[:, :2, :3], drafted)
+    assert (beams[:, :2, 3:] == PAD).all()
+    assert beams[0, 2].tolist() == [3, 4, 5, 6, 3]
+    assert beams[1, 2].tolist() == [9, 2, 2, PAD, PAD]  # no match: a copy of beam 0, removed by de-duplication
+
+
+def test_a_lookup_beam_shorter_than_the_drafts_is_padded():
+    lookup = ContextLookup([[1, 2, 1]], length=2)
+    beams = lookup.beams(torch.tensor([[[1, 5, 5, 5]]]))
+    assert beams[0, 1].tolist() == [1, 2, PAD, PAD]
