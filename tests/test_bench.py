@@ -48,15 +48,35 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     code, stdout, _ = run(
         capsys,
         *bench_args(
-            model_dir, drafter_dir, prompt_file, out, "--methods", "redrafter", "ar", "hf", "hf-pld", "redrafter-w1"
+            model_dir,
+            drafter_dir,
+            prompt_file,
+            out,
+            "--methods",
+            "redrafter",
+            "ar",
+            "hf",
+            "hf-pld",
+            "redrafter-w1",
+            "redrafter-nolookup",
         ),
     )
     assert code == 0 and "speedup" in stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "methods", "summary", "per_category", "prompts"}
-    for key in ["model", "drafter", "dtype", "beams", "draft_len", "max_new_tokens", "torch", "transformers"]:
+    for key in [
+        "model",
+        "drafter",
+        "dtype",
+        "beams",
+        "draft_len",
+        "lookup_len",
+        "max_new_tokens",
+        "torch",
+        "transformers",
+    ]:
         assert key in results["config"]
-    assert set(results["methods"]) == {"redrafter", "ar", "hf", "hf-pld", "redrafter-w1"}
+    assert set(results["methods"]) == {"redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nolookup"}
     for row in results["methods"].values():
         assert set(row) >= {"tokens_per_second", "tokens_per_step", "seconds", "new_tokens"}
     assert set(results["summary"]) >= {"speedup", "speedup_vs_hf", "tokens_per_step", "identical"}
