@@ -80,3 +80,23 @@ def test_a_lookup_beam_shorter_than_the_drafts_is_padded():
     lookup = ContextLookup([[1, 2, 1]], length=2)
     beams = lookup.beams(torch.tensor([[[1, 5, 5, 5]]]))
     assert beams[0, 1].tolist() == [1, 2, PAD, PAD]
+
+
+def test_a_wholly_accepted_lookup_beam_doubles_up_to_the_maximum_and_a_miss_resets_it():
+    lookup = ContextLookup([[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]], length=3, max_length=8)
+    drafted = torch.tensor([[[1, 0, 0]]])
+    assert lookup.beams(drafted)[0, 1].tolist() == [1, 2, 3]
+    lookup.extend(0, [2, 3, 4])  # both drafts accepted, then the bonus: the next beam is 6 long
+    assert lookup.beams(torch.tensor([[[4, 0, 0]]]))[0, 1].tolist() == [4, 5, 6, 7, 8, 9]
+    lookup.extend(0, [5, 6, 7, 8, 9, 1])
+    assert lookup.lengths == [8]  # 12, capped
+    assert lookup.beams(torch.tensor([[[1, 0, 0]]]))[0, 1].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    lookup.extend(0, [2, 3, 0])  # rejected after two drafts
+    assert lookup.lengths == [3]
+
+
+def test_a_lookup_beam_never_reaches_past_the_context():
+    lookup = ContextLookup([[1, 2, 3, 4, 5, 6, 1]], length=6, max_positions=9)
+    beams = lookup.beams(torch.tensor([[[1, 0]]]))
+    # The root sits at position 6: two more tokens reach position 8, the last one there is.
+    assert beams[0, 1].tolist() == [1, 2, 3]

@@ -207,3 +207,15 @@ def test_sliding_window_models_stop_at_the_window_instead_of_going_wrong():
     ids, _ = speculative(SpeculativeDecoder(model, DrafterProposer(drafter, 2, 4), []), [prompt], 40)
     assert 10 < len(ids[0]) < 24 - len(prompt)
     assert ids[0] == hf_greedy(model, prompt, 40)[: len(ids[0])]
+
+
+def test_a_growing_lookup_beam_stops_at_the_context_limit():
+    model = tiny_target("llama", seed=9)
+    limit = model.config.max_position_embeddings
+    prompt = random_prompt(6, 2) * 5  # a loop the lookup beam copies, growing step by step
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=2), 2, 3), [], lookup_len=4)
+    ids, per_step = speculative(decoder, [prompt], 2 * limit)
+    # It stops for the context (conservatively: with room for one more full step), not the budget.
+    assert limit - 40 <= len(prompt) + len(ids[0]) <= limit
+    assert ids[0] == hf_greedy(model, prompt, len(ids[0]))
+    assert max(per_step) > 4  # the lookup beam grew past its first length

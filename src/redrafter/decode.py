@@ -171,7 +171,9 @@ class SpeculativeDecoder:
         row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
         emitted = [0] * batch
-        lookup = ContextLookup(prompts, self.lookup_len) if self.lookup_len > 1 else None
+        lookup = (
+            ContextLookup(prompts, self.lookup_len, max_positions=self.max_positions) if self.lookup_len > 1 else None
+        )
 
         step_tokens = last_token[:, None]
         step_counts = torch.ones(batch, dtype=torch.long, device=device)

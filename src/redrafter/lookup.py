@@ -28,22 +28,41 @@ class ContextLookup:
     Args:
         prompts: the rows' prompt token ids (the history starts with them).
         length: tokens in the lookup beam, its root (the row's last token) included.
+        max_length: the longest a lookup beam grows to (default ``4 * length``).
+        max_positions: the target's context; a beam never reaches past it.
         max_ngram: longest suffix tried first.
         min_ngram: shortest suffix tried.
     """
 
-    def __init__(self, prompts: list[list[int]], length: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(
+        self,
+        prompts: list[list[int]],
+        length: int,
+        max_length: int | None = None,
+        max_positions: int | None = None,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+    ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.length = length
+        self.length, self.max_length = length, max(length, max_length or 4 * length)
+        self.max_positions = max_positions
         self.sizes = range(max_ngram, min_ngram - 1, -1)
         self.histories: list[list[int]] = [[] for _ in prompts]
         self.indexes: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
+        self.lengths = [length] * len(prompts)  # each row's current lookup beam length
+        self.proposed: list[list[int] | None] = [None] * len(prompts)  # each row's last lookup drafts
         for row, prompt in enumerate(prompts):
             self.extend(row, prompt)
 
     def extend(self, row: int, tokens: list[int]) -> None:
-        """Append ``tokens`` to ``row``'s history and index the n-grams they complete as followers."""
+        """Append ``tokens`` (what ``row`` emitted) to its history and index the n-grams they
+        complete; grow or reset the row's lookup length by whether its last lookup beam was accepted."""
+        proposed = self.proposed[row]
+        if proposed is not None:
+            whole = tokens[: len(proposed)] == proposed and len(tokens) > len(proposed)
+            self.lengths[row] = min(2 * self.lengths[row], self.max_length) if whole else self.length
+            self.proposed[row] = None
         history, index = self.histories[row], self.indexes[row]
         for token in tokens:
             position = len(history)  # the new token's position: it follows the n-grams ending before it
@@ -56,6 +75,8 @@ class ContextLookup:
         """Keep only ``rows`` (indices into the current rows), in that order."""
         self.histories = [self.histories[i] for i in rows]
         self.indexes = [self.indexes[i] for i in rows]
+        self.lengths = [self.lengths[i] for i in rows]
+        self.proposed = [self.proposed[i] for i in rows]
 
     def continuation(self, row: int, count: int) -> list[int] | None:
         """The ``count`` tokens predicted by the longest matching suffix, or None without a match."""
@@ -77,23 +98,25 @@ class ContextLookup:
         Args:
             drafted: ``[B, W, L]`` beams (token 0 of each row is the last token of its history).
         Returns:
-            ``[B, W + 1, M]`` with ``M = max(L, length)``, shorter beams ending in ``PAD``: the
-            lookup beam last, a copy of beam 0 for rows without a match.
+            ``[B, W + 1, M]`` with ``M`` the longest of ``L`` and the rows' lookup lengths, shorter
+            beams ending in ``PAD``: the lookup beam last, a copy of beam 0 for rows without a match.
         """
         batch, width, draft_len = drafted.shape
-        length = max(draft_len, self.length)
+        found = {}
+        for row in range(batch):
+            count = self.lengths[row] - 1
+            if self.max_positions is not None:  # the deepest node sits at position len(history) - 1 + count
+                count = min(count, self.max_positions - len(self.histories[row]))
+            copied = self.continuation(row, count)
+            if copied:
+                self.proposed[row] = copied
+                found[row] = [self.histories[row][-1], *copied]
+        length = max([draft_len] + [len(beam) for beam in found.values()])
         beams = drafted.new_full((batch, width + 1, length), PAD)
         beams[:, :width, :draft_len] = drafted
         beams[:, width, :draft_len] = drafted[:, 0]
-        found = {}
-        for row in range(batch):
-            copied = self.continuation(row, self.length - 1)
-            if copied is not None:
-                found[row] = [self.histories[row][-1], *copied]
         if found:
             index = torch.tensor(list(found), device=beams.device)
-            values = torch.tensor(list(found.values()), dtype=beams.dtype).to(beams.device)
-            beams[index, width, : self.length] = values
-            if self.length < draft_len:
-                beams[index, width, self.length :] = PAD
+            values = [beam + [PAD] * (length - len(beam)) for beam in found.values()]
+            beams[index, width] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
         return beams
