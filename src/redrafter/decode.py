@@ -3,6 +3,7 @@
 One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cached positions:
 
 1. the proposer drafts beams ``[B, W, L]`` from the hidden state ``[B, d]`` and last token ``[B]``;
+   with ``lookup_len``, one context-lookup beam per row joins them (:mod:`redrafter.lookup`);
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
 3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
 4. verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`), from
@@ -224,8 +225,9 @@ class SpeculativeDecoder:
             # 1-2. Draft and pack the tree.
             with self._stage("draft: beam search"):
                 beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
-                if lookup is not None:
-                    beams = lookup.beams(beams)  # [B, W + 1, max(L, lookup_len)]
+            if lookup is not None:
+                with self._stage("draft: lookup"):
+                    beams = lookup.beams(beams)  # [B, W + 1, M], M >= L: shorter beams end in PAD
             with self._stage("tree: pack, mask"):
                 tree = build_tree(beams)
                 tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
