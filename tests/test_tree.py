@@ -9,14 +9,15 @@ from redrafter.tree import PAD, build_tree, tree_attention_mask
 
 
 def reference_tree(beams: torch.Tensor):
-    """Per row: a dict from prefix tuple to slot, filled beam by beam, depth by depth."""
+    """Per row: a dict from prefix tuple to slot, filled beam by beam, depth by depth (PAD skipped)."""
     batch, width, length = beams.shape
     rows = []
     for b in range(batch):
         slot_of: dict[tuple[int, ...], int] = {}
         for w in range(width):
-            for j in range(length):
-                slot_of.setdefault(tuple(beams[b, w, : j + 1].tolist()), len(slot_of))
+            real = [t for t in beams[b, w].tolist() if t != PAD]
+            for j in range(len(real)):
+                slot_of.setdefault(tuple(real[: j + 1]), len(slot_of))
         rows.append(slot_of)
     return rows
 
@@ -93,20 +94,6 @@ def test_mask_combines_context_and_tree():
     assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
 
 
-def reference_padded_tree(beams: torch.Tensor):
-    """The reference of :func:`reference_tree` over each beam's real tokens only."""
-    batch, width, length = beams.shape
-    rows = []
-    for b in range(batch):
-        slot_of: dict[tuple[int, ...], int] = {}
-        for w in range(width):
-            real = [t for t in beams[b, w].tolist() if t != PAD]
-            for j in range(len(real)):
-                slot_of.setdefault(tuple(real[: j + 1]), len(slot_of))
-        rows.append(slot_of)
-    return rows
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_padded_beams_take_no_slots(seed):
     generator = torch.Generator().manual_seed(seed)
@@ -114,7 +101,7 @@ def test_padded_beams_take_no_slots(seed):
     real_len = torch.randint(1, 7, (2, 5), generator=generator)
     beams[torch.arange(6)[None, None, :] >= real_len[:, :, None]] = PAD
     tree = build_tree(beams)
-    reference = reference_padded_tree(beams)
+    reference = reference_tree(beams)
     assert tree.num_nodes.tolist() == [len(r) for r in reference]
     for b, slot_of in enumerate(reference):
         for w in range(5):
