@@ -96,7 +96,8 @@ class ReDrafter:
         if lookup_len < 0:
             raise RedrafterError(f"--lookup-len must be 0 or more, got {lookup_len}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
-        self.num_beams, self.draft_len, self.lookup_len = num_beams, draft_len, lookup_len
+        self.num_beams, self.draft_len = num_beams, draft_len
+        self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         proposer: Proposer = no_draft
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
@@ -108,7 +109,7 @@ class ReDrafter:
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, lookup_len if drafter is not None else 0)
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len)
 
     @classmethod
     def from_pretrained(
