@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
+from redrafter.ngrams import build_table
 
 VOCAB = 96
 HIDDEN = 32
@@ -90,5 +91,8 @@ def model_dir(tmp_path_factory):
 def drafter_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("drafter")
     torch.manual_seed(0)
-    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB)).save_pretrained(folder)
+    drafter = RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB))
+    # An n-gram table of random text, so the CLI and bench tests run with the n-gram beam too.
+    drafter.ngrams = build_table([torch.randint(2, VOCAB, (300,)).tolist()], min_n=1, max_n=3, min_count=1)
+    drafter.save_pretrained(folder)
     return folder

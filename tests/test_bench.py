@@ -145,7 +145,8 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
     )
     assert code == 0 and "sweep: best" in stdout and "profile redrafter:" in stdout
     sweep = json.loads((out / "sweep.json").read_text())
-    lookup_nodes = sweep["lookup_len"] - 1  # the context-lookup beam's tokens after the root
+    lookup_nodes = sweep["lookup_len"] - 1 + sweep["ngram_len"] - 1  # both lookup beams' tokens after the root
+    assert sweep["ngram_len"] == 4  # the fixture's drafter has an n-gram table: its beam is on by default
     assert len(sweep["shapes"]) == 4 and {s["tree_size"] - lookup_nodes for s in sweep["shapes"]} == {2, 3, 5}
     batch = json.loads((out / "batch.json").read_text())
     assert set(batch["methods"]) == {"ar", "redrafter"} and set(batch["methods"]["ar"]) == {"1", "2"}

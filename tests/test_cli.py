@@ -25,8 +25,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("lookup_len", ["0", "6"])
-def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len):
+@pytest.mark.parametrize("lookup_len,ngram_len", [("0", "0"), ("6", "0"), ("0", "5"), ("6", "8")])
+def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len, ngram_len):
     code, out, _ = run(
         capsys,
         "generate",
@@ -45,6 +45,8 @@ def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_
         "4",
         "--lookup-len",
         lookup_len,
+        "--ngram-len",
+        ngram_len,
         "--json",
     )
     assert code == 0
@@ -116,7 +118,8 @@ def test_bad_input_is_one_clear_line(capsys, model_dir, tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    "flag", [["--beams", "0"], ["--draft-len", "-1"], ["--max-new-tokens", "x"], ["--lookup-len", "-1"]]
+    "flag",
+    [["--beams", "0"], ["--draft-len", "-1"], ["--max-new-tokens", "x"], ["--lookup-len", "-1"], ["--ngram-len", "-2"]],
 )
 def test_bad_numbers_are_refused_by_the_parser(capsys, model_dir, flag):
     with pytest.raises(SystemExit) as exit_info:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from redrafter.lookup import ContextLookup
+from redrafter.ngrams import build_table
 from redrafter.tree import PAD
 
 
@@ -100,3 +101,27 @@ def test_a_lookup_beam_never_reaches_past_the_context():
     beams = lookup.beams(torch.tensor([[[1, 0]]]))
     # The root sits at position 6: two more tokens reach position 8, the last one there is.
     assert beams[0, 1].tolist() == [1, 2, 3]
+
+
+def test_an_ngram_beam_follows_the_context_beam():
+    table = build_table([[9, 4, 4, 1], [6, 6, 6, 6]], min_n=1, max_n=2, min_count=1)
+    # Row 0: the context repeats "3 4 5"; the table continues "9" with "4 4 1". Row 1: neither knows 8.
+    lookup = ContextLookup([[3, 4, 5, 3], [7, 8]], length=4, ngrams=table, ngram_length=4)
+    assert lookup.extra_beams == 2
+    drafted = torch.tensor([[[3, 1]], [[8, 2]]])  # [B=2, W=1, L=2]
+    beams = lookup.beams(drafted)
+    assert beams.shape == (2, 3, 4)
+    assert beams[0].tolist() == [[3, 1, PAD, PAD], [3, 4, 5, 3], [3, 1, PAD, PAD]]  # "3" unknown to the table
+    assert beams[1].tolist() == [[8, 2, PAD, PAD]] * 3  # no match anywhere: copies of beam 0
+    lookup.extend(0, [9])
+    assert lookup.beams(torch.tensor([[[9, 1]], [[8, 2]]]))[0, 2].tolist() == [9, 4, 4, 1]
+
+
+def test_an_ngram_beam_alone_and_capped_by_the_context():
+    table = build_table([[1, 2, 3, 4, 5, 6]], min_n=1, max_n=1, min_count=1)
+    lookup = ContextLookup([[0, 0, 1]], length=0, ngrams=table, ngram_length=8, max_positions=6)
+    assert lookup.extra_beams == 1
+    beams = lookup.beams(torch.tensor([[[1, 7]]]))
+    # No context beam; the root sits at position 2, so three drafts reach the last position, 5.
+    assert beams.tolist() == [[[1, 7, PAD, PAD], [1, 2, 3, 4]]]
+    assert ContextLookup([[1]], length=3, ngrams=table, ngram_length=1).extra_beams == 1  # too short: off

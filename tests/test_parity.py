@@ -12,6 +12,7 @@ from conftest import HIDDEN, VOCAB, tiny_target
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
+from redrafter.ngrams import build_table
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
@@ -72,6 +73,52 @@ def test_context_lookup_beam_keeps_parity(family, lookup_len):
         longest = max(longest, *per_step)
     if lookup_len > 4:  # some step accepted more than the drafter's own beams could give
         assert longest > 4
+
+
+@pytest.mark.parametrize("ngram_len", [2, 6])
+def test_ngram_beam_keeps_parity(family, ngram_len):
+    model = tiny_target(family, seed=9)
+    prompts = [random_prompt(n, 100 + n) for n in (2, 7, 12)]
+    # The table knows the target's own continuations of other prompts and the first part of these
+    # (so its drafts are often right, then wrong past what it saw), and noise.
+    corpus = [hf_greedy(model, random_prompt(5, s), 30) for s in range(6)]
+    corpus += [hf_greedy(model, p, 20) for p in prompts] + [random_prompt(40, 999)]
+    table = build_table(corpus, min_n=1, max_n=4, min_count=1)
+    proposer = DrafterProposer(random_drafter(model, seed=9), 3, 3)
+    decoder = SpeculativeDecoder(model, proposer, [], lookup_len=0, ngrams=table, ngram_len=ngram_len)
+    longest = 0
+    for k, prompt in enumerate(prompts):
+        ids, per_step = speculative(decoder, [prompt], 35)
+        assert ids[0] == hf_greedy(model, prompt, 35), f"{family} n-grams {ngram_len} prompt {k}"
+        longest = max(longest, *per_step)
+    if ngram_len > 3:  # some step accepted more than the drafter's own beams could give
+        assert longest > 3
+
+
+def test_a_table_that_knows_the_continuation_gets_long_steps_accepted(family):
+    model = tiny_target(family, seed=3)
+    prompt = random_prompt(6, 5)
+    continuation = hf_greedy(model, prompt, 40)
+    table = build_table([prompt + continuation], min_n=1, max_n=8, min_count=1)
+    proposer = DrafterProposer(random_drafter(model, seed=3), 2, 2)  # at most 2 tokens a step
+    ids, per_step = speculative(SpeculativeDecoder(model, proposer, [], 0, table, ngram_len=6), [prompt], 40)
+    assert ids[0] == continuation
+    # The drafter alone needs at least 20 steps; the n-gram beam (up to 6 a step) far fewer, even
+    # though a tiny model's loops make some n-grams ambiguous.
+    assert len(per_step) <= 12, per_step
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma2"])
+def test_context_and_ngram_beams_in_a_batch_of_mixed_lengths(family_name):
+    model = tiny_target(family_name, seed=7)
+    prompts = [random_prompt(n, n) * 2 for n in (3, 9, 1, 5)]
+    table = build_table([hf_greedy(model, p, 12) for p in prompts[:2]], min_n=1, max_n=3, min_count=1)
+    decoder = SpeculativeDecoder(
+        model, DrafterProposer(random_drafter(model, seed=7), 2, 3), [], lookup_len=5, ngrams=table, ngram_len=7
+    )
+    batched, _ = speculative(decoder, prompts, 25)
+    for prompt, ids in zip(prompts, batched, strict=True):
+        assert ids == hf_greedy(model, prompt, 25)
 
 
 @pytest.mark.parametrize("tied_head", [False, True])

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_target, word_tokenizer
+from conftest import HIDDEN, VOCAB, tiny_target, word_tokenizer
 from safetensors.torch import load_file
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.distill import DistillConfig, distill, make_batch
-from redrafter.drafter import RecurrentDrafter
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
+from redrafter.ngrams import build_table
 from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, draft_targets, plot_metrics
 
 
@@ -229,3 +231,23 @@ def test_hidden_state_cache_grows_with_the_corpus(setup, tmp_path):
     module.HiddenStates(tmp_path / "cache", changed, model, batch_size=8, progress=False)
     handle.remove()
     assert len(calls) == -(-len(pairs) // 8)
+
+
+def test_cli_ngrams_adds_a_table_to_a_drafter_folder(setup, tmp_path, capsys):
+    from redrafter.cli import main
+
+    _, pairs = setup
+    corpus = tmp_path.parent / "corpus0" / "data"  # written by the module fixture
+    RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB)).save_pretrained(tmp_path / "d")
+    assert main(["ngrams", "--data", str(corpus), "--out", str(tmp_path / "d"), "--heldout-every", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"from {len(pairs) - len(pairs) // 5:,} answers" in printed
+    assert "tokens per step with the n-gram beam alone" in printed
+    table = RecurrentDrafter.from_pretrained(tmp_path / "d").ngrams
+    expected = build_table([r for i, (_, r) in enumerate(pairs) if i % 5 != 4], min_n=2, max_n=6, min_count=2)
+    assert len(table) > 0 and np.array_equal(table.keys, expected.keys)
+    assert np.array_equal(table.followers, expected.followers)
+    assert main(["ngrams", "--data", str(corpus), "--out", str(tmp_path / "none")]) == 2
+    assert "not a drafter folder" in capsys.readouterr().err
+    assert main(["ngrams", "--data", str(corpus), "--out", str(tmp_path / "d"), "--min-n", "4", "--max-n", "2"]) == 2
+    assert "--min-n 4 is above --max-n 2" in capsys.readouterr().err

@@ -21,6 +21,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch
 DEFAULT_NUM_BEAMS = 4
 DEFAULT_DRAFT_LEN = 3
 DEFAULT_LOOKUP_LEN = 8
+DEFAULT_NGRAM_LEN = 4
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -78,6 +79,8 @@ class ReDrafter:
         draft_len: ``L``, tokens per beam (the root included), so at most ``L`` tokens per step.
         lookup_len: tokens of a context-lookup beam (copied from the prompt and output so far) added to
             the drafter's beams, its root included; 0 for none.
+        ngram_len: tokens of a beam drafted from the drafter's corpus n-gram table
+            (:mod:`redrafter.ngrams`), root included; 0 for none (also when the drafter has no table).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class ReDrafter:
         num_beams: int = DEFAULT_NUM_BEAMS,
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
+        ngram_len: int = DEFAULT_NGRAM_LEN,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -95,9 +99,13 @@ class ReDrafter:
             raise RedrafterError(f"--draft-len must be at least 1, got {draft_len}")
         if lookup_len < 0:
             raise RedrafterError(f"--lookup-len must be 0 or more, got {lookup_len}")
+        if ngram_len < 0:
+            raise RedrafterError(f"--ngram-len must be 0 or more, got {ngram_len}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.num_beams, self.draft_len = num_beams, draft_len
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
+        ngrams = drafter.ngrams if drafter is not None and ngram_len > 1 else None
+        self.ngram_len = ngram_len if ngrams is not None else 0
         proposer: Proposer = no_draft
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
@@ -109,7 +117,7 @@ class ReDrafter:
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len)
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, self.ngram_len)
 
     @classmethod
     def from_pretrained(
@@ -121,6 +129,7 @@ class ReDrafter:
         num_beams: int = DEFAULT_NUM_BEAMS,
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
+        ngram_len: int = DEFAULT_NGRAM_LEN,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -132,7 +141,8 @@ class ReDrafter:
                 raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len)
+        drafter = resolve_drafter(drafter, model)
+        return cls(target, tokenizer, drafter, num_beams, draft_len, lookup_len, ngram_len)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
@@ -147,7 +157,7 @@ class ReDrafter:
         else:
             ids = self.tokenizer(prompt)["input_ids"]
         limit = context_limit(self.target.config)
-        if len(ids) + max(self.draft_len, self.lookup_len) >= limit:
+        if len(ids) + max(self.draft_len, self.lookup_len, self.ngram_len) >= limit:
             raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
         return ids
 

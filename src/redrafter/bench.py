@@ -106,10 +106,17 @@ def make_methods(
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
-        "redrafter-w1": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len)),
-        "redrafter-nolookup": lambda: ours(ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, 0)),
+        "redrafter-w1": lambda: ours(
+            ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len, rd.ngram_len)
+        ),
+        "redrafter-nolookup": lambda: ours(
+            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, lookup_len=0, ngram_len=0)
+        ),
+        "redrafter-nongrams": lambda: ours(
+            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, 0)
+        ),
         "redrafter-nornn": lambda: ours(
-            ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len, rd.lookup_len)
+            ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len)
         ),
     }
     unknown = [n for n in names if n not in available]
@@ -244,6 +251,8 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "beams": rd.num_beams,
             "draft_len": rd.draft_len,
             "lookup_len": rd.lookup_len,
+            "ngram_len": rd.ngram_len,
+            "ngram_entries": 0 if rd.drafter is None or rd.drafter.ngrams is None else len(rd.drafter.ngrams),
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -304,7 +313,7 @@ def plot_speedup(results: dict, path: Path) -> None:
     c = results["config"]
     axis.set_title(
         f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']}, "
-        f"lookup {c['lookup_len']})"
+        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)})"
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -360,7 +369,9 @@ def run_sweep(
     engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
     for w in beams:
         for length in draft_lens:
-            engines[f"W{w}-L{length}"] = ReDrafter(rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len)
+            engines[f"W{w}-L{length}"] = ReDrafter(
+                rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len, rd.ngram_len
+            )
     for engine in engines.values():
         engine.generate_ids([encoded[0][:64]], 8)  # warm-up
     rows = {name: {"tokens": 0, "seconds": 0.0, "steps": 0} for name in engines}
@@ -375,7 +386,8 @@ def run_sweep(
     bar.close()
     shapes = []
     ar_tps = rows["ar"]["tokens"] / rows["ar"]["seconds"]
-    lookup_nodes = max(0, rd.lookup_len - 1)  # the lookup beam at its starting length (it grows on full accepts)
+    # The lookup beams at their longest start (the context beam grows on full accepts; either may be shorter).
+    lookup_nodes = max(0, rd.lookup_len - 1) + max(0, rd.ngram_len - 1)
     for name, row in rows.items():
         if name == "ar":
             continue
@@ -395,6 +407,7 @@ def run_sweep(
     sweep = {
         "ar_tokens_per_second": round(ar_tps, 3),
         "lookup_len": rd.lookup_len,
+        "ngram_len": rd.ngram_len,
         "shapes": shapes,
         "best": best,
         "prompts": len(encoded),
@@ -410,7 +423,7 @@ def run_sweep(
             axis.annotate(f"L={length}", (size, tps), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axis.axhline(ar_tps, color="grey", linestyle="--", label="ar")
     axis.set(
-        xlabel=f"tree size 1 + W(L-1) + {lookup_nodes} lookup (tokens verified per step, lookup at its start length)",
+        xlabel=f"tree size 1 + W(L-1) + up to {lookup_nodes} lookup (tokens verified a step, lookups at start length)",
         ylabel="tokens/s",
         title="tokens/s against tree shape",
     )

@@ -43,7 +43,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .api import DEFAULT_DRAFT_LEN, DEFAULT_LOOKUP_LEN, DEFAULT_NUM_BEAMS, DTYPES
+    from .api import DEFAULT_DRAFT_LEN, DEFAULT_LOOKUP_LEN, DEFAULT_NGRAM_LEN, DEFAULT_NUM_BEAMS, DTYPES
 
     parser.add_argument(
         "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
@@ -65,7 +65,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=_at_least(0),
         default=DEFAULT_LOOKUP_LEN,
         help="tokens of one more beam copied from the prompt and output so far, root included "
-        "(default %(default)s; 0 = drafter beams only)",
+        "(default %(default)s; 0 = none)",
+    )
+    parser.add_argument(
+        "--ngram-len",
+        type=_at_least(0),
+        default=DEFAULT_NGRAM_LEN,
+        help="tokens of one more beam drafted from the drafter's corpus n-gram table, root included "
+        "(default %(default)s; 0 = none; ignored for a drafter without ngrams.safetensors)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -185,12 +192,39 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-autocast", action="store_true", help="train the drafter in float32 without bfloat16 autocast")
     tr.set_defaults(run=run_train)
 
+    ng = commands.add_parser(
+        "ngrams",
+        help="count the corpus's n-grams into a drafter folder (the n-gram beam's table)",
+        description="Build ngrams.safetensors in a drafter folder from distilled corpora: for every n-gram of "
+        "the answers, the token that most often follows it. generate and bench then draft one more beam from it "
+        "(--ngram-len).",
+    )
+    ng.add_argument("--data", nargs="+", required=True, help="corpus folders made by redrafter distill")
+    ng.add_argument("--out", required=True, help="a drafter folder (made by redrafter train)")
+    ng.add_argument(
+        "--min-n",
+        type=_positive,
+        default=2,
+        help="shortest n-gram kept; drafting stops where no suffix this long is known (default %(default)s)",
+    )
+    ng.add_argument("--max-n", type=_positive, default=6, help="longest n-gram kept (default %(default)s)")
+    ng.add_argument(
+        "--min-count", type=_positive, default=2, help="drop n-grams seen fewer times (default %(default)s)"
+    )
+    ng.add_argument(
+        "--heldout-every",
+        type=int,
+        default=0,
+        help="leave every N-th conversation out and report the n-gram beam's tokens per step on them (0: use all)",
+    )
+    ng.set_defaults(run=run_ngrams)
+
     be = commands.add_parser(
         "bench",
         help="measure speed side by side with the baselines (Spec-Bench protocol)",
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
-        "redrafter-nolookup (drafter beams only), redrafter-nornn "
+        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-nornn "
         "(--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(
@@ -242,6 +276,7 @@ def run_generate(args: argparse.Namespace) -> int:
         num_beams=args.beams,
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
+        ngram_len=args.ngram_len,
     )
     if args.prompts is not None:
         with tqdm(total=len(prompts), unit="prompt", desc="generate", file=sys.stderr) as bar:
@@ -295,6 +330,33 @@ def run_distill(args: argparse.Namespace) -> int:
         f"in {len(corpus.shards)} shards",
         file=sys.stderr,
     )
+    return 0
+
+
+def run_ngrams(args: argparse.Namespace) -> int:
+    from .api import DEFAULT_NGRAM_LEN
+    from .ngrams import FILE_NAME, build_table, walk_tokens_per_step
+    from .train import load_corpora, split_heldout
+
+    out = Path(args.out)
+    if not (out / "config.json").is_file():
+        raise RedrafterError(f"--out {out} is not a drafter folder (no config.json): train a drafter first")
+    if args.min_n > args.max_n:
+        raise RedrafterError(f"--min-n {args.min_n} is above --max-n {args.max_n}")
+    if args.heldout_every == 1 or args.heldout_every < 0:
+        raise RedrafterError("--heldout-every must be 0 (use all) or at least 2")
+    pairs = load_corpora(args.data)
+    if args.heldout_every:
+        train_idx, heldout_idx = split_heldout(len(pairs), args.heldout_every)
+    else:
+        train_idx, heldout_idx = list(range(len(pairs))), []
+    table = build_table([pairs[i][1] for i in train_idx], args.min_n, args.max_n, args.min_count)
+    table.save(out)
+    size = (out / FILE_NAME).stat().st_size
+    print(f"{out / FILE_NAME}: {len(table):,} n-grams from {len(train_idx):,} answers, {size / 2**20:.1f} MiB")
+    if heldout_idx:
+        rate = walk_tokens_per_step(table, [pairs[i] for i in heldout_idx], DEFAULT_NGRAM_LEN)
+        print(f"held out ({len(heldout_idx)} answers): {rate:.3f} tokens per step with the n-gram beam alone")
     return 0
 
 
@@ -381,6 +443,7 @@ def run_bench(args: argparse.Namespace) -> int:
         num_beams=args.beams,
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
+        ngram_len=args.ngram_len,
     )
     results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
     print(format_table(results))

@@ -3,7 +3,8 @@
 One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cached positions:
 
 1. the proposer drafts beams ``[B, W, L]`` from the hidden state ``[B, d]`` and last token ``[B]``;
-   with ``lookup_len``, one context-lookup beam per row joins them (:mod:`redrafter.lookup`);
+   with ``lookup_len``, one context-lookup beam per row joins them, and with an n-gram table one
+   beam drafted from the corpus's n-grams (:mod:`redrafter.lookup`, :mod:`redrafter.ngrams`);
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
 3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
 4. verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`), from
@@ -35,6 +36,7 @@ from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
 from .lookup import ContextLookup
 from .models import context_limit, decoder_of
+from .ngrams import NgramTable
 from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
 from .verify import verify
@@ -106,17 +108,26 @@ class SpeculativeDecoder:
         target: the target model (eval mode; see :func:`redrafter.models.check_tree_attention`).
         proposer: drafts beams; :func:`no_draft` for autoregressive decoding.
         eos_token_ids: ids that end a row (emitted, then the row stops).
-        lookup_len: when positive, add one context-lookup beam of this many tokens (its root
+        lookup_len: when above 1, add one context-lookup beam of this many tokens (its root
             included) per row to the proposer's beams (:mod:`redrafter.lookup`).
+        ngrams: a corpus n-gram table (:mod:`redrafter.ngrams`) drafting one more beam per row of
+            ``ngram_len`` tokens (its root included; below 2: none), or None.
     """
 
     def __init__(
-        self, target: PreTrainedModel, proposer: Proposer, eos_token_ids: list[int], lookup_len: int = 0
+        self,
+        target: PreTrainedModel,
+        proposer: Proposer,
+        eos_token_ids: list[int],
+        lookup_len: int = 0,
+        ngrams: NgramTable | None = None,
+        ngram_len: int = 0,
     ) -> None:
         self.target = target
         self.decoder = decoder_of(target)
         self.proposer = proposer
         self.lookup_len = lookup_len
+        self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_positions = context_limit(target.config)
         self.clock: StageClock | None = None
@@ -172,9 +183,11 @@ class SpeculativeDecoder:
         row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
         emitted = [0] * batch
-        lookup = (
-            ContextLookup(prompts, self.lookup_len, max_positions=self.max_positions) if self.lookup_len > 1 else None
-        )
+        lookup = None
+        if self.lookup_len > 1 or self.ngrams is not None:
+            lookup = ContextLookup(
+                prompts, self.lookup_len, None, self.max_positions, ngrams=self.ngrams, ngram_length=self.ngram_len
+            )
 
         step_tokens = last_token[:, None]
         step_counts = torch.ones(batch, dtype=torch.long, device=device)
@@ -227,7 +240,7 @@ class SpeculativeDecoder:
                 beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
             if lookup is not None:
                 with self._stage("draft: lookup"):
-                    beams = lookup.beams(beams)  # [B, W + 1, M], M >= L: shorter beams end in PAD
+                    beams = lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
             with self._stage("tree: pack, mask"):
                 tree = build_tree(beams)
                 tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
@@ -253,4 +266,4 @@ class SpeculativeDecoder:
                 last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
 
     def _tree_depth(self) -> int:
-        return max(getattr(self.proposer, "draft_len", 1), self.lookup_len)
+        return max(getattr(self.proposer, "draft_len", 1), self.lookup_len, self.ngram_len)

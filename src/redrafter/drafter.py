@@ -16,7 +16,9 @@ from draft ids to target ids); a drafted token outside it simply fails verificat
 
 Saved as a folder: ``config.json`` (``model_type`` "recurrent_drafting_drafter") and
 ``model.safetensors`` with the reference layout's tensor names (``lm_head.{i}.linear.*``,
-``lm_head.{N}.weight``, ``rnn_w.weight``, ``rnn_u.*``, ``input_proj.*``) plus ``draft_vocab``.
+``lm_head.{N}.weight``, ``rnn_w.weight``, ``rnn_u.*``, ``input_proj.*``) plus ``draft_vocab``;
+optionally ``ngrams.safetensors``, the corpus n-gram table that travels with the drafter
+(:mod:`redrafter.ngrams`, held in :attr:`RecurrentDrafter.ngrams`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.nn import functional as F
 
 from .errors import RedrafterError
 from .files import atomic_write
+from .ngrams import NgramTable
 
 MODEL_TYPE = "recurrent_drafting_drafter"
 
@@ -110,6 +113,8 @@ class RecurrentDrafter(nn.Module):
         self.register_buffer("output_rows", None, persistent=False)
         # Held in a tuple so it is neither a submodule (saved, trained) nor moved with .to().
         self._embedding: tuple[nn.Module, ...] = (embedding,) if embedding is not None else ()
+        # The corpus n-gram table trained alongside (host-side counts, not a module), or None.
+        self.ngrams: NgramTable | None = None
         if embedding is not None:
             self.attach(embedding)
 
@@ -181,7 +186,7 @@ class RecurrentDrafter(nn.Module):
         return self.draft_vocab[draft_ids]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``folder`` atomically."""
+        """Write ``config.json``, ``model.safetensors`` (and ``ngrams.safetensors``) to ``folder`` atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_type": MODEL_TYPE, **asdict(self.config)}
@@ -191,6 +196,8 @@ class RecurrentDrafter(nn.Module):
             folder / "config.json",
             lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"),
         )
+        if self.ngrams is not None:
+            self.ngrams.save(folder)
 
     @classmethod
     def from_pretrained(
@@ -223,6 +230,7 @@ class RecurrentDrafter(nn.Module):
         if missing or unexpected:
             raise DrafterError(f"{weights_path}: missing tensors {missing}, unexpected {unexpected}")
         drafter = drafter.to(device=device, dtype=dtype)
+        drafter.ngrams = NgramTable.load(folder)
         return drafter if embedding is None else drafter.attach(embedding, output_embedding)
 
     def check_fits(self, hidden_size: int, vocab_size: int) -> None:

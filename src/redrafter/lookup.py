@@ -1,4 +1,5 @@
-"""Context lookup: one extra beam per row, copied from the row's own prompt and output.
+"""Lookup beams: extra beams per row, copied from the row's own prompt and output, and drafted
+from the corpus n-gram table.
 
 Small models repeat themselves and their prompts (lists, code, names, quoted text). Next to the
 drafter's ``W`` beams, the tree gets one more: the tokens that followed the most recent earlier
@@ -11,6 +12,10 @@ drafting); the drafter's beams then end in :data:`redrafter.tree.PAD`.
 The copy may overlap its own end (``a b a b`` continues ``a b ...``), like an LZ77 back-reference,
 so a loop of period ``q < L`` is continued for the whole beam.
 
+With an :class:`~redrafter.ngrams.NgramTable` (the corpus's n-grams, shipped with a drafter), a
+second extra beam per row is drafted from it (:meth:`NgramTable.draft`), with no match likewise a
+copy of the drafter's first beam.
+
 Host-side state: per row, the token history and, per ``n``, a dict from each ``n``-gram to the
 position right after its latest occurrence that has a follower. Each step costs ``O(emitted x n)``.
 """
@@ -19,19 +24,23 @@ from __future__ import annotations
 
 import torch
 
+from .ngrams import NgramTable
 from .tree import PAD
 
 
 class ContextLookup:
-    """N-gram lookup over each row's prompt and emitted tokens.
+    """N-gram lookup over each row's prompt and emitted tokens (and optionally a corpus table).
 
     Args:
         prompts: the rows' prompt token ids (the history starts with them).
-        length: tokens in the lookup beam, its root (the row's last token) included.
+        length: tokens in the lookup beam, its root (the row's last token) included; below 2, no
+            context-lookup beam.
         max_length: the longest a lookup beam grows to (default ``4 * length``).
         max_positions: the target's context; a beam never reaches past it.
         max_ngram: longest suffix tried first.
         min_ngram: shortest suffix tried.
+        ngrams: a corpus n-gram table drafting one more beam per row, or None.
+        ngram_length: tokens in the n-gram beam, its root included (below 2: no n-gram beam).
     """
 
     def __init__(
@@ -42,11 +51,15 @@ class ContextLookup:
         max_positions: int | None = None,
         max_ngram: int = 3,
         min_ngram: int = 1,
+        ngrams: NgramTable | None = None,
+        ngram_length: int = 0,
     ) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.length, self.max_length = length, max(length, max_length or 4 * length)
         self.max_positions = max_positions
+        use_ngrams = ngrams is not None and ngram_length > 1
+        self.ngrams, self.ngram_length = (ngrams, ngram_length) if use_ngrams else (None, 0)
         self.sizes = range(max_ngram, min_ngram - 1, -1)
         self.histories: list[list[int]] = [[] for _ in prompts]
         self.indexes: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
@@ -92,31 +105,45 @@ class ContextLookup:
                 return copied
         return None
 
+    @property
+    def extra_beams(self) -> int:
+        """Beams added per row: the context-lookup beam and/or the n-gram beam."""
+        return int(self.length > 1) + int(self.ngrams is not None)
+
+    def _room(self, row: int, count: int) -> int:
+        """``count`` capped so the deepest node (at position ``len(history) - 1 + count``) fits the context."""
+        return count if self.max_positions is None else min(count, self.max_positions - len(self.histories[row]))
+
     def beams(self, drafted: torch.Tensor) -> torch.Tensor:
-        """Add each row's lookup beam to ``drafted`` beams.
+        """Add each row's lookup beams to ``drafted`` beams.
 
         Args:
             drafted: ``[B, W, L]`` beams (token 0 of each row is the last token of its history).
         Returns:
-            ``[B, W + 1, M]`` with ``M`` the longest of ``L`` and the rows' lookup lengths, shorter
-            beams ending in ``PAD``: the lookup beam last, a copy of beam 0 for rows without a match.
+            ``[B, W + E, M]`` (``E`` = :attr:`extra_beams`) with ``M`` the longest of ``L`` and the
+            rows' lookup lengths, shorter beams ending in ``PAD``: the context-lookup beam, then the
+            n-gram beam; a copy of beam 0 for a row without a match.
         """
         batch, width, draft_len = drafted.shape
-        found = {}
+        found: dict[tuple[int, int], list[int]] = {}  # (row, beam) -> tokens
         for row in range(batch):
-            count = self.lengths[row] - 1
-            if self.max_positions is not None:  # the deepest node sits at position len(history) - 1 + count
-                count = min(count, self.max_positions - len(self.histories[row]))
-            copied = self.continuation(row, count)
-            if copied:
-                self.proposed[row] = copied
-                found[row] = [self.histories[row][-1], *copied]
-        length = max([draft_len] + [len(beam) for beam in found.values()])
-        beams = drafted.new_full((batch, width + 1, length), PAD)
+            history, beam = self.histories[row], width
+            if self.length > 1:
+                copied = self.continuation(row, self._room(row, self.lengths[row] - 1))
+                if copied:
+                    self.proposed[row] = copied
+                    found[row, beam] = [history[-1], *copied]
+                beam += 1
+            if self.ngrams is not None:
+                drafted_ngrams = self.ngrams.draft(history, self._room(row, self.ngram_length - 1))
+                if drafted_ngrams:
+                    found[row, beam] = [history[-1], *drafted_ngrams]
+        length = max([draft_len] + [len(tokens) for tokens in found.values()])
+        beams = drafted.new_full((batch, width + self.extra_beams, length), PAD)
         beams[:, :width, :draft_len] = drafted
-        beams[:, width, :draft_len] = drafted[:, 0]
+        beams[:, width:, :draft_len] = drafted[:, :1]
         if found:
-            index = torch.tensor(list(found), device=beams.device)
-            values = [beam + [PAD] * (length - len(beam)) for beam in found.values()]
-            beams[index, width] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
+            rows, columns = (torch.tensor(index, device=beams.device) for index in zip(*found, strict=True))
+            values = [tokens + [PAD] * (length - len(tokens)) for tokens in found.values()]
+            beams[rows, columns] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
         return beams
