@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_cli import run
@@ -185,6 +186,12 @@ def test_bad_numbers(capsys, model_dir, drafter_dir, prompt_file, tmp_path, flag
 
         main(bench_args(model_dir, drafter_dir, prompt_file, tmp_path / "x", *flag))
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    atomic_write(tmp_path / "a.json", lambda tmp: Path(tmp).write_text("{}"))
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
