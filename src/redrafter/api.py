@@ -141,8 +141,7 @@ class ReDrafter:
                 raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        drafter = resolve_drafter(drafter, model)
-        return cls(target, tokenizer, drafter, num_beams, draft_len, lookup_len, ngram_len)
+        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

@@ -94,7 +94,7 @@ class NgramTable:
             if token is None:
                 break
             drafted.append(token)
-            tail = tail[1:] + [token] if len(tail) >= self.max_n else tail + [token]
+            tail = (tail + [token])[-self.max_n :]
         return drafted
 
     def save(self, folder: str | os.PathLike) -> None:
