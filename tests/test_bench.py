@@ -60,6 +60,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             "hf-pld",
             "redrafter-w1",
             "redrafter-nolookup",
+            "redrafter-pruned",
         ),
     )
     assert code == 0 and "speedup" in stdout
@@ -72,12 +73,21 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "beams",
         "draft_len",
         "lookup_len",
+        "keep_pruned",
         "max_new_tokens",
         "torch",
         "transformers",
     ]:
         assert key in results["config"]
-    assert set(results["methods"]) == {"redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nolookup"}
+    assert set(results["methods"]) == {
+        "redrafter",
+        "ar",
+        "hf",
+        "hf-pld",
+        "redrafter-w1",
+        "redrafter-nolookup",
+        "redrafter-pruned",
+    }
     for row in results["methods"].values():
         assert set(row) >= {"tokens_per_second", "tokens_per_step", "seconds", "new_tokens"}
     assert set(results["summary"]) >= {"speedup", "speedup_vs_hf", "tokens_per_step", "identical"}

@@ -25,8 +25,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("lookup_len,ngram_len", [("0", "0"), ("6", "0"), ("0", "5"), ("6", "8")])
-def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len, ngram_len):
+@pytest.mark.parametrize(
+    "lookup_len,ngram_len,pruned",
+    [
+        ("0", "0", "--no-keep-pruned"),
+        ("6", "0", "--keep-pruned"),
+        ("0", "5", "--no-keep-pruned"),
+        ("6", "8", "--keep-pruned"),
+    ],
+)
+def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len, ngram_len, pruned):
     code, out, _ = run(
         capsys,
         "generate",
@@ -47,6 +55,7 @@ def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_
         lookup_len,
         "--ngram-len",
         ngram_len,
+        pruned,
         "--json",
     )
     assert code == 0

@@ -72,6 +72,25 @@ def test_an_interrupted_run_resumes_to_the_same_corpus(tmp_path, target, monkeyp
     assert resumed.meta()["totals"]["conversations"] == 6
 
 
+def test_a_complete_corpus_is_left_as_is_without_loading_the_model(tmp_path, target, monkeypatch):
+    model, tokenizer = target
+    config = DistillConfig(model="tiny", prompts=prompt_file(tmp_path, 3), shard_size=2, max_new_tokens=3)
+    made = distill(config, tmp_path / "d", model, tokenizer, progress=False).conversations()
+
+    import redrafter.models as models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_target", no_loading)
+    # A corpus made on another device re-runs here as a no-op (make corpus on a machine without it).
+    assert distill(config, tmp_path / "d", progress=False, device="cuda").conversations() == made
+    config.num_prompts = 5  # ignored with a prompt file; a changed setting would still be refused
+    config.max_new_tokens = 4
+    with pytest.raises(RedrafterError, match="other settings"):
+        distill(config, tmp_path / "d", progress=False)
+
+
 def test_self_written_prompts(tmp_path, target):
     model, tokenizer = target
     config = DistillConfig(

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from redrafter.beam_search import beam_search
 from redrafter.drafter import DrafterConfig, DrafterError, RecurrentDrafter
+from redrafter.tree import PAD
 
 
 def make_drafter(**kwargs) -> RecurrentDrafter:
@@ -112,6 +113,29 @@ def test_beam_search_finds_the_best_beams_exhaustively():
     best = sorted(scores, key=scores.get, reverse=True)
     assert [tuple(b) for b in beams[0, :, 1:].tolist()] == best
     assert (beams[0, :, 0] == 7).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams,draft_len", [(1, 4), (3, 2), (4, 5), (8, 3)])
+def test_keep_pruned_adds_the_survivors_of_every_earlier_step(num_beams, draft_len):
+    drafter = make_drafter(draft_vocab_size=12)
+    hidden, token = torch.randn(3, HIDDEN, dtype=torch.float64), torch.tensor([7, 1, 30])
+    final = beam_search(drafter, hidden, token, num_beams, draft_len)
+    beams = beam_search(drafter, hidden, token, num_beams, draft_len, keep_pruned=True)
+    assert beams.shape == (3, num_beams * (draft_len - 1), draft_len)
+    assert torch.equal(beams[:, :num_beams], final)
+    for drafted in range(1, draft_len - 1):  # the partial beams after `drafted` steps, PAD-tailed
+        block = beams[:, drafted * num_beams : (drafted + 1) * num_beams]
+        assert torch.equal(block[:, :, : drafted + 1], beam_search(drafter, hidden, token, num_beams, drafted + 1))
+        assert (block[:, :, drafted + 1 :] == PAD).all()
+    # W distinct nodes at every depth, and every node's parent is a node.
+    for row in beams.tolist():
+        prefixes = {
+            tuple(t for t in beam[: j + 1]) for beam in row for j in range(draft_len) if PAD not in beam[: j + 1]
+        }
+        for depth in range(2, draft_len + 1):
+            assert len([p for p in prefixes if len(p) == depth]) == num_beams
+        assert all(p[:-1] in prefixes for p in prefixes if len(p) > 1)
 
 
 def test_rnn_off_is_independent_of_the_draft_history():

@@ -22,6 +22,7 @@ DEFAULT_NUM_BEAMS = 4
 DEFAULT_DRAFT_LEN = 3
 DEFAULT_LOOKUP_LEN = 8
 DEFAULT_NGRAM_LEN = 4
+DEFAULT_KEEP_PRUNED = False
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -81,6 +82,8 @@ class ReDrafter:
             the drafter's beams, its root included; 0 for none.
         ngram_len: tokens of a beam drafted from the drafter's corpus n-gram table
             (:mod:`redrafter.ngrams`), root included; 0 for none (also when the drafter has no table).
+        keep_pruned: verify, besides the ``W`` final beams, the partial beams that beam search
+            pruned at earlier draft steps (:func:`redrafter.beam_search.beam_search`).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ReDrafter:
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
         ngram_len: int = DEFAULT_NGRAM_LEN,
+        keep_pruned: bool = DEFAULT_KEEP_PRUNED,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -102,7 +106,7 @@ class ReDrafter:
         if ngram_len < 0:
             raise RedrafterError(f"--ngram-len must be 0 or more, got {ngram_len}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
-        self.num_beams, self.draft_len = num_beams, draft_len
+        self.num_beams, self.draft_len, self.keep_pruned = num_beams, draft_len, keep_pruned
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         ngrams = drafter.ngrams if drafter is not None and ngram_len > 1 else None
         self.ngram_len = ngram_len if ngrams is not None else 0
@@ -112,7 +116,7 @@ class ReDrafter:
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()
-            proposer = DrafterProposer(drafter, num_beams, draft_len)
+            proposer = DrafterProposer(drafter, num_beams, draft_len, keep_pruned)
         eos = target.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -130,6 +134,7 @@ class ReDrafter:
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
         ngram_len: int = DEFAULT_NGRAM_LEN,
+        keep_pruned: bool = DEFAULT_KEEP_PRUNED,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -141,7 +146,9 @@ class ReDrafter:
                 raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        return cls(target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len)
+        return cls(
+            target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len, keep_pruned
+        )
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

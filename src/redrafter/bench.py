@@ -107,16 +107,28 @@ def make_methods(
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
         "redrafter-w1": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len, rd.ngram_len)
+            ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.keep_pruned)
         ),
         "redrafter-nolookup": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, lookup_len=0, ngram_len=0)
+            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, 0, 0, keep_pruned=rd.keep_pruned)
         ),
         "redrafter-nongrams": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, 0)
+            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, 0, rd.keep_pruned)
+        ),
+        "redrafter-pruned": lambda: ours(
+            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, True)
         ),
         "redrafter-nornn": lambda: ours(
-            ReDrafter(target, rd.tokenizer, ablation_drafter, rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len)
+            ReDrafter(
+                target,
+                rd.tokenizer,
+                ablation_drafter,
+                rd.num_beams,
+                rd.draft_len,
+                rd.lookup_len,
+                rd.ngram_len,
+                rd.keep_pruned,
+            )
         ),
     }
     unknown = [n for n in names if n not in available]
@@ -253,6 +265,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "lookup_len": rd.lookup_len,
             "ngram_len": rd.ngram_len,
             "ngram_entries": 0 if rd.drafter is None or rd.drafter.ngrams is None else len(rd.drafter.ngrams),
+            "keep_pruned": rd.keep_pruned,
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -311,9 +324,10 @@ def plot_speedup(results: dict, path: Path) -> None:
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, rotation=30, ha="right")
     axis.set_ylabel("tokens/s relative to ar")
     c = results["config"]
+    pruned = ", pruned beams kept" if c.get("keep_pruned") else ""
     axis.set_title(
         f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']}, "
-        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)})"
+        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}{pruned})"
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -370,7 +384,7 @@ def run_sweep(
     for w in beams:
         for length in draft_lens:
             engines[f"W{w}-L{length}"] = ReDrafter(
-                rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len, rd.ngram_len
+                rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len, rd.ngram_len, rd.keep_pruned
             )
     for engine in engines.values():
         engine.generate_ids([encoded[0][:64]], 8)  # warm-up
@@ -408,6 +422,7 @@ def run_sweep(
         "ar_tokens_per_second": round(ar_tps, 3),
         "lookup_len": rd.lookup_len,
         "ngram_len": rd.ngram_len,
+        "keep_pruned": rd.keep_pruned,
         "shapes": shapes,
         "best": best,
         "prompts": len(encoded),

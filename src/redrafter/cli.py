@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,14 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .api import DEFAULT_DRAFT_LEN, DEFAULT_LOOKUP_LEN, DEFAULT_NGRAM_LEN, DEFAULT_NUM_BEAMS, DTYPES
+    from .api import (
+        DEFAULT_DRAFT_LEN,
+        DEFAULT_KEEP_PRUNED,
+        DEFAULT_LOOKUP_LEN,
+        DEFAULT_NGRAM_LEN,
+        DEFAULT_NUM_BEAMS,
+        DTYPES,
+    )
 
     parser.add_argument(
         "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
@@ -73,6 +81,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_NGRAM_LEN,
         help="tokens of one more beam drafted from the drafter's corpus n-gram table, root included "
         "(default %(default)s; 0 = none; ignored for a drafter without ngrams.safetensors)",
+    )
+    parser.add_argument(
+        "--keep-pruned",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_KEEP_PRUNED,
+        help="also verify the partial beams that beam search pruned before its last step: W candidates "
+        "at every depth of the tree (default %(default)s)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -135,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--temperature", type=float, default=0.0, help="answer sampling temperature; 0 = greedy (default)")
     dis.add_argument("--seed", type=int, default=0)
     dis.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    dis.add_argument("--device", default="cpu", help="torch device of the target (default %(default)s)")
     dis.set_defaults(run=run_distill)
 
     tr = commands.add_parser(
@@ -190,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the final model.safetensors (bfloat16 halves a shipped drafter; checkpoints stay float32)",
     )
     tr.add_argument("--no-autocast", action="store_true", help="train the drafter in float32 without bfloat16 autocast")
+    tr.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the target and drafter (default %(default)s); under accelerate launch, "
+        "'cuda' means each process's own GPU",
+    )
     tr.set_defaults(run=run_train)
 
     ng = commands.add_parser(
@@ -224,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure speed side by side with the baselines (Spec-Bench protocol)",
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
-        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-nornn "
-        "(--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
+        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-pruned "
+        "(--keep-pruned), redrafter-nornn (--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(
         "--prompts",
@@ -277,6 +299,7 @@ def run_generate(args: argparse.Namespace) -> int:
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
+        keep_pruned=args.keep_pruned,
     )
     if args.prompts is not None:
         with tqdm(total=len(prompts), unit="prompt", desc="generate", file=sys.stderr) as bar:
@@ -323,7 +346,7 @@ def run_distill(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
     )
-    corpus = distill(config, args.out)
+    corpus = distill(config, args.out, device=args.device)
     totals = corpus.meta()["totals"]
     print(
         f"{args.out}: {totals['conversations']} conversations, {totals['response_tokens']} response tokens "
@@ -396,7 +419,10 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.resume and (out / "checkpoint").exists():
         raise RedrafterError(f"{out} already holds a training run: pass --resume to continue it, or use a new --out")
-    target, _ = load_target(args.model)
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    target, _ = load_target(args.model, device=device)
     trainer = Trainer(target, config, pairs, out, hidden_cache=args.hidden_cache)
     train = [pairs[i] for i in trainer.train_idx]
     heldout = [pairs[i] for i in trainer.heldout_idx]
@@ -444,6 +470,7 @@ def run_bench(args: argparse.Namespace) -> int:
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
+        keep_pruned=args.keep_pruned,
     )
     results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
     print(format_table(results))

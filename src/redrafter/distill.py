@@ -172,8 +172,11 @@ def _write_shard(path: Path, users: list[str], prompts: list[list[int]], respons
     atomic_write(path, save)
 
 
-def distill(config: DistillConfig, out: str | Path, model=None, tokenizer=None, progress: bool = True) -> Corpus:
-    """Build (or resume) the corpus in ``out``. ``model``/``tokenizer``: preloaded, else loaded from config."""
+def distill(
+    config: DistillConfig, out: str | Path, model=None, tokenizer=None, progress: bool = True, device: str = "cpu"
+) -> Corpus:
+    """Build (or resume) the corpus in ``out``. ``model``/``tokenizer``: preloaded, else loaded from config
+    onto ``device`` (which is not part of the corpus's settings: a run may resume on another device)."""
     corpus = Corpus(out)
     corpus.folder.mkdir(parents=True, exist_ok=True)
     previous = corpus.meta().get("config")
@@ -191,19 +194,22 @@ def distill(config: DistillConfig, out: str | Path, model=None, tokenizer=None, 
                     f"{config.prompts}: prompt {number} is a near-duplicate of a benchmark prompt "
                     f"({match[:60]!r}...); benchmark prompts must not enter training data"
                 )
+    total = len(file_prompts) if file_prompts is not None else config.num_prompts
+    num_shards = -(-total // config.shard_size)
+    done_shards = len(corpus.shards)
+    stats = corpus.meta().get("totals", {"conversations": 0, "response_tokens": 0, "seconds": 0.0})
+    if done_shards >= num_shards:  # complete: no model (nor its device) needed
+        _write_meta(corpus.folder, config, stats)
+        return corpus
     if model is None:
         from .api import DTYPES
         from .models import load_target
 
-        model, tokenizer = load_target(config.model, dtype=DTYPES[config.dtype])
+        model, tokenizer = load_target(config.model, dtype=DTYPES[config.dtype], device=device)
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    total = len(file_prompts) if file_prompts is not None else config.num_prompts
-    num_shards = -(-total // config.shard_size)
     seen = {" ".join(t.lower().split()) for t in corpus.user_texts()}
-    done_shards = len(corpus.shards)
-    stats = corpus.meta().get("totals", {"conversations": 0, "response_tokens": 0, "seconds": 0.0})
     prefix_ids = (
         None if file_prompts is not None else tokenizer(user_prefix(tokenizer), add_special_tokens=False)["input_ids"]
     )
