@@ -63,6 +63,20 @@ class ForwardCounter:
         self.handle.remove()
 
 
+def variant(rd: ReDrafter, **changes) -> ReDrafter:
+    """An engine on ``rd``'s target with ``rd``'s settings, some of them changed (keyword arguments of
+    :class:`ReDrafter`)."""
+    settings = dict(
+        drafter=rd.drafter,
+        num_beams=rd.num_beams,
+        draft_len=rd.draft_len,
+        lookup_len=rd.lookup_len,
+        ngram_len=rd.ngram_len,
+        keep_pruned=rd.keep_pruned,
+    )
+    return ReDrafter(rd.target, rd.tokenizer, **(settings | changes))
+
+
 def make_methods(
     rd: ReDrafter,
     names: list[str],
@@ -106,30 +120,11 @@ def make_methods(
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
-        "redrafter-w1": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, 1, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.keep_pruned)
-        ),
-        "redrafter-nolookup": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, 0, 0, keep_pruned=rd.keep_pruned)
-        ),
-        "redrafter-nongrams": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, 0, rd.keep_pruned)
-        ),
-        "redrafter-pruned": lambda: ours(
-            ReDrafter(target, rd.tokenizer, rd.drafter, rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, True)
-        ),
-        "redrafter-nornn": lambda: ours(
-            ReDrafter(
-                target,
-                rd.tokenizer,
-                ablation_drafter,
-                rd.num_beams,
-                rd.draft_len,
-                rd.lookup_len,
-                rd.ngram_len,
-                rd.keep_pruned,
-            )
-        ),
+        "redrafter-w1": lambda: ours(variant(rd, num_beams=1)),
+        "redrafter-nolookup": lambda: ours(variant(rd, lookup_len=0, ngram_len=0)),
+        "redrafter-nongrams": lambda: ours(variant(rd, ngram_len=0)),
+        "redrafter-pruned": lambda: ours(variant(rd, keep_pruned=True)),
+        "redrafter-nornn": lambda: ours(variant(rd, drafter=ablation_drafter)),
     }
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -383,9 +378,7 @@ def run_sweep(
     engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
     for w in beams:
         for length in draft_lens:
-            engines[f"W{w}-L{length}"] = ReDrafter(
-                rd.target, rd.tokenizer, rd.drafter, w, length, rd.lookup_len, rd.ngram_len, rd.keep_pruned
-            )
+            engines[f"W{w}-L{length}"] = variant(rd, num_beams=w, draft_len=length)
     for engine in engines.values():
         engine.generate_ids([encoded[0][:64]], 8)  # warm-up
     rows = {name: {"tokens": 0, "seconds": 0.0, "steps": 0} for name in engines}
