@@ -44,6 +44,9 @@ def bench_args(model_dir, drafter_dir, prompt_file, out, *extra):
     ]
 
 
+ALL_METHODS = ("redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nolookup", "redrafter-pruned")
+
+
 def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     out = tmp_path / "out"
     code, stdout, _ = run(
@@ -54,13 +57,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             prompt_file,
             out,
             "--methods",
-            "redrafter",
-            "ar",
-            "hf",
-            "hf-pld",
-            "redrafter-w1",
-            "redrafter-nolookup",
-            "redrafter-pruned",
+            *ALL_METHODS,
         ),
     )
     assert code == 0 and "speedup" in stdout
@@ -79,15 +76,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "transformers",
     ]:
         assert key in results["config"]
-    assert set(results["methods"]) == {
-        "redrafter",
-        "ar",
-        "hf",
-        "hf-pld",
-        "redrafter-w1",
-        "redrafter-nolookup",
-        "redrafter-pruned",
-    }
+    assert set(results["methods"]) == set(ALL_METHODS)
     for row in results["methods"].values():
         assert set(row) >= {"tokens_per_second", "tokens_per_step", "seconds", "new_tokens"}
     assert set(results["summary"]) >= {"speedup", "speedup_vs_hf", "tokens_per_step", "identical"}

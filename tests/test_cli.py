@@ -113,6 +113,8 @@ BAD_INPUTS = {
     "empty prompt": (lambda d, t: ["  ", "--model", str(d)], "prompt is empty"),
     "long prompt": (lambda d, t: [" ".join(["w5"] * 70), "--model", str(d)], "context is 64"),
     "no tree masks": (lambda d, t: ["w5", "--model", mamba_folder(t)], "model type 'mamba'"),
+    "unknown device": (lambda d, t: ["w5", "--model", str(d), "--device", "gpu0"], "device 'gpu0' is not usable"),
+    "absent device": (lambda d, t: ["w5", "--model", str(d), "--device", "cuda:63"], "device 'cuda:63' is not usable"),
 }
 
 
@@ -124,6 +126,20 @@ def test_bad_input_is_one_clear_line(capsys, model_dir, tmp_path, case):
     lines = [line for line in err.splitlines() if line.startswith("redrafter: error")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(capsys, model_dir, tmp_path, command):
+    args = [command, "--model", str(model_dir), "--out", str(tmp_path / "out"), "--device", "cuda:63"]
+    if command == "train":  # a real corpus, so that the device is what fails
+        (tmp_path / "p.jsonl").write_text('{"prompt": "w5 w6"}\n')
+        corpus = ["--model", str(model_dir), "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "3"]
+        assert run(capsys, "distill", *corpus, "--out", str(tmp_path / "corpus"), "--dtype", "float32")[0] == 0
+        args += ["--data", str(tmp_path / "corpus")]
+    code, _, err = run(capsys, *args)
+    lines = [line for line in err.splitlines() if line.startswith("redrafter: error")]
+    assert code != 0 and len(lines) == 1 and "device 'cuda:63' is not usable" in lines[0], err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -108,8 +108,6 @@ class ReDrafter:
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.num_beams, self.draft_len, self.keep_pruned = num_beams, draft_len, keep_pruned
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
-        ngrams = drafter.ngrams if drafter is not None and ngram_len > 1 else None
-        self.ngram_len = ngram_len if ngrams is not None else 0
         proposer: Proposer = no_draft
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
@@ -121,7 +119,9 @@ class ReDrafter:
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, self.ngram_len)
+        ngrams = drafter.ngrams if drafter is not None else None
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len)
+        self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
     @classmethod
     def from_pretrained(

@@ -7,12 +7,17 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from .errors import RedrafterError
 from .files import write_json, write_jsonl
 from .prompts import read_prompts
+
+if TYPE_CHECKING:  # the CLI imports torch and transformers only inside the commands that need them
+    from .api import ReDrafter
+    from .drafter import RecurrentDrafter
 
 
 def _at_least(minimum: int):
@@ -91,6 +96,23 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+
+
+def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> ReDrafter:
+    """The :class:`~redrafter.api.ReDrafter` that :func:`_add_model_options`'s options describe."""
+    from .api import ReDrafter
+
+    return ReDrafter.from_pretrained(
+        args.model,
+        drafter=drafter,
+        dtype=args.dtype,
+        device=args.device,
+        num_beams=args.beams,
+        draft_len=args.draft_len,
+        lookup_len=args.lookup_len,
+        ngram_len=args.ngram_len,
+        keep_pruned=args.keep_pruned,
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -273,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .api import ReDrafter, resolve_drafter
+    from .api import resolve_drafter
     from .sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -290,17 +312,7 @@ def run_generate(args: argparse.Namespace) -> int:
     drafter = resolve_drafter(args.drafter, args.model)
     if drafter is None and args.drafter == "default" and args.model == "default":
         print("redrafter: no drafter is shipped for this model; decoding without one", file=sys.stderr)
-    rd = ReDrafter.from_pretrained(
-        args.model,
-        drafter=drafter,
-        dtype=args.dtype,
-        device=args.device,
-        num_beams=args.beams,
-        draft_len=args.draft_len,
-        lookup_len=args.lookup_len,
-        ngram_len=args.ngram_len,
-        keep_pruned=args.keep_pruned,
-    )
+    rd = _load_engine(args, drafter)
     if args.prompts is not None:
         with tqdm(total=len(prompts), unit="prompt", desc="generate", file=sys.stderr) as bar:
             rows = rd.generate_many(
@@ -452,7 +464,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .api import ReDrafter, resolve_drafter
+    from .api import resolve_drafter
     from .bench import default_prompt_file, format_table, run_batch_sweep, run_benchmark, run_profile, run_sweep
 
     prompts = read_prompts(args.prompts or default_prompt_file())[: args.limit]
@@ -461,17 +473,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise RedrafterError(f"--out {out} exists and is not a folder")
     drafter = resolve_drafter(args.drafter, args.model)
     ablation = resolve_drafter(args.ablation_drafter, args.model) if args.ablation_drafter else None
-    rd = ReDrafter.from_pretrained(
-        args.model,
-        drafter=drafter,
-        dtype=args.dtype,
-        device=args.device,
-        num_beams=args.beams,
-        draft_len=args.draft_len,
-        lookup_len=args.lookup_len,
-        ngram_len=args.ngram_len,
-        keep_pruned=args.keep_pruned,
-    )
+    rd = _load_engine(args, drafter)
     results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
     print(format_table(results))
     encoded = [rd.encode(p.text, args.raw) for p in prompts]

@@ -178,7 +178,6 @@ def distill(
     """Build (or resume) the corpus in ``out``. ``model``/``tokenizer``: preloaded, else loaded from config
     onto ``device`` (which is not part of the corpus's settings: a run may resume on another device)."""
     corpus = Corpus(out)
-    corpus.folder.mkdir(parents=True, exist_ok=True)
     previous = corpus.meta().get("config")
     # A corpus may grow (more prompts); any other change would mix two different corpora.
     changed = sorted(k for k in previous or {} if k != "num_prompts" and previous[k] != asdict(config).get(k))
@@ -209,6 +208,7 @@ def distill(
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    corpus.folder.mkdir(parents=True, exist_ok=True)  # once the model loaded: bad input leaves no folder
     seen = {" ".join(t.lower().split()) for t in corpus.user_texts()}
     prefix_ids = (
         None if file_prompts is not None else tokenizer(user_prefix(tokenizer), add_special_tokens=False)["input_ids"]

@@ -93,12 +93,23 @@ def converted_gguf_folder(gguf: Path) -> Path:
     return folder
 
 
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device` if this machine has it, else a :class:`ModelError` saying so."""
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError) as error:  # torch raises both for devices it lacks
+        raise ModelError(f"device {str(device)!r} is not usable here: {error}") from None
+    return resolved
+
+
 def load_target(
     model: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer, in eval mode, ready for tree verification."""
+    device = usable_device(device)  # before the minutes a GGUF conversion can take
     folder = resolve_model_path(model)
     hf_logging.disable_progress_bar()  # loading a plain folder takes a second: no bars
     try:
