@@ -44,7 +44,7 @@ def bench_args(model_dir, drafter_dir, prompt_file, out, *extra):
     ]
 
 
-ALL_METHODS = ("redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nolookup", "redrafter-pruned")
+ALL_METHODS = ("redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nolookup", "redrafter-static")
 
 
 def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
@@ -70,7 +70,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "beams",
         "draft_len",
         "lookup_len",
-        "keep_pruned",
+        "tree_nodes",
         "max_new_tokens",
         "torch",
         "transformers",
@@ -138,6 +138,8 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
             "1,2",
             "--sweep-draft-lens",
             "2,3",
+            "--tree-nodes",
+            "3",
             "--batch-size",
             "1,2",
             "--profile",
@@ -147,7 +149,8 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
     sweep = json.loads((out / "sweep.json").read_text())
     lookup_nodes = sweep["lookup_len"] - 1 + sweep["ngram_len"] - 1  # both lookup beams' tokens after the root
     assert sweep["ngram_len"] == 4  # the fixture's drafter has an n-gram table: its beam is on by default
-    assert len(sweep["shapes"]) == 4 and {s["tree_size"] - lookup_nodes for s in sweep["shapes"]} == {2, 3, 5}
+    # --tree-nodes 3 caps W = 2, L = 3 at 3 drafter nodes of 4.
+    assert len(sweep["shapes"]) == 4 and {s["tree_size"] - lookup_nodes for s in sweep["shapes"]} == {2, 3, 4}
     batch = json.loads((out / "batch.json").read_text())
     assert set(batch["methods"]) == {"ar", "redrafter"} and set(batch["methods"]["ar"]) == {"1", "2"}
     assert (out / "sweep.png").is_file() and (out / "batch.png").is_file()

@@ -26,15 +26,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize(
-    "lookup_len,ngram_len,pruned",
-    [
-        ("0", "0", "--no-keep-pruned"),
-        ("6", "0", "--keep-pruned"),
-        ("0", "5", "--no-keep-pruned"),
-        ("6", "8", "--keep-pruned"),
-    ],
+    "lookup_len,ngram_len,tree_nodes",
+    [("0", "0", "0"), ("6", "0", "3"), ("0", "5", "0"), ("6", "8", "5")],
 )
-def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len, ngram_len, pruned):
+def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_dir, lookup_len, ngram_len, tree_nodes):
     code, out, _ = run(
         capsys,
         "generate",
@@ -55,7 +50,8 @@ def test_json_is_one_object_with_the_documented_keys(capsys, model_dir, drafter_
         lookup_len,
         "--ngram-len",
         ngram_len,
-        pruned,
+        "--tree-nodes",
+        tree_nodes,
         "--json",
     )
     assert code == 0
@@ -144,7 +140,14 @@ def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(capsys, mode
 
 @pytest.mark.parametrize(
     "flag",
-    [["--beams", "0"], ["--draft-len", "-1"], ["--max-new-tokens", "x"], ["--lookup-len", "-1"], ["--ngram-len", "-2"]],
+    [
+        ["--beams", "0"],
+        ["--draft-len", "-1"],
+        ["--max-new-tokens", "x"],
+        ["--lookup-len", "-1"],
+        ["--ngram-len", "-2"],
+        ["--tree-nodes", "-3"],
+    ],
 )
 def test_bad_numbers_are_refused_by_the_parser(capsys, model_dir, flag):
     with pytest.raises(SystemExit) as exit_info:

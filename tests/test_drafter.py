@@ -116,26 +116,36 @@ def test_beam_search_finds_the_best_beams_exhaustively():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("num_beams,draft_len", [(1, 4), (3, 2), (4, 5), (8, 3)])
-def test_keep_pruned_adds_the_survivors_of_every_earlier_step(num_beams, draft_len):
+@pytest.mark.parametrize("num_beams,draft_len,tree_nodes", [(1, 4, 3), (3, 2, 2), (4, 5, 7), (4, 5, 16), (8, 3, 99)])
+def test_dynamic_tree_keeps_the_most_probable_prefixes_of_every_depth(num_beams, draft_len, tree_nodes):
     drafter = make_drafter(draft_vocab_size=12)
     hidden, token = torch.randn(3, HIDDEN, dtype=torch.float64), torch.tensor([7, 1, 30])
-    final = beam_search(drafter, hidden, token, num_beams, draft_len)
-    beams = beam_search(drafter, hidden, token, num_beams, draft_len, keep_pruned=True)
-    assert beams.shape == (3, num_beams * (draft_len - 1), draft_len)
-    assert torch.equal(beams[:, :num_beams], final)
-    for drafted in range(1, draft_len - 1):  # the partial beams after `drafted` steps, PAD-tailed
-        block = beams[:, drafted * num_beams : (drafted + 1) * num_beams]
-        assert torch.equal(block[:, :, : drafted + 1], beam_search(drafter, hidden, token, num_beams, drafted + 1))
-        assert (block[:, :, drafted + 1 :] == PAD).all()
-    # W distinct nodes at every depth, and every node's parent is a node.
-    for row in beams.tolist():
-        prefixes = {
-            tuple(t for t in beam[: j + 1]) for beam in row for j in range(draft_len) if PAD not in beam[: j + 1]
-        }
-        for depth in range(2, draft_len + 1):
-            assert len([p for p in prefixes if len(p) == depth]) == num_beams
-        assert all(p[:-1] in prefixes for p in prefixes if len(p) > 1)
+    beams = beam_search(drafter, hidden, token, num_beams, draft_len, tree_nodes=tree_nodes)
+    kept = min(tree_nodes, num_beams * (draft_len - 1))
+    assert beams.shape == (3, kept, draft_len)
+    # The pool: the W prefixes beam search holds after each step (a shorter search's final beams).
+    pool = [beam_search(drafter, hidden, token, num_beams, length + 1) for length in range(1, draft_len)]
+
+    def score(row: int, prefix: list[int]) -> float:
+        """The drafter's cumulative log-probability of ``prefix`` (root first), recomputed."""
+        state, total = torch.zeros(1, HIDDEN, dtype=torch.float64), 0.0
+        for previous, token_id in zip(prefix[:-1], prefix[1:], strict=True):
+            state = drafter.rnn_step(state, drafter.embed(torch.tensor([previous])))
+            logprobs = drafter.head(hidden[row : row + 1], state).log_softmax(-1)[0]
+            total += float(logprobs[(drafter.draft_vocab == token_id).nonzero()[0, 0]])
+        return total
+
+    for row in range(3):
+        chosen = [[t for t in beam if t != PAD] for beam in beams[row].tolist()]
+        candidates = [beam for block in pool for beam in block[row].tolist()]
+        assert all(beam in candidates for beam in chosen)
+        assert len({tuple(beam) for beam in chosen}) == kept  # distinct prefixes, so 1 + kept tree nodes
+        scores = [score(row, beam) for beam in chosen]
+        assert scores == sorted(scores, reverse=True)  # most probable first
+        left_out = [score(row, beam) for beam in candidates if beam not in chosen]
+        assert not left_out or max(left_out) <= min(scores) + 1e-9
+        assert all(beam[:-1] in chosen or len(beam) == 2 for beam in chosen)  # closed under prefixes
+    assert torch.equal(beams[:, :, 0], token[:, None].expand(-1, kept))
 
 
 def test_rnn_off_is_independent_of_the_draft_history():

@@ -61,11 +61,11 @@ def test_greedy_parity_across_families(family, beams, draft_len):
         assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} W={beams} L={draft_len} prompt {seed}"
 
 
-@pytest.mark.parametrize("beams,draft_len", [(2, 4), (4, 5), (3, 3)])
-def test_pruned_beams_keep_parity(family, beams, draft_len):
+@pytest.mark.parametrize("beams,draft_len,tree_nodes", [(2, 4, 6), (4, 5, 7), (3, 3, 2)])
+def test_dynamic_tree_keeps_parity(family, beams, draft_len, tree_nodes):
     model = tiny_target(family, seed=4)
     drafter = random_drafter(model, seed=beams * 10 + draft_len)
-    proposer = DrafterProposer(drafter, beams, draft_len, keep_pruned=True)
+    proposer = DrafterProposer(drafter, beams, draft_len, tree_nodes)
     decoder = SpeculativeDecoder(model, proposer, eos_token_ids=[], lookup_len=6)
     prompts = [random_prompt(length, seed) for seed, length in enumerate([1, 5, 17, 3])]
     ids, _ = speculative(decoder, prompts, 25)  # one batch of mixed lengths

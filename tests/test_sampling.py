@@ -71,7 +71,7 @@ def exact_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], f
 
 
 def sampled_counts(
-    model, params: SamplingParams, lookup_len: int = 0, ngram_len: int = 0, keep_pruned: bool = False
+    model, params: SamplingParams, lookup_len: int = 0, ngram_len: int = 0, tree_nodes: int = 0
 ) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
     drafter = RecurrentDrafter(DrafterConfig(hidden_size=16, vocab_size=VOCAB)).to(torch.float64)
@@ -79,7 +79,7 @@ def sampled_counts(
     # A table of random text: its drafts are deterministic guesses, as a real corpus's are.
     text = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(2)).tolist()
     table = build_table([text], min_n=1, max_n=2, min_count=1)
-    proposer = DrafterProposer(drafter, 3, 3, keep_pruned)
+    proposer = DrafterProposer(drafter, 3, 3, tree_nodes)
     decoder = SpeculativeDecoder(model, proposer, [], lookup_len, table, ngram_len)
     rows: list[list[int]] = [[] for _ in range(ROWS)]
     accepted_drafts = 0
@@ -123,15 +123,15 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize(
-    "lookup_len,ngram_len,keep_pruned",
-    [(0, 0, False), (4, 0, False), (4, 4, False), (4, 4, True)],
-    ids=["drafter", "drafter+lookup", "drafter+lookup+ngrams", "pruned+lookup+ngrams"],
+    "lookup_len,ngram_len,tree_nodes",
+    [(0, 0, 0), (4, 0, 0), (4, 4, 0), (4, 4, 4)],
+    ids=["drafter", "drafter+lookup", "drafter+lookup+ngrams", "dynamic+lookup+ngrams"],
 )
 @pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.6", "t1.5-topk3", "topp0.7"])
-def test_speculative_sampling_matches_the_target_distribution(target, params, lookup_len, ngram_len, keep_pruned):
+def test_speculative_sampling_matches_the_target_distribution(target, params, lookup_len, ngram_len, tree_nodes):
     exact = exact_distribution(target, params)
     assert abs(sum(exact.values()) - 1) < 1e-9
-    pvalue = chi_square_pvalue(exact, sampled_counts(target, params, lookup_len, ngram_len, keep_pruned))
+    pvalue = chi_square_pvalue(exact, sampled_counts(target, params, lookup_len, ngram_len, tree_nodes))
     assert pvalue > 1e-3, f"speculative samples do not follow the target's distribution (p={pvalue:.2e})"
 
 

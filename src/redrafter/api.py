@@ -22,7 +22,7 @@ DEFAULT_NUM_BEAMS = 4
 DEFAULT_DRAFT_LEN = 3
 DEFAULT_LOOKUP_LEN = 8
 DEFAULT_NGRAM_LEN = 4
-DEFAULT_KEEP_PRUNED = False
+DEFAULT_TREE_NODES = 0
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -82,8 +82,9 @@ class ReDrafter:
             the drafter's beams, its root included; 0 for none.
         ngram_len: tokens of a beam drafted from the drafter's corpus n-gram table
             (:mod:`redrafter.ngrams`), root included; 0 for none (also when the drafter has no table).
-        keep_pruned: verify, besides the ``W`` final beams, the partial beams that beam search
-            pruned at earlier draft steps (:func:`redrafter.beam_search.beam_search`).
+        tree_nodes: verify only the ``T`` most probable drafted prefixes that beam search held at
+            any depth (a dynamic tree, :func:`redrafter.beam_search.beam_search`); 0 for the ``W``
+            final beams.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class ReDrafter:
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
         ngram_len: int = DEFAULT_NGRAM_LEN,
-        keep_pruned: bool = DEFAULT_KEEP_PRUNED,
+        tree_nodes: int = DEFAULT_TREE_NODES,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -105,8 +106,10 @@ class ReDrafter:
             raise RedrafterError(f"--lookup-len must be 0 or more, got {lookup_len}")
         if ngram_len < 0:
             raise RedrafterError(f"--ngram-len must be 0 or more, got {ngram_len}")
+        if tree_nodes < 0:
+            raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
-        self.num_beams, self.draft_len, self.keep_pruned = num_beams, draft_len, keep_pruned
+        self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         proposer: Proposer = no_draft
         if drafter is not None:
@@ -114,7 +117,7 @@ class ReDrafter:
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()
-            proposer = DrafterProposer(drafter, num_beams, draft_len, keep_pruned)
+            proposer = DrafterProposer(drafter, num_beams, draft_len, tree_nodes)
         eos = target.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -134,7 +137,7 @@ class ReDrafter:
         draft_len: int = DEFAULT_DRAFT_LEN,
         lookup_len: int = DEFAULT_LOOKUP_LEN,
         ngram_len: int = DEFAULT_NGRAM_LEN,
-        keep_pruned: bool = DEFAULT_KEEP_PRUNED,
+        tree_nodes: int = DEFAULT_TREE_NODES,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -147,7 +150,7 @@ class ReDrafter:
             dtype = DTYPES[dtype]
         target, tokenizer = load_target(model, dtype=dtype, device=device)
         return cls(
-            target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len, keep_pruned
+            target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len, tree_nodes
         )
 
     # -- prompts ------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         draft_len=rd.draft_len,
         lookup_len=rd.lookup_len,
         ngram_len=rd.ngram_len,
-        keep_pruned=rd.keep_pruned,
+        tree_nodes=rd.tree_nodes,
     )
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes))
 
@@ -123,7 +123,7 @@ def make_methods(
         "redrafter-w1": lambda: ours(variant(rd, num_beams=1)),
         "redrafter-nolookup": lambda: ours(variant(rd, lookup_len=0, ngram_len=0)),
         "redrafter-nongrams": lambda: ours(variant(rd, ngram_len=0)),
-        "redrafter-pruned": lambda: ours(variant(rd, keep_pruned=True)),
+        "redrafter-static": lambda: ours(variant(rd, tree_nodes=0)),
         "redrafter-nornn": lambda: ours(variant(rd, drafter=ablation_drafter)),
     }
     unknown = [n for n in names if n not in available]
@@ -260,7 +260,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "lookup_len": rd.lookup_len,
             "ngram_len": rd.ngram_len,
             "ngram_entries": 0 if rd.drafter is None or rd.drafter.ngrams is None else len(rd.drafter.ngrams),
-            "keep_pruned": rd.keep_pruned,
+            "tree_nodes": rd.tree_nodes,
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -319,10 +319,10 @@ def plot_speedup(results: dict, path: Path) -> None:
     axis.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories, rotation=30, ha="right")
     axis.set_ylabel("tokens/s relative to ar")
     c = results["config"]
-    pruned = ", pruned beams kept" if c.get("keep_pruned") else ""
+    dynamic = f", {c['tree_nodes']} drafted nodes" if c.get("tree_nodes") else ""
     axis.set_title(
         f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']}, "
-        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}{pruned})"
+        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}{dynamic})"
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -361,6 +361,12 @@ def _throughput(engine: ReDrafter, batches: list[list[list[int]]], max_new_token
         "seconds": round(seconds, 3),
         "forwards": steps,
     }
+
+
+def _drafter_nodes(num_beams: int, draft_len: int, tree_nodes: int) -> int:
+    """The most tree nodes the drafter's beams take (root excluded): ``W (L - 1)``, or ``T`` of them."""
+    most = num_beams * (draft_len - 1)
+    return min(tree_nodes, most) if tree_nodes else most
 
 
 def run_sweep(
@@ -404,7 +410,7 @@ def run_sweep(
             {
                 "beams": w,
                 "draft_len": length,
-                "tree_size": 1 + w * (length - 1) + lookup_nodes,
+                "tree_size": 1 + _drafter_nodes(w, length, rd.tree_nodes) + lookup_nodes,
                 "tokens_per_second": round(tps, 3),
                 "tokens_per_step": round(row["tokens"] / row["steps"], 4),
                 "speedup": round(tps / ar_tps, 4),
@@ -415,7 +421,7 @@ def run_sweep(
         "ar_tokens_per_second": round(ar_tps, 3),
         "lookup_len": rd.lookup_len,
         "ngram_len": rd.ngram_len,
-        "keep_pruned": rd.keep_pruned,
+        "tree_nodes": rd.tree_nodes,
         "shapes": shapes,
         "best": best,
         "prompts": len(encoded),

@@ -51,10 +51,10 @@ def _int_list(text: str) -> list[int]:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .api import (
         DEFAULT_DRAFT_LEN,
-        DEFAULT_KEEP_PRUNED,
         DEFAULT_LOOKUP_LEN,
         DEFAULT_NGRAM_LEN,
         DEFAULT_NUM_BEAMS,
+        DEFAULT_TREE_NODES,
         DTYPES,
     )
 
@@ -88,11 +88,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s; 0 = none; ignored for a drafter without ngrams.safetensors)",
     )
     parser.add_argument(
-        "--keep-pruned",
-        action=argparse.BooleanOptionalAction,
-        default=DEFAULT_KEEP_PRUNED,
-        help="also verify the partial beams that beam search pruned before its last step: W candidates "
-        "at every depth of the tree (default %(default)s)",
+        "--tree-nodes",
+        type=_at_least(0),
+        default=DEFAULT_TREE_NODES,
+        help="a dynamic tree: verify only the T most probable drafted tokens among the W beam-search "
+        "prefixes held at every depth (default %(default)s; 0 = the W final beams)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -111,7 +111,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
-        keep_pruned=args.keep_pruned,
+        tree_nodes=args.tree_nodes,
     )
 
 
@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure speed side by side with the baselines (Spec-Bench protocol)",
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
-        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-pruned "
-        "(--keep-pruned), redrafter-nornn (--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
+        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-static "
+        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(
         "--prompts",

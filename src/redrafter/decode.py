@@ -50,15 +50,15 @@ class Proposer(Protocol):
 
 
 class DrafterProposer:
-    """Beam search with a :class:`RecurrentDrafter`: ``W`` beams of ``L`` tokens (and, with
-    ``keep_pruned``, the partial beams of the earlier steps: see :func:`~redrafter.beam_search.beam_search`)."""
+    """Beam search with a :class:`RecurrentDrafter`: ``W`` beams of ``L`` tokens, or with ``tree_nodes``
+    the most probable drafted prefixes (see :func:`~redrafter.beam_search.beam_search`)."""
 
-    def __init__(self, drafter: RecurrentDrafter, num_beams: int, draft_len: int, keep_pruned: bool = False) -> None:
+    def __init__(self, drafter: RecurrentDrafter, num_beams: int, draft_len: int, tree_nodes: int = 0) -> None:
         self.drafter, self.num_beams, self.draft_len = drafter, num_beams, draft_len
-        self.keep_pruned = keep_pruned
+        self.tree_nodes = tree_nodes
 
     def __call__(self, hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return beam_search(self.drafter, hidden, last_token, self.num_beams, self.draft_len, self.keep_pruned)
+        return beam_search(self.drafter, hidden, last_token, self.num_beams, self.draft_len, self.tree_nodes)
 
 
 def no_draft(hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

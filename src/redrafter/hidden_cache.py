@@ -23,12 +23,17 @@ from .files import write_json
 from .models import decoder_of
 
 
-def signature(pairs: list, target) -> str:
-    """Of ``pairs`` and the model: changes when any token, the model or its dtype changes."""
-    digest = hashlib.sha256(f"{target.config._name_or_path}|{target.dtype}|{target.config.hidden_size}".encode())
+def _digest(target) -> hashlib._Hash:
+    """A fresh signature digest of the model (name, dtype, width)."""
+    return hashlib.sha256(f"{target.config._name_or_path}|{target.dtype}|{target.config.hidden_size}".encode())
+
+
+def _update(digest: hashlib._Hash, pairs: list) -> hashlib._Hash:
+    """Feed ``pairs``' tokens to ``digest`` (in place) and return it: the signature of a corpus
+    prefix changes when any token, the model or its dtype changes."""
     for prompt, response in pairs:
         digest.update(np.asarray(prompt + response + [-1], dtype=np.int64).tobytes())
-    return digest.hexdigest()[:20]
+    return digest
 
 
 class HiddenStates:
@@ -53,12 +58,14 @@ class HiddenStates:
         done = meta.get("done", 0)
         tokens = max(1, int(self.offsets[-1]))
         path = self.folder / "states.bin"
-        if done > len(pairs) or meta.get("signature") != signature(pairs[:done], target) or not path.is_file():
+        self._digest = _update(_digest(target), pairs[:done])  # of the conversations built so far
+        if done > len(pairs) or meta.get("signature") != self._digest.hexdigest()[:20] or not path.is_file():
             done = 0  # another corpus or model: start over
+            self._digest = _digest(target)
             path.unlink(missing_ok=True)
         with open(path, "ab") as handle:  # create, or grow to the current corpus (keeps the built part)
             handle.truncate(tokens * self.width)
-        meta = {"signature": signature(pairs[:done], target), "conversations": len(pairs), "done": done}
+        meta = {"signature": self._digest.hexdigest()[:20], "conversations": len(pairs), "done": done}
         write_json(meta_path, meta)
         self.states = np.memmap(path, dtype=np.uint8, mode="r+", shape=(tokens, self.width))
         self._build(meta, batch_size, progress)
@@ -86,7 +93,7 @@ class HiddenStates:
                 self.states[self.offsets[index] : self.offsets[index + 1]] = raw
             self.states.flush()
             meta["done"] = start + len(chunk)
-            meta["signature"] = signature(self.pairs[: meta["done"]], self.target)
+            meta["signature"] = _update(self._digest, chunk).hexdigest()[:20]  # grown, not recomputed
             write_json(self.folder / "meta.json", meta)
             bar.update(len(chunk))
         bar.close()
