@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from redrafter.lookup import ContextLookup
+from redrafter.lookup import LookupBeams
 from redrafter.ngrams import build_table
 from redrafter.tree import PAD
 
@@ -33,7 +33,7 @@ def test_continuation_matches_brute_force(seed):
     rng = random.Random(seed)
     vocab = rng.choice([2, 3, 5, 20])
     prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
-    lookup = ContextLookup([prompt], length=6, max_ngram=3, min_ngram=rng.choice([1, 2]))
+    lookup = LookupBeams([prompt], length=6, max_ngram=3, min_ngram=rng.choice([1, 2]))
     history = list(prompt)
     for _ in range(5):  # the history grows by steps of several tokens, as in the decode loop
         emitted = [rng.randrange(vocab) for _ in range(rng.randrange(1, 5))]
@@ -45,19 +45,19 @@ def test_continuation_matches_brute_force(seed):
 
 def test_latest_occurrence_and_longest_suffix_win():
     # "7 8" occurs twice; the suffix "1 7 8" only once, at the start: the trigram decides.
-    lookup = ContextLookup([[1, 7, 8, 2, 3, 7, 8, 4, 5, 1, 7, 8]], length=3)
+    lookup = LookupBeams([[1, 7, 8, 2, 3, 7, 8, 4, 5, 1, 7, 8]], length=3)
     assert lookup.continuation(0, 2) == [2, 3]
-    lookup = ContextLookup([[7, 8, 2, 3, 7, 8, 4, 5, 9, 7, 8]], length=3)
+    lookup = LookupBeams([[7, 8, 2, 3, 7, 8, 4, 5, 9, 7, 8]], length=3)
     assert lookup.continuation(0, 2) == [4, 5]  # the latest "7 8"
 
 
 def test_a_loop_is_continued_past_the_end_of_history():
-    lookup = ContextLookup([[4, 1, 2, 1, 2]], length=6)
+    lookup = LookupBeams([[4, 1, 2, 1, 2]], length=6)
     assert lookup.continuation(0, 5) == [1, 2, 1, 2, 1]
 
 
 def test_no_match_and_row_selection():
-    lookup = ContextLookup([[1, 2, 3], [5, 6, 5]], length=4)
+    lookup = LookupBeams([[1, 2, 3], [5, 6, 5]], length=4)
     assert lookup.continuation(0, 3) is None
     assert lookup.continuation(1, 3) == [6, 5, 6]
     lookup.select([1])
@@ -67,7 +67,7 @@ def test_no_match_and_row_selection():
 
 def test_beams_add_one_padded_lookup_beam():
     # Row 0 repeats itself, row 1 has no earlier occurrence of its last token.
-    lookup = ContextLookup([[3, 4, 5, 6, 3], [7, 8, 9]], length=5)
+    lookup = LookupBeams([[3, 4, 5, 6, 3], [7, 8, 9]], length=5)
     drafted = torch.tensor([[[3, 1, 2], [3, 1, 0]], [[9, 2, 2], [9, 0, 1]]])  # [B=2, W=2, L=3]
     beams = lookup.beams(drafted)
     assert beams.shape == (2, 3, 5)
@@ -78,13 +78,13 @@ def test_beams_add_one_padded_lookup_beam():
 
 
 def test_a_lookup_beam_shorter_than_the_drafts_is_padded():
-    lookup = ContextLookup([[1, 2, 1]], length=2)
+    lookup = LookupBeams([[1, 2, 1]], length=2)
     beams = lookup.beams(torch.tensor([[[1, 5, 5, 5]]]))
     assert beams[0, 1].tolist() == [1, 2, PAD, PAD]
 
 
 def test_a_wholly_accepted_lookup_beam_doubles_up_to_the_maximum_and_a_miss_resets_it():
-    lookup = ContextLookup([[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]], length=3, max_length=8)
+    lookup = LookupBeams([[1, 2, 3, 4, 5, 6, 7, 8, 9, 1]], length=3, max_length=8)
     drafted = torch.tensor([[[1, 0, 0]]])
     assert lookup.beams(drafted)[0, 1].tolist() == [1, 2, 3]
     lookup.extend(0, [2, 3, 4])  # both drafts accepted, then the bonus: the next beam is 6 long
@@ -97,7 +97,7 @@ def test_a_wholly_accepted_lookup_beam_doubles_up_to_the_maximum_and_a_miss_rese
 
 
 def test_a_lookup_beam_never_reaches_past_the_context():
-    lookup = ContextLookup([[1, 2, 3, 4, 5, 6, 1]], length=6, max_positions=9)
+    lookup = LookupBeams([[1, 2, 3, 4, 5, 6, 1]], length=6, max_positions=9)
     beams = lookup.beams(torch.tensor([[[1, 0]]]))
     # The root sits at position 6: two more tokens reach position 8, the last one there is.
     assert beams[0, 1].tolist() == [1, 2, 3]
@@ -106,7 +106,7 @@ def test_a_lookup_beam_never_reaches_past_the_context():
 def test_an_ngram_beam_follows_the_context_beam():
     table = build_table([[9, 4, 4, 1], [6, 6, 6, 6]], min_n=1, max_n=2, min_count=1)
     # Row 0: the context repeats "3 4 5"; the table continues "9" with "4 4 1". Row 1: neither knows 8.
-    lookup = ContextLookup([[3, 4, 5, 3], [7, 8]], length=4, ngrams=table, ngram_length=4)
+    lookup = LookupBeams([[3, 4, 5, 3], [7, 8]], length=4, ngrams=table, ngram_length=4)
     assert lookup.extra_beams == 2
     drafted = torch.tensor([[[3, 1]], [[8, 2]]])  # [B=2, W=1, L=2]
     beams = lookup.beams(drafted)
@@ -119,9 +119,9 @@ def test_an_ngram_beam_follows_the_context_beam():
 
 def test_an_ngram_beam_alone_and_capped_by_the_context():
     table = build_table([[1, 2, 3, 4, 5, 6]], min_n=1, max_n=1, min_count=1)
-    lookup = ContextLookup([[0, 0, 1]], length=0, ngrams=table, ngram_length=8, max_positions=6)
+    lookup = LookupBeams([[0, 0, 1]], length=0, ngrams=table, ngram_length=8, max_positions=6)
     assert lookup.extra_beams == 1
     beams = lookup.beams(torch.tensor([[[1, 7]]]))
     # No context beam; the root sits at position 2, so three drafts reach the last position, 5.
     assert beams.tolist() == [[[1, 7, PAD, PAD], [1, 2, 3, 4]]]
-    assert ContextLookup([[1]], length=3, ngrams=table, ngram_length=1).extra_beams == 1  # too short: off
+    assert LookupBeams([[1]], length=3, ngrams=table, ngram_length=1).extra_beams == 1  # too short: off

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
-from .lookup import ContextLookup
+from .lookup import LookupBeams
 from .models import context_limit, decoder_of
 from .ngrams import NgramTable
 from .sampling import SamplingParams, TokenChooser
@@ -187,7 +187,7 @@ class SpeculativeDecoder:
         emitted = [0] * batch
         lookup = None
         if self.lookup_len > 1 or self.ngrams is not None:
-            lookup = ContextLookup(
+            lookup = LookupBeams(
                 prompts, self.lookup_len, None, self.max_positions, ngrams=self.ngrams, ngram_length=self.ngram_len
             )
 

@@ -28,8 +28,9 @@ from .ngrams import NgramTable
 from .tree import PAD
 
 
-class ContextLookup:
-    """N-gram lookup over each row's prompt and emitted tokens (and optionally a corpus table).
+class LookupBeams:
+    """The extra beams of each row: a context-lookup beam (n-gram matches in the row's own prompt and
+    emitted tokens) and optionally an n-gram beam drafted from a corpus table.
 
     Args:
         prompts: the rows' prompt token ids (the history starts with them).
