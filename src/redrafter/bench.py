@@ -437,7 +437,7 @@ def run_sweep(
             axis.annotate(f"L={length}", (size, tps), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axis.axhline(ar_tps, color="grey", linestyle="--", label="ar")
     axis.set(
-        xlabel=f"tree size 1 + W(L-1) + up to {lookup_nodes} lookup (tokens verified a step, lookups at start length)",
+        xlabel=f"tree size 1 + drafter nodes + up to {lookup_nodes} lookup (tokens verified a step, lookups at start)",
         ylabel="tokens/s",
         title="tokens/s against tree shape",
     )
