@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup demo test lint corpus drafter ngrams
+.PHONY: setup demo test lint corpus corpus-more drafter ngrams
 
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -42,6 +42,13 @@ corpus:
 	$(DISTILL_GPU) --out $(CORPUS)-gpu-seed6 --seed 6 --num-prompts 1792 & \
 	$(DISTILL_GPU) --out $(CORPUS)-gpu-seed7 --seed 7 --num-prompts 1536 & \
 	$(DISTILL_GPU) --out $(CORPUS)-gpu-seed8 --seed 8 --num-prompts 1536 & \
+	wait
+
+# Two more folders made on this CPU for the next drafter (not in the shipped drafter's training
+# data): plain self-written prompts, and prompts begun by the bundled task openers.
+corpus-more:
+	$(DISTILL) --out $(CORPUS)-seed9 --seed 9 --num-prompts 2048 & \
+	$(DISTILL) --out $(CORPUS)-openers-seed10 --seed 10 --num-prompts 2048 --openers default --prompt-max-tokens 96 & \
 	wait
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_target, word_tokenizer
 
-from redrafter.distill import Corpus, DistillConfig, distill
+from redrafter.distill import Corpus, DistillConfig, distill, read_openers
 from redrafter.errors import RedrafterError
 from redrafter.prompts import BenchmarkGuard, read_prompts
 
@@ -164,3 +164,68 @@ def test_cli_bad_prompt_file_is_one_line_and_no_shard(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("redrafter: error") == 1 and ":1: invalid JSON" in err
     assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_openers_begin_the_self_written_prompts(tmp_path, target):
+    model, tokenizer = target
+    openers = ["w30 w31", "w40"]
+    config = DistillConfig(
+        model="tiny",
+        num_prompts=6,
+        shard_size=3,
+        batch_size=8,
+        max_new_tokens=3,
+        prompt_max_tokens=12,
+        dtype="float32",
+        openers=openers,
+    )
+    corpus = distill(config, tmp_path / "steered", model, tokenizer, progress=False)
+    texts = corpus.user_texts()
+    assert len(texts) == 6 and len(set(texts)) == 6
+    assert all(text.startswith(tuple(o + " " for o in openers)) for text in texts)
+    assert {text.split()[0] for text in texts} == {"w30", "w40"}  # both drawn
+    assert corpus.meta()["config"]["openers"] == openers
+    config.openers = ["w50"]
+    with pytest.raises(RedrafterError, match="other settings.*openers"):
+        distill(config, tmp_path / "steered", model, tokenizer, progress=False)
+    with pytest.raises(RedrafterError, match="not both"):
+        config = DistillConfig(model="tiny", prompts=prompt_file(tmp_path, 2), openers=["w9"])
+        distill(config, tmp_path / "x", model, tokenizer)
+
+
+def test_openers_file(tmp_path):
+    assert len(read_openers("default")) > 20 and "Imagine you are" in read_openers("default")
+    path = tmp_path / "openers.txt"
+    path.write_text("Write a poem\n\n  Solve  \n")
+    assert read_openers(str(path)) == ["Write a poem", "Solve"]
+    path.write_text("\n \n")
+    with pytest.raises(RedrafterError, match="no openers"):
+        read_openers(str(path))
+    with pytest.raises(RedrafterError, match="cannot read"):
+        read_openers(str(tmp_path / "missing.txt"))
+
+
+def test_cli_bad_openers_file_is_one_line_and_no_folder(tmp_path, capsys):
+    from redrafter.cli import main
+
+    empty = tmp_path / "openers.txt"
+    empty.write_text("\n")
+    code = main(["distill", "--openers", str(empty), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("redrafter: error") == 1 and "no openers" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corpus_from_before_openers_resumes_but_refuses_them(tmp_path, target):
+    model, tokenizer = target
+    config = DistillConfig(model="tiny", num_prompts=2, shard_size=2, batch_size=4, max_new_tokens=3, dtype="float32")
+    distill(config, tmp_path / "old", model, tokenizer, progress=False)
+    meta_path = tmp_path / "old" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["openers"]  # as written before the setting existed
+    meta_path.write_text(json.dumps(meta))
+    config.num_prompts = 4
+    assert len(distill(config, tmp_path / "old", model, tokenizer, progress=False).conversations()) == 4
+    config.openers = ["w30"]
+    with pytest.raises(RedrafterError, match="other settings.*openers"):
+        distill(config, tmp_path / "old", model, tokenizer, progress=False)

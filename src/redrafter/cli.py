@@ -162,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--out", required=True, help="corpus folder (created; resumed if it exists)")
     dis.add_argument("--prompts", help="JSONL prompt file ('prompt', 'turns' or ShareGPT 'conversations')")
     dis.add_argument(
+        "--openers",
+        help="begin each self-written prompt with an opener drawn from this file (one per line; 'default': the "
+        "bundled list of task openers such as 'Write a poem', 'Solve', 'Imagine you are')",
+    )
+    dis.add_argument(
+        "--prompt-max-tokens",
+        type=_positive,
+        default=48,
+        help="longest self-written prompt; longer ones are dropped (default %(default)s)",
+    )
+    dis.add_argument(
         "--num-prompts", type=_positive, default=2048, help="self-written prompts to make (default %(default)s)"
     )
     dis.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length cap (default %(default)s)")
@@ -343,7 +354,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .distill import DistillConfig, distill
+    from .distill import DistillConfig, distill, read_openers
 
     if args.temperature < 0:
         raise RedrafterError(f"--temperature must be at least 0, got {args.temperature}")
@@ -354,9 +365,11 @@ def run_distill(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        prompt_max_tokens=args.prompt_max_tokens,
         temperature=args.temperature,
         seed=args.seed,
         dtype=args.dtype,
+        openers=read_openers(args.openers) if args.openers else None,
     )
     corpus = distill(config, args.out, device=args.device)
     totals = corpus.meta()["totals"]

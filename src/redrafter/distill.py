@@ -1,8 +1,11 @@
 """``redrafter distill``: a training corpus written by the target itself.
 
 Prompts come from a file, or the target writes them (Magpie-style): a user turn sampled from the
-chat template's empty user prefix. Responses are the target's own greedy (or sampled)
-continuations, which is exactly what a drafter for greedy decoding must predict.
+chat template's empty user prefix, optionally begun with an *opener* ("Write a poem", "Solve",
+"Imagine you are", ... one drawn per prompt from a list) that steers the requests toward the kinds
+of task users ask for: writing, role-play, reasoning, maths, code, extraction, explanations.
+Responses are the target's own greedy (or sampled) continuations, which is exactly what a drafter
+for greedy decoding must predict.
 
 Layout of ``DATA``:
 - ``meta.json``: the model, the settings, and the totals so far;
@@ -16,6 +19,7 @@ Layout of ``DATA``:
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +34,7 @@ from .files import atomic_write, write_json
 from .prompts import BenchmarkGuard, read_prompts
 
 SENTINEL = "\u2063REDRAFTER\u2063"
+BUNDLED_OPENERS = Path(__file__).parent / "data" / "openers.txt"
 
 
 @dataclass
@@ -48,6 +53,20 @@ class DistillConfig:
     temperature: float = 0.0
     seed: int = 0
     dtype: str = "bfloat16"
+    openers: list[str] | None = None
+
+
+def read_openers(path: str) -> list[str]:
+    """Openers of self-written prompts, one per line of ``path`` ('default': the bundled list)."""
+    source = BUNDLED_OPENERS if path == "default" else Path(path)
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RedrafterError(f"--openers {path}: cannot read it ({error})") from None
+    openers = [line.strip() for line in lines if line.strip()]
+    if not openers:
+        raise RedrafterError(f"--openers {path}: no openers (one per line)")
+    return openers
 
 
 def user_prefix(tokenizer) -> str:
@@ -179,12 +198,16 @@ def distill(
     onto ``device`` (which is not part of the corpus's settings: a run may resume on another device)."""
     corpus = Corpus(out)
     previous = corpus.meta().get("config")
-    # A corpus may grow (more prompts); any other change would mix two different corpora.
-    changed = sorted(k for k in previous or {} if k != "num_prompts" and previous[k] != asdict(config).get(k))
+    # A corpus may grow (more prompts); any other change would mix two different corpora. A setting
+    # that an older corpus's meta.json lacks had its default value then (openers: none).
+    settings, defaults = asdict(config), asdict(DistillConfig(model=config.model))
+    changed = [k for k in settings if previous and k != "num_prompts" and previous.get(k, defaults[k]) != settings[k]]
     if changed:
         raise RedrafterError(f"{out} holds a corpus made with other settings ({', '.join(changed)}); use a new --out")
     guard = BenchmarkGuard.mt_bench()
     file_prompts = None
+    if config.prompts is not None and config.openers:
+        raise RedrafterError("openers begin self-written prompts: give --prompts FILE or --openers, not both")
     if config.prompts is not None:
         file_prompts = [p.text for p in read_prompts(config.prompts)]
         for number, text in enumerate(file_prompts, 1):
@@ -213,6 +236,7 @@ def distill(
     prefix_ids = (
         None if file_prompts is not None else tokenizer(user_prefix(tokenizer), add_special_tokens=False)["input_ids"]
     )
+    opener_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in config.openers or [""]]
     bar = tqdm(
         total=total,
         initial=min(total, done_shards * config.shard_size),
@@ -238,9 +262,11 @@ def distill(
             else:
                 if attempt > 50 * (want // config.batch_size + 1):
                     raise RedrafterError("the model keeps writing unusable prompts; give --prompts FILE instead")
+                draw = random.Random(seed)
+                begun = [draw.randrange(len(opener_ids)) for _ in range(config.batch_size)]  # opener per row
                 drafts = _generate(
                     model,
-                    [prefix_ids] * config.batch_size,
+                    [prefix_ids + opener_ids[o] for o in begun],
                     pad,
                     eos,
                     config.prompt_max_tokens,
@@ -249,10 +275,10 @@ def distill(
                     seed,
                 )
                 batch_users = []
-                for ids in drafts:
+                for opener, ids in zip(begun, drafts, strict=True):
                     if not ids or ids[-1] not in eos:  # ran out of room: an unfinished request
                         continue
-                    text = tokenizer.decode(ids[:-1], skip_special_tokens=True).strip()
+                    text = tokenizer.decode(opener_ids[opener] + ids[:-1], skip_special_tokens=True).strip()
                     key = " ".join(text.lower().split())
                     if is_degenerate(text) or key in seen or guard.match(text) is not None:
                         continue
