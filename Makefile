@@ -44,11 +44,15 @@ corpus:
 	$(DISTILL_GPU) --out $(CORPUS)-gpu-seed8 --seed 8 --num-prompts 1536 & \
 	wait
 
-# Two more folders made on this CPU for the next drafter (not in the shipped drafter's training
-# data): plain self-written prompts, and prompts begun by the bundled task openers.
+# More folders made on this CPU for the next drafter (not in the shipped drafter's training data):
+# plain self-written prompts, and prompts begun by the bundled task openers.
+OPENERS = --openers default --prompt-max-tokens 96
 corpus-more:
 	$(DISTILL) --out $(CORPUS)-seed9 --seed 9 --num-prompts 2048 & \
-	$(DISTILL) --out $(CORPUS)-openers-seed10 --seed 10 --num-prompts 2048 --openers default --prompt-max-tokens 96 & \
+	$(DISTILL) --out $(CORPUS)-openers-seed10 --seed 10 --num-prompts 2048 $(OPENERS) & \
+	wait
+	$(DISTILL) --out $(CORPUS)-openers-seed11 --seed 11 --num-prompts 1280 $(OPENERS) & \
+	$(DISTILL) --out $(CORPUS)-openers-seed12 --seed 12 --num-prompts 1280 $(OPENERS) & \
 	wait
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
