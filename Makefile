@@ -44,7 +44,7 @@ corpus:
 	$(DISTILL_GPU) --out $(CORPUS)-gpu-seed8 --seed 8 --num-prompts 1536 & \
 	wait
 
-# More folders made on this CPU for the next drafter (not in the shipped drafter's training data):
+# Four more folders made on this CPU (the shipped drafter's stage 2 trains on them too):
 # plain self-written prompts, and prompts begun by the bundled task openers.
 OPENERS = --openers default --prompt-max-tokens 96
 corpus-more:
@@ -56,23 +56,32 @@ corpus-more:
 	wait
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
-# It was trained on an H100 (TRAIN_DEVICE=cuda: ~10 minutes with the hidden-state cache); on this
-# 2-core CPU the same run takes hours. Many small batches beat few large ones here (measured: same
-# positions seen, held-out accuracy 0.43 with batches of 8 conversations against 0.39 with 32).
+# Stage 1 trains from random weights on the first nine folders; it ran on an H100 (TRAIN_DEVICE=cuda:
+# ~10 minutes with the hidden-state cache); on this 2-core CPU the same run takes hours. Many small
+# batches beat few large ones here (measured: same positions seen, held-out accuracy 0.43 with
+# batches of 8 conversations against 0.39 with 32). Stage 2 goes on from stage 1 on all thirteen
+# folders (ran on this CPU: ~65 minutes of hidden states, then the steps); its held-out conversations
+# of the first nine folders are stage 1's, which it never trained on.
 TRAIN_DEVICE ?= cpu
 TRAIN_ARGS ?= --tied-head --steps 12000 --batch-size 8 --position-fraction 0.25 --warmup 200 \
 	--eval-every 3000 --checkpoint-every 1000 --heldout-every 25
+TUNE_ARGS ?= --steps 8000 --lr 5e-4 --batch-size 8 --position-fraction 0.25 --warmup 200 \
+	--eval-every 4000 --checkpoint-every 500 --heldout-every 25
 DRAFTER_RUN ?= build/drafter-smollm2-135m-instruct
 SHIPPED = src/redrafter/drafters/smollm2-135m-instruct
 TRAIN_DATA = $(CORPUS) $(CORPUS)-seed1 $(CORPUS)-seed2 $(CORPUS)-seed3 $(CORPUS)-seed4 \
 	$(CORPUS)-gpu-seed5 $(CORPUS)-gpu-seed6 $(CORPUS)-gpu-seed7 $(CORPUS)-gpu-seed8
-drafter: corpus
-	OMP_NUM_THREADS=2 redrafter train --data $(TRAIN_DATA) --out $(DRAFTER_RUN) --resume --device $(TRAIN_DEVICE) \
-		--hidden-cache build/hidden-states $(TRAIN_ARGS) --save-dtype bfloat16
-	redrafter ngrams --data $(TRAIN_DATA) --out $(DRAFTER_RUN)
+ALL_DATA = $(TRAIN_DATA) $(CORPUS)-seed9 $(CORPUS)-openers-seed10 $(CORPUS)-openers-seed11 \
+	$(CORPUS)-openers-seed12
+TRAIN = OMP_NUM_THREADS=2 redrafter train --resume --device $(TRAIN_DEVICE) --save-dtype bfloat16
+drafter: corpus corpus-more
+	$(TRAIN) --data $(TRAIN_DATA) --out $(DRAFTER_RUN) --hidden-cache build/hidden-states $(TRAIN_ARGS)
+	$(TRAIN) --init $(DRAFTER_RUN) --data $(ALL_DATA) --out $(DRAFTER_RUN)-2 \
+		--hidden-cache build/hidden-states-all $(TUNE_ARGS)
+	redrafter ngrams --data $(ALL_DATA) --out $(DRAFTER_RUN)-2
 	mkdir -p $(SHIPPED)
-	cp $(DRAFTER_RUN)/config.json $(DRAFTER_RUN)/model.safetensors $(DRAFTER_RUN)/ngrams.safetensors $(SHIPPED)/
+	cp $(DRAFTER_RUN)-2/config.json $(DRAFTER_RUN)-2/model.safetensors $(DRAFTER_RUN)-2/ngrams.safetensors $(SHIPPED)/
 
 # Only the shipped drafter's n-gram table, from the committed corpus (seconds).
 ngrams:
-	redrafter ngrams --data $(TRAIN_DATA) --out $(SHIPPED)
+	redrafter ngrams --data $(ALL_DATA) --out $(SHIPPED)

@@ -251,3 +251,35 @@ def test_cli_ngrams_adds_a_table_to_a_drafter_folder(setup, tmp_path, capsys):
     assert "not a drafter folder" in capsys.readouterr().err
     assert main(["ngrams", "--data", str(corpus), "--out", str(tmp_path / "d"), "--min-n", "4", "--max-n", "2"]) == 2
     assert "--min-n 4 is above --max-n 2" in capsys.readouterr().err
+
+
+def test_cli_train_init_starts_from_a_drafter_and_keeps_its_shape(setup, tmp_path, capsys):
+    from redrafter.cli import main
+
+    model, _ = setup
+    model.save_pretrained(tmp_path / "model")
+    word_tokenizer().save_pretrained(tmp_path / "model")
+    corpus = tmp_path.parent / "corpus0" / "data"  # written by the module fixture
+    common = ["train", "--model", str(tmp_path / "model"), "--data", str(corpus), "--heldout-every", "5"]
+    common += ["--steps", "4", "--warmup", "1", "--eval-every", "4"]
+    assert main([*common, "--out", str(tmp_path / "base"), "--draft-vocab", "30", "--layers", "1"]) == 0
+    assert main(["ngrams", "--data", str(corpus), "--out", str(tmp_path / "base"), "--heldout-every", "5"]) == 0
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    # At learning rate 0 a run from --init ends with exactly its weights; at 1e-2 it moves on from them.
+    assert main([*common, "--out", str(tmp_path / "same"), "--init", str(tmp_path / "base"), "--lr", "0"]) == 0
+    same = load_file(tmp_path / "same" / "model.safetensors")
+    assert same.keys() == base.keys() and all(torch.equal(same[k], base[k]) for k in base)
+    assert main([*common, "--out", str(tmp_path / "moved"), "--init", str(tmp_path / "base"), "--lr", "1e-2"]) == 0
+    moved = load_file(tmp_path / "moved" / "model.safetensors")
+    assert torch.equal(moved["draft_vocab"], base["draft_vocab"])
+    assert not torch.equal(moved["lm_head.0.linear.weight"], base["lm_head.0.linear.weight"])
+    config = RecurrentDrafter.from_pretrained(tmp_path / "moved").config
+    assert config.draft_vocab_size == 30 and config.num_draft_layers == 1
+    assert not (tmp_path / "moved" / "ngrams.safetensors").exists()  # the base's table is of other data
+    capsys.readouterr()
+    init = ["--init", str(tmp_path / "base")]
+    assert main([*common, "--out", str(tmp_path / "x"), *init, "--draft-vocab", "20", "--tied-head"]) == 2
+    assert "drop --draft-vocab, --tied-head" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "x"), "--init", str(tmp_path / "nowhere")]) == 2
+    assert "drafter not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

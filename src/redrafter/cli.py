@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", nargs="+", required=True, help="corpus folders made by redrafter distill")
     tr.add_argument("--out", required=True, help="output drafter folder")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
+    tr.add_argument(
+        "--init",
+        help="start from this drafter folder ('default': the shipped one) instead of random weights; its shape "
+        "and draft vocabulary are kept (its n-gram table is not: run redrafter ngrams on OUT)",
+    )
     tr.add_argument("--steps", type=_positive, default=2000)
     tr.add_argument("--batch-size", type=_positive, default=16, help="conversations per step (default %(default)s)")
     tr.add_argument("--lr", type=float, default=1e-3)
@@ -411,7 +416,7 @@ def run_ngrams(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import time
 
-    from .api import DTYPES
+    from .api import DTYPES, resolve_drafter
     from .models import load_target
     from .train import TrainConfig, Trainer, coverage, load_corpora, plot_metrics
 
@@ -419,6 +424,18 @@ def run_train(args: argparse.Namespace) -> int:
         raise RedrafterError(f"--position-fraction must be in (0, 1], got {args.position_fraction}")
     if args.heldout_every < 2:
         raise RedrafterError("--heldout-every must be at least 2")
+    if args.init:
+        defaults = TrainConfig()
+        shape_flags = {
+            "--draft-vocab": args.draft_vocab != defaults.draft_vocab,
+            "--exit-dim": args.exit_dim is not None,
+            "--layers": args.layers != defaults.num_draft_layers,
+            "--no-rnn": args.no_rnn,
+            "--tied-head": args.tied_head,
+        }
+        given = [flag for flag, set_here in shape_flags.items() if set_here]
+        if given:
+            raise RedrafterError(f"--init takes the drafter's shape from {args.init}: drop {', '.join(given)}")
     pairs = load_corpora(args.data)
     config = TrainConfig(
         steps=args.steps,
@@ -448,14 +465,21 @@ def run_train(args: argparse.Namespace) -> int:
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun: one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     target, _ = load_target(args.model, device=device)
-    trainer = Trainer(target, config, pairs, out, hidden_cache=args.hidden_cache)
+    init = None
+    if args.init:
+        init = resolve_drafter(args.init, args.model)
+        if init is None:
+            raise RedrafterError(f"--init {args.init}: no shipped drafter for --model {args.model}")
+        init.check_fits(target.config.hidden_size, target.config.vocab_size)
+        init.ngrams = None  # a table of other corpora: OUT gets its own from redrafter ngrams
+    trainer = Trainer(target, config, pairs, out, drafter=init, hidden_cache=args.hidden_cache)
     train = [pairs[i] for i in trainer.train_idx]
     heldout = [pairs[i] for i in trainer.heldout_idx]
     if args.resume and (out / "checkpoint" / "state.pt").is_file():
         trainer.load_checkpoint()
     started = time.perf_counter()
     drafter = trainer.train()
-    final = trainer.evaluate()
+    final = trainer.last_eval or trainer.evaluate()  # the loop evaluates at its last step
     if args.save_dtype != "float32":
         copy = type(drafter)(drafter.config)
         copy.load_state_dict(drafter.state_dict())

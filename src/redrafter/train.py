@@ -167,6 +167,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.drafter, self.optimizer, self.scheduler = self.accelerator.prepare(drafter, optimizer, scheduler)
         self.step = 0
+        self.last_eval: dict | None = None  # the latest evaluation of this process's run, if any
 
     # -- schedule and data ----------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -411,7 +412,8 @@ class Trainer:
                     }
                 )
             if self.step % config.eval_every == 0 or self.step == config.steps:
-                self.log({"step": self.step, "eval": self.evaluate()})
+                self.last_eval = self.evaluate()
+                self.log({"step": self.step, "eval": self.last_eval})
             if self.step % config.checkpoint_every == 0 or self.step == end:
                 self.save_checkpoint()
         bar.close()
