@@ -464,12 +464,11 @@ def run_train(args: argparse.Namespace) -> int:
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # accelerate launch / torchrun: one GPU per process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
+    init = resolve_drafter(args.init, args.model) if args.init else None  # before the slow model load
+    if args.init and init is None:
+        raise RedrafterError(f"--init {args.init}: no drafter (a drafter folder, or 'default' with the default model)")
     target, _ = load_target(args.model, device=device)
-    init = None
-    if args.init:
-        init = resolve_drafter(args.init, args.model)
-        if init is None:
-            raise RedrafterError(f"--init {args.init}: no shipped drafter for --model {args.model}")
+    if init is not None:
         init.check_fits(target.config.hidden_size, target.config.vocab_size)
         init.ngrams = None  # a table of other corpora: OUT gets its own from redrafter ngrams
     trainer = Trainer(target, config, pairs, out, drafter=init, hidden_cache=args.hidden_cache)
