@@ -58,6 +58,9 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             out,
             "--methods",
             *ALL_METHODS,
+            "--variant",
+            "w2l2",
+            "beams=2,draft-len=2,lookup-len=0,ngram-len=0",
         ),
     )
     assert code == 0 and "speedup" in stdout
@@ -76,7 +79,11 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "transformers",
     ]:
         assert key in results["config"]
-    assert set(results["methods"]) == set(ALL_METHODS)
+    assert set(results["methods"]) == {*ALL_METHODS, "w2l2"}
+    # The variant's settings took: two tokens a step at most (L = 2, no lookup beams), same output.
+    for record in results["prompts"]:
+        entry = record["methods"]["w2l2"]
+        assert set(entry["accepted_histogram"]) <= {"1", "2"} and entry["identical"]
     for row in results["methods"].values():
         assert set(row) >= {"tokens_per_second", "tokens_per_step", "seconds", "new_tokens"}
     assert set(results["summary"]) >= {"speedup", "speedup_vs_hf", "tokens_per_step", "identical"}
@@ -87,6 +94,16 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     first = results["prompts"][0]["methods"]
     assert first["ar"]["steps"] == first["ar"]["new_tokens"] == first["hf"]["new_tokens"]
     assert sum(first["redrafter"]["accepted_histogram"].values()) == first["redrafter"]["steps"] - 1
+    # Replayed along ar's output, which every drafting method's output equals here (float64), the
+    # drafts take exactly the steps the method took; methods without our drafter are not replayed.
+    for record in results["prompts"]:
+        for name, entry in record["methods"].items():
+            if name.startswith("redrafter") or name == "w2l2":
+                assert entry["replayed_steps"] == entry["steps"], (name, record["question_id"])
+            else:
+                assert "replayed_steps" not in entry
+    assert results["summary"]["replayed_tokens_per_step"] == results["summary"]["tokens_per_step"]
+    assert "on ar text" in stdout
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG" and (out / "acceptance.png").is_file()
     assert not list(out.glob(".*"))
 
@@ -102,14 +119,14 @@ def test_identical_check_catches_an_engine_that_changes_output(
 
     def broken(*args):
         methods = real(*args)
-        honest = methods["redrafter"]
+        honest = methods["redrafter"].run
 
         def changed(ids):
             result = honest(ids)
             result.token_ids[2] = (result.token_ids[2] + 1) % 96
             return result
 
-        methods["redrafter"] = changed
+        methods["redrafter"].run = changed
         return methods
 
     monkeypatch.setattr(bench, "make_methods", broken)
@@ -167,6 +184,13 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
     [
         (["--methods", "redrafter", "bogus"], "unknown method(s) bogus"),
         (["--methods", "redrafter-nornn"], "needs --ablation-drafter"),
+        (["--variant", "w2", "beams=2,depth=3"], "'depth=3' is not SETTING=N"),
+        (["--variant", "w2", "beams"], "'beams' is not SETTING=N"),
+        (["--variant", "w2", "beams=two"], "beams takes a whole number, got 'two'"),
+        (["--variant", "w2", "beams=0"], "--beams must be at least 1"),
+        (["--variant", "ar", "beams=2"], "--variant ar: the name of a method"),
+        (["--variant", "w2", "beams=2", "--variant", "w2", "beams=3"], "each NAME once"),
+        (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):

@@ -18,11 +18,11 @@ from .models import context_limit, load_target
 from .sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
-DEFAULT_NUM_BEAMS = 4
-DEFAULT_DRAFT_LEN = 3
-DEFAULT_LOOKUP_LEN = 8
+DEFAULT_NUM_BEAMS = 6
+DEFAULT_DRAFT_LEN = 4
+DEFAULT_LOOKUP_LEN = 12
 DEFAULT_NGRAM_LEN = 4
-DEFAULT_TREE_NODES = 0
+DEFAULT_TREE_NODES = 9
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 

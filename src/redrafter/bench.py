@@ -49,6 +49,16 @@ class Run:
     accepted: list[int] | None = None
 
 
+@dataclass
+class Method:
+    """A benchmarked method: ``run`` decodes a prompt's ids; ``engine`` is set for our drafting loop
+    (its drafts are then also replayed along ``ar``'s output, see
+    :meth:`~redrafter.decode.SpeculativeDecoder.replay`)."""
+
+    run: Callable[[list[int]], Run]
+    engine: ReDrafter | None = None
+
+
 class ForwardCounter:
     """Counts the target's forward passes (a hook on the model's decoder)."""
 
@@ -77,26 +87,57 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes))
 
 
+# What a --variant may set: its CLI spelling -> the ReDrafter keyword.
+VARIANT_SETTINGS = {
+    "beams": "num_beams",
+    "draft-len": "draft_len",
+    "lookup-len": "lookup_len",
+    "ngram-len": "ngram_len",
+    "tree-nodes": "tree_nodes",
+}
+
+
+def parse_variant(name: str, settings: str) -> dict[str, int]:
+    """``"beams=4,draft-len=3"`` -> ``{"num_beams": 4, "draft_len": 3}`` (keyword arguments of
+    :class:`ReDrafter`) for the variant ``name``, or a clear error."""
+    changes = {}
+    for item in settings.split(","):
+        key, sep, value = item.strip().partition("=")
+        if key.strip() not in VARIANT_SETTINGS or not sep:
+            raise RedrafterError(
+                f"--variant {name}: {item.strip()!r} is not SETTING=N with SETTING one of {', '.join(VARIANT_SETTINGS)}"
+            )
+        try:
+            changes[VARIANT_SETTINGS[key.strip()]] = int(value)
+        except ValueError:
+            raise RedrafterError(
+                f"--variant {name}: {key.strip()} takes a whole number, got {value.strip()!r}"
+            ) from None
+    return changes
+
+
 def make_methods(
     rd: ReDrafter,
     names: list[str],
     max_new_tokens: int,
     ablation_drafter: RecurrentDrafter | None,
     counter: ForwardCounter,
-) -> dict[str, Callable[[list[int]], Run]]:
-    """The benchmark's methods by name, each a function of the prompt ids."""
+    variants: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Method]:
+    """The benchmark's methods by name; ``variants`` adds our loop with some settings changed
+    (name -> keyword arguments of :class:`ReDrafter`, as from :func:`parse_variant`)."""
     target = rd.target
     eos = sorted(rd.decoder.eos_token_ids)
 
-    def ours(engine: ReDrafter) -> Callable[[list[int]], Run]:
+    def ours(engine: ReDrafter) -> Method:
         def run(ids: list[int]) -> Run:
             before = counter.count
             result = engine.generate_ids([ids], max_new_tokens)[0]
             return Run(result.token_ids, result.seconds, counter.count - before, result.accepted)
 
-        return run
+        return Method(run, engine if engine.drafter is not None else None)
 
-    def hf(**kwargs) -> Callable[[list[int]], Run]:
+    def hf(**kwargs) -> Method:
         def run(ids: list[int]) -> Run:
             inputs = torch.tensor([ids], device=target.device)
             before, start = counter.count, time.perf_counter()
@@ -113,9 +154,9 @@ def make_methods(
             seconds = time.perf_counter() - start
             return Run(out[0, len(ids) :].tolist(), seconds, counter.count - before)
 
-        return run
+        return Method(run)
 
-    available: dict[str, Callable[[], Callable[[list[int]], Run]]] = {
+    available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
         "hf": lambda: hf(),
@@ -129,11 +170,18 @@ def make_methods(
     unknown = [n for n in names if n not in available]
     if unknown:
         raise RedrafterError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(available)}")
-    if rd.drafter is None and any(n.startswith("redrafter") for n in names):
-        raise RedrafterError("the redrafter methods need a drafter (--drafter FOLDER)")
+    variants = variants or {}
+    taken = [n for n in variants if n in available]
+    if taken:
+        raise RedrafterError(f"--variant {', '.join(taken)}: the name of a method; choose another")
+    if rd.drafter is None and (variants or any(n.startswith("redrafter") for n in names)):
+        raise RedrafterError("the redrafter methods and variants need a drafter (--drafter FOLDER)")
     if "redrafter-nornn" in names and ablation_drafter is None:
         raise RedrafterError("redrafter-nornn needs --ablation-drafter FOLDER (a drafter trained with --no-rnn)")
-    return {name: available[name]() for name in names}
+    methods = {name: available[name]() for name in names}
+    for name, changes in variants.items():
+        methods[name] = ours(variant(rd, **changes))
+    return methods
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -160,13 +208,16 @@ def run_benchmark(
     ablation_drafter: RecurrentDrafter | None = None,
     raw: bool = False,
     progress: bool = True,
+    variants: dict[str, dict[str, int]] | None = None,
 ) -> dict:
-    """Measure ``methods`` on ``prompts``; write ``out/results.json`` and the plots; return the results."""
+    """Measure ``methods`` (and ``variants``, see :func:`make_methods`) on ``prompts``; write
+    ``out/results.json`` and the plots; return the results."""
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speed and for identical output
     counter = ForwardCounter(rd.decoder.decoder)
     try:
-        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter)
+        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants)
+        methods = list(runners)
         records = _measure(rd, prompts, methods, runners, raw, progress)
     finally:
         counter.close()
@@ -180,21 +231,27 @@ def run_benchmark(
 
 
 def _measure(
-    rd: ReDrafter, prompts: list[Prompt], methods: list[str], runners: dict, raw: bool, progress: bool
+    rd: ReDrafter, prompts: list[Prompt], methods: list[str], runners: dict[str, Method], raw: bool, progress: bool
 ) -> list[dict]:
-    """Warm every method up, then run them all on each prompt, in an order rotating per prompt."""
+    """Warm every method up, then run them all on each prompt, in an order rotating per prompt;
+    then (untimed) replay each drafting method along ``ar``'s output."""
     encoded = [rd.encode(p.text, raw) for p in prompts]
     for runner in runners.values():
-        runner(encoded[0][:64])
+        runner.run(encoded[0][:64])
     records = []
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     for index, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
         order = methods[index % len(methods) :] + methods[: index % len(methods)]
         runs = {}
         for name in order:
-            runs[name] = runners[name](ids)
+            runs[name] = runners[name].run(ids)
             bar.update(1)
-        records.append(prompt_record(rd.target, prompt, ids, methods, runs))
+        record = prompt_record(rd.target, prompt, ids, methods, runs)
+        for name in methods:
+            engine = runners[name].engine
+            if engine is not None and "ar" in runs:
+                record["methods"][name]["replayed_steps"] = len(engine.decoder.replay(ids, runs["ar"].token_ids))
+        records.append(record)
         bar.set_postfix_str(f"redrafter/ar {_ratio(records, 'redrafter', 'ar'):.2f}x" if "redrafter" in runs else "")
     bar.close()
     return records
@@ -229,16 +286,24 @@ def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], ru
 
 
 def _totals(records: list[dict], method: str, category: str | None = None) -> dict:
-    rows = [r["methods"][method] for r in records if category is None or r["category"] == category]
+    """A method's sums over the prompts (of one category); ``replayed_tokens_per_step`` for a
+    drafting method: ``ar``'s tokens over the steps its drafts take when replayed along them."""
+    chosen = [r for r in records if category is None or r["category"] == category]
+    rows = [r["methods"][method] for r in chosen]
     tokens = sum(r["new_tokens"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     steps = sum(r["steps"] for r in rows)
-    return {
+    totals = {
         "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
         "tokens_per_step": round(tokens / steps, 4) if steps else 0.0,
         "seconds": round(seconds, 3),
         "new_tokens": tokens,
     }
+    replayed_steps = sum(row.get("replayed_steps", 0) for row in rows)
+    if replayed_steps:
+        ar_tokens = sum(r["methods"]["ar"]["new_tokens"] for r in chosen)
+        totals["replayed_tokens_per_step"] = round(ar_tokens / replayed_steps, 4)
+    return totals
 
 
 def _ratio(records: list[dict], method: str, base: str, category: str | None = None) -> float:
@@ -275,6 +340,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "speedup": round(_ratio(records, main, "ar"), 4),
             "speedup_vs_hf": round(_ratio(records, main, "hf"), 4) if "hf" in methods else None,
             "tokens_per_step": _totals(records, main)["tokens_per_step"],
+            "replayed_tokens_per_step": _totals(records, main).get("replayed_tokens_per_step"),
             "identical": round(sum(r["methods"][main]["identical"] for r in records) / len(records), 4),
             "different": sum(1 for r in records if not r["methods"][main]["identical"]),
             "differences_on_near_ties": sum(
@@ -285,6 +351,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             c: {
                 "speedup": round(_ratio(records, main, "ar", c), 4),
                 "tokens_per_step": _totals(records, main, c)["tokens_per_step"],
+                "replayed_tokens_per_step": _totals(records, main, c).get("replayed_tokens_per_step"),
                 "tokens_per_second": _totals(records, main, c)["tokens_per_second"],
                 "methods": {m: round(_ratio(records, m, "ar", c), 4) for m in methods},
             }
@@ -510,20 +577,31 @@ def run_profile(rd: ReDrafter, encoded: list[list[int]], max_new_tokens: int, ou
 def format_table(results: dict) -> str:
     """The terminal summary: one line per method, then per category."""
     ar = results["methods"]["ar"]["tokens_per_second"]
-    lines = [f"{'method':<18}{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'tokens':>9}{'seconds':>10}"]
+
+    def replayed(row: dict) -> str:
+        value = row.get("replayed_tokens_per_step")
+        return f"{value:>13.2f}" if value is not None else f"{'-':>13}"
+
+    header = f"{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens':>9}{'seconds':>10}"
+    lines = [f"{'method':<18}{header}"]
     for name, row in results["methods"].items():
         lines.append(
             f"{name:<18}{row['tokens_per_second']:>10.2f}{row['tokens_per_second'] / ar:>8.2f}x"
-            f"{row['tokens_per_step']:>10.2f}{row['new_tokens']:>9}{row['seconds']:>10.1f}"
+            f"{row['tokens_per_step']:>10.2f}{replayed(row)}{row['new_tokens']:>9}{row['seconds']:>10.1f}"
         )
     lines.append("")
-    lines.append(f"{'category':<18}{'speedup':>9}{'tok/step':>10}{'tokens/s':>10}")
+    lines.append(f"{'category':<18}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens/s':>10}")
     for name, row in results["per_category"].items():
         lines.append(
-            f"{name:<18}{row['speedup']:>8.2f}x{row['tokens_per_step']:>10.2f}{row['tokens_per_second']:>10.2f}"
+            f"{name:<18}{row['speedup']:>8.2f}x{row['tokens_per_step']:>10.2f}{replayed(row)}"
+            f"{row['tokens_per_second']:>10.2f}"
         )
     s = results["summary"]
     lines.append("")
+    lines.append(
+        "tok/step on ar text: the same drafts replayed along ar's output (teacher-forced), "
+        "free of where low-precision near-ties sent each output"
+    )
     lines.append(
         f"identical to ar: {s['identical']:.0%} of prompts; {s['different']} differ, "
         f"{s['differences_on_near_ties']} of them first on a near-tie of the target's top-2 logits (results.json)"

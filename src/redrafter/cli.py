@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
         "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-static "
-        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter). Writes OUT/results.json, speedup.png, acceptance.png.",
+        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter), and --variant tree shapes. Writes OUT/results.json, "
+        "speedup.png, acceptance.png.",
     )
     be.add_argument(
         "--prompts",
@@ -296,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-new-tokens", type=_positive, default=256)
     be.add_argument("--methods", nargs="+", default=["redrafter", "ar", "hf", "hf-pld"])
     be.add_argument("--ablation-drafter", help="a drafter trained without the RNN, for redrafter-nornn")
+    be.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "SETTINGS"),
+        help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
+        "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes; repeatable)",
+    )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")
     be.add_argument("--sweep", action="store_true", help="also measure tokens/s for a grid of W x L")
@@ -501,8 +511,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .api import resolve_drafter
-    from .bench import default_prompt_file, format_table, run_batch_sweep, run_benchmark, run_profile, run_sweep
+    from .bench import (
+        default_prompt_file,
+        format_table,
+        parse_variant,
+        run_batch_sweep,
+        run_benchmark,
+        run_profile,
+        run_sweep,
+    )
 
+    variants = {name: parse_variant(name, settings) for name, settings in args.variant}
+    if len(variants) < len(args.variant):
+        raise RedrafterError("--variant: each NAME once")
     prompts = read_prompts(args.prompts or default_prompt_file())[: args.limit]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -510,7 +531,7 @@ def run_bench(args: argparse.Namespace) -> int:
     drafter = resolve_drafter(args.drafter, args.model)
     ablation = resolve_drafter(args.ablation_drafter, args.model) if args.ablation_drafter else None
     rd = _load_engine(args, drafter)
-    results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw)
+    results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw, variants=variants)
     print(format_table(results))
     encoded = [rd.encode(p.text, args.raw) for p in prompts]
     if args.sweep:

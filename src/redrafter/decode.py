@@ -41,6 +41,9 @@ from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, tree_attention_mask
 from .verify import verify
 
+# A token id no draft holds (drafts are ids >= 0 or PAD = -1): the target's choice past a known output.
+UNKNOWN = -2
+
 
 class Proposer(Protocol):
     """Anything that drafts beams: the recurrent drafter, or a test oracle."""
@@ -185,11 +188,7 @@ class SpeculativeDecoder:
         row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
         emitted = [0] * batch
-        lookup = None
-        if self.lookup_len > 1 or self.ngrams is not None:
-            lookup = LookupBeams(
-                prompts, self.lookup_len, None, self.max_positions, ngrams=self.ngrams, ngram_length=self.ngram_len
-            )
+        lookup = self._lookup(prompts)
 
         step_tokens = last_token[:, None]
         step_counts = torch.ones(batch, dtype=torch.long, device=device)
@@ -266,6 +265,56 @@ class SpeculativeDecoder:
                 row_length = row_length + verdict.num_tokens
                 step_tokens, step_counts = verdict.tokens, verdict.num_tokens
                 last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
+
+    def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
+        """The rows' context-lookup and n-gram beams, or None when both are off."""
+        if self.lookup_len <= 1 and self.ngrams is None:
+            return None
+        return LookupBeams(
+            prompts, self.lookup_len, None, self.max_positions, ngrams=self.ngrams, ngram_length=self.ngram_len
+        )
+
+    @torch.inference_mode()
+    def replay(self, prompt: list[int], output: list[int]) -> list[int]:
+        """Teacher-forced acceptance: what each target forward would emit if greedy decoding of
+        ``prompt`` produced ``output`` (say, plain greedy decoding's output).
+
+        The draft of every step comes from the target's hidden states along ``prompt + output``
+        (one plain forward), the lookup beams from the same history, and a drafted token is accepted
+        while it equals ``output``: the steps :meth:`decode` takes when its output is ``output``
+        (token for token in float64). In low precision, where a tree forward's rounding can turn a
+        near-tie and send the output elsewhere, this is the acceptance on one fixed text, so it
+        compares drafters and tree shapes without that noise.
+
+        Args:
+            prompt: the prompt's token ids.
+            output: the generated token ids (EOS included when reached).
+        Returns:
+            tokens emitted per target forward, the prefill's one token first; they sum to ``len(output)``.
+        """
+        if not output:
+            return []
+        device = self.target.device
+        sequence = torch.tensor([prompt + output], device=device)  # [1, P + A]
+        hidden = self.decoder(input_ids=sequence, use_cache=False).last_hidden_state[0]  # [P + A, d]
+        truth = torch.tensor(output + [UNKNOWN], device=device)  # the target's choice after each output token
+        lookup = self._lookup([prompt])
+        counts, done = [1], 1  # the prefill emits output[0]
+        while done < len(output):
+            if lookup is not None:
+                lookup.extend(0, output[done - counts[-1] : done])
+            position = len(prompt) + done - 1  # of output[done - 1], the tree's root
+            beams = self.proposer(hidden[position - 1][None], sequence[:, position], torch.tensor([position]))
+            if lookup is not None:
+                beams = lookup.beams(beams)
+            tree = build_tree(beams)
+            # After a node at depth k on the output's own path the target chooses output[done + k];
+            # only such nodes are ever consulted.
+            choice = truth[(done + tree.depth).clamp(max=len(output))]  # [1, N]
+            emitted = min(int(verify(beams, tree.node_index, choice).num_tokens[0]), len(output) - done)
+            counts.append(emitted)
+            done += emitted
+        return counts
 
     def _tree_depth(self) -> int:
         return max(getattr(self.proposer, "draft_len", 1), self.lookup_len, self.ngram_len)
