@@ -102,17 +102,15 @@ def parse_variant(name: str, settings: str) -> dict[str, int]:
     :class:`ReDrafter`) for the variant ``name``, or a clear error."""
     changes = {}
     for item in settings.split(","):
-        key, sep, value = item.strip().partition("=")
-        if key.strip() not in VARIANT_SETTINGS or not sep:
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if key not in VARIANT_SETTINGS or not sep:
             raise RedrafterError(
                 f"--variant {name}: {item.strip()!r} is not SETTING=N with SETTING one of {', '.join(VARIANT_SETTINGS)}"
             )
         try:
-            changes[VARIANT_SETTINGS[key.strip()]] = int(value)
+            changes[VARIANT_SETTINGS[key]] = int(value)
         except ValueError:
-            raise RedrafterError(
-                f"--variant {name}: {key.strip()} takes a whole number, got {value.strip()!r}"
-            ) from None
+            raise RedrafterError(f"--variant {name}: {key} takes a whole number, got {value!r}") from None
     return changes
 
 

@@ -304,7 +304,8 @@ class SpeculativeDecoder:
             if lookup is not None:
                 lookup.extend(0, output[done - counts[-1] : done])
             position = len(prompt) + done - 1  # of output[done - 1], the tree's root
-            beams = self.proposer(hidden[position - 1][None], sequence[:, position], torch.tensor([position]))
+            at = torch.tensor([position], device=device)
+            beams = self.proposer(hidden[position - 1][None], sequence[:, position], at)
             if lookup is not None:
                 beams = lookup.beams(beams)
             tree = build_tree(beams)
