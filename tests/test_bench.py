@@ -232,3 +232,61 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, fail)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_int4_bench_with_a_stratified_subset_and_the_cost_curve(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
+    out = tmp_path / "q"
+    extra = ["--dtype", "float32", "--weights", "int4", "--methods", "redrafter", "llama.cpp", "--per-category", "1"]
+    code, stdout, err = run(
+        capsys, *bench_args(model_dir, drafter_dir, prompt_file, out, *extra, "--cost-curve", "1,4")
+    )
+    assert code == 0 and "skipping llama.cpp: the model is not a .gguf file" in err
+    results = json.loads((out / "results.json").read_text())
+    config = results["config"]
+    assert config["weights"] == "int4" and config["quantization"]["from_weights"] == 14 and config["peak_rss_mb"] > 0
+    assert set(results["methods"]) == {"ar", "redrafter"}
+    assert [r["category"] for r in results["prompts"]] == ["writing", "math"]  # the first of each category
+    assert results["summary"]["identical"] == 1.0  # lossless with int4 weights (float32, row-exact kernels)
+    curve = json.loads((out / "cost_curve.json").read_text())["ms_per_forward"]
+    assert set(curve) == {"float", "int8", "int4"} and all(set(row) == {"1", "4"} for row in curve.values())
+    assert all(ms > 0 for row in curve.values() for ms in row.values()) and "cost int4" in stdout
+    assert (out / "cost_curve.png").is_file()
+
+
+def test_llama_cpp_runs_greedy_from_a_fresh_context(monkeypatch, model_dir, tmp_path):
+    """The llama.cpp method's wiring, with a stand-in for llama-cpp-python: the GGUF file and torch's
+    threads are passed, every run starts from a reset context, and it stops at EOS or the budget."""
+    import sys
+    import types
+
+    import torch
+
+    from redrafter.api import ReDrafter
+
+    calls = []
+
+    class FakeLlama:
+        def __init__(self, **kwargs):
+            calls.append(("init", kwargs))
+
+        def reset(self):
+            calls.append(("reset",))
+
+        def generate(self, ids, **kwargs):
+            calls.append(("generate", list(ids), kwargs))
+            yield from [7, 8, 1, 9] if ids[0] == 5 else iter(lambda: 6, None)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
+    rd = ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32")
+    rd.decoder.eos_token_ids = frozenset([1])
+    counter = bench.ForwardCounter(rd.decoder.decoder)
+    gguf = tmp_path / "model.gguf"
+    method = bench.make_methods(rd, ["llama.cpp"], 5, None, counter, gguf=gguf)["llama.cpp"]
+    assert method.run([5, 2]).token_ids == [7, 8, 1]  # EOS emitted, then the run stops
+    run = method.run([4])
+    assert run.token_ids == [6] * 5 and run.steps == 5 and run.seconds > 0
+    init = calls[0][1]
+    assert init["model_path"] == str(gguf) and init["n_threads"] == torch.get_num_threads()
+    assert [c[0] for c in calls[1:]] == ["reset", "generate", "reset", "generate"]
+    assert calls[2][2]["top_k"] == 1 and calls[2][2]["temp"] == 0.0

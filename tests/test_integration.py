@@ -75,6 +75,16 @@ def test_default_model_matches_hf_greedy_or_differs_on_a_near_tie(engines, index
         assert gap <= NEAR_TIE, f"{name} differs at token {first} where the target is not near a tie (gap {gap})"
 
 
+def assert_equal_or_near_tie(target, ids: list[int], got: list[int], expected: list[int], label: str) -> None:
+    """``got`` equals ``expected`` (``ar``'s output), or first differs where ``target``'s top-2 logits nearly tie."""
+    if got == expected:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b)
+    gap = top2_gap(target, ids + expected[:first])
+    print(f"{label}: differs from ar at token {first}; top-2 gap {gap:.4f}")
+    assert gap <= NEAR_TIE
+
+
 @pytest.fixture(scope="module")
 def shipped(engines):
     ar, _ = engines
@@ -94,10 +104,27 @@ def test_shipped_drafter_is_lossless_up_to_near_ties_and_accepts_drafts(shipped)
         expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
         result = rd.generate_ids([ids], NEW_TOKENS)[0]
         emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1  # the prefill excluded
-        if result.token_ids != expected:
-            first = next(i for i, (a, b) in enumerate(zip(result.token_ids, expected, strict=False)) if a != b)
-            gap = top2_gap(ar.target, ids + expected[:first])
-            print(f"prompt {index}: shipped drafter differs from ar at token {first}; top-2 gap {gap:.4f}")
-            assert gap <= NEAR_TIE
+        assert_equal_or_near_tie(ar.target, ids, result.token_ids, expected, f"prompt {index}: shipped drafter")
     print(f"shipped drafter: {emitted / steps:.2f} tokens per step on 4 prompts x {NEW_TOKENS} tokens")
+    assert emitted / steps > 1.5
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_default_model_is_lossless_up_to_near_ties(weights):
+    """With the target's linear layers at 8 or 4 bits (int4: the GGUF's own Q4_1 values, all 210 layers),
+    the shipped drafter's output equals ``ar``'s with the same weights, or first differs on a near-tie
+    of that target's top-2 logits."""
+    rd = ReDrafter.from_pretrained("default", drafter="default", dtype="bfloat16", weights=weights)
+    assert rd.quantization.weights == weights
+    if weights == "int4":
+        assert rd.quantization.from_file == 210 and rd.quantization.from_weights == 0
+    ar = ReDrafter(rd.target, rd.tokenizer, None)
+    lines = PROMPTS.read_text().splitlines()
+    emitted = steps = 0
+    for index in range(3):
+        ids = ar.encode(json.loads(lines[index * 5 + 2])["prompt"])
+        expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
+        result = rd.generate_ids([ids], NEW_TOKENS)[0]
+        emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1
+        assert_equal_or_near_tie(rd.target, ids, result.token_ids, expected, f"{weights} prompt {index}")
     assert emitted / steps > 1.5

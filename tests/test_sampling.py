@@ -32,27 +32,34 @@ VOCAB, NEW, ROWS = 8, 3, 6000
 PROMPT = [1, 5, 2]
 
 
-@pytest.fixture(scope="module")
-def target():
+def sampling_target(
+    hidden_size: int = 16, kv_heads: int = 1, scale: float = 12.0, dtype: torch.dtype = torch.float64
+) -> LlamaForCausalLM:
+    """A tiny Llama over the 8-token vocabulary, weights scaled so its distributions are neither flat nor one-hot."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=1,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=64,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).to(torch.float64).eval()
+    model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(12.0)  # neither flat nor one-hot
+                p.mul_(scale)
     return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return sampling_target()
 
 
 def exact_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
@@ -74,7 +81,8 @@ def sampled_counts(
     model, params: SamplingParams, lookup_len: int = 0, ngram_len: int = 0, tree_nodes: int = 0
 ) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
-    drafter = RecurrentDrafter(DrafterConfig(hidden_size=16, vocab_size=VOCAB)).to(torch.float64)
+    config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB)
+    drafter = RecurrentDrafter(config).to(model.dtype)
     drafter.attach(model.get_input_embeddings())
     # A table of random text: its drafts are deterministic guesses, as a real corpus's are.
     text = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(2)).tolist()

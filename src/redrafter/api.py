@@ -14,15 +14,34 @@ from transformers import PreTrainedModel
 from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
-from .models import context_limit, load_target
+from .models import context_limit, gguf_source, load_target
+from .quant import QuantizationReport, check_quantizable, quantize_target
 from .sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
-DEFAULT_NUM_BEAMS = 6
-DEFAULT_DRAFT_LEN = 4
-DEFAULT_LOOKUP_LEN = 12
-DEFAULT_NGRAM_LEN = 4
-DEFAULT_TREE_NODES = 9
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """What one step drafts: keyword arguments of :class:`ReDrafter` (see there)."""
+
+    num_beams: int
+    draft_len: int
+    lookup_len: int
+    ngram_len: int
+    tree_nodes: int
+
+
+# The default tree per weight precision (--weights), each measured fastest for its precision on the
+# bundled prompt set (not a benchmark's; README "Weights at their own precision"): on this CPU a
+# forward of n tokens costs far more per token with the int8 and int4 kernels than with float
+# weights (a 12-token forward is 2.1 single ones with int4, 1.3 with bfloat16), so they take small trees.
+DEFAULT_SHAPES = {
+    "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
+    "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
+    "int4": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
+}
+DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -85,6 +104,7 @@ class ReDrafter:
         tree_nodes: verify only the ``T`` most probable drafted prefixes that beam search held at
             any depth (a dynamic tree, :func:`redrafter.beam_search.beam_search`); 0 for the ``W``
             final beams.
+        quantization: how ``target``'s weights were quantized (:func:`redrafter.quant.quantize_target`).
     """
 
     def __init__(
@@ -92,11 +112,12 @@ class ReDrafter:
         target: PreTrainedModel,
         tokenizer,
         drafter: RecurrentDrafter | None = None,
-        num_beams: int = DEFAULT_NUM_BEAMS,
-        draft_len: int = DEFAULT_DRAFT_LEN,
-        lookup_len: int = DEFAULT_LOOKUP_LEN,
-        ngram_len: int = DEFAULT_NGRAM_LEN,
-        tree_nodes: int = DEFAULT_TREE_NODES,
+        num_beams: int = DEFAULT_SHAPES["float"].num_beams,
+        draft_len: int = DEFAULT_SHAPES["float"].draft_len,
+        lookup_len: int = DEFAULT_SHAPES["float"].lookup_len,
+        ngram_len: int = DEFAULT_SHAPES["float"].ngram_len,
+        tree_nodes: int = DEFAULT_SHAPES["float"].tree_nodes,
+        quantization: QuantizationReport | None = None,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -109,6 +130,7 @@ class ReDrafter:
         if tree_nodes < 0:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+        self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         proposer: Proposer = no_draft
@@ -133,25 +155,38 @@ class ReDrafter:
         drafter: str | os.PathLike | RecurrentDrafter | None = "default",
         dtype: str | torch.dtype = "bfloat16",
         device: str | torch.device = "cpu",
-        num_beams: int = DEFAULT_NUM_BEAMS,
-        draft_len: int = DEFAULT_DRAFT_LEN,
-        lookup_len: int = DEFAULT_LOOKUP_LEN,
-        ngram_len: int = DEFAULT_NGRAM_LEN,
-        tree_nodes: int = DEFAULT_TREE_NODES,
+        weights: str = "float",
+        num_beams: int | None = None,
+        draft_len: int | None = None,
+        lookup_len: int | None = None,
+        ngram_len: int | None = None,
+        tree_nodes: int | None = None,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
         ``drafter``: a drafter folder, ``"default"`` (the one shipped for the default model, if
         any; none otherwise) or ``None``/``"none"`` for autoregressive decoding.
+        ``weights``: ``"float"`` (weights in ``dtype``), ``"int8"`` or ``"int4"``: the target's
+        linear layers weight-only quantized (:mod:`redrafter.quant`; int4 from a Q4_0/Q4_1 GGUF
+        runs the file's own 4-bit values). The tree settings left None take the defaults of
+        ``weights`` (:data:`DEFAULT_SHAPES`).
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise RedrafterError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
+        if weights not in DEFAULT_SHAPES:
+            raise RedrafterError(f"unknown weights {weights!r}; choose one of {', '.join(DEFAULT_SHAPES)}")
+        if weights != "float":  # refused before the model loads
+            check_quantizable(torch.device(device), dtype, weights)
+        drafter = resolve_drafter(drafter, model)
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        return cls(
-            target, tokenizer, resolve_drafter(drafter, model), num_beams, draft_len, lookup_len, ngram_len, tree_nodes
+        quantization = quantize_target(target, weights, gguf_source(model))
+        given = dict(
+            num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )
+        shape = asdict(DEFAULT_SHAPES[weights]) | {k: v for k, v in given.items() if v is not None}
+        return cls(target, tokenizer, drafter, **shape, quantization=quantization)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

@@ -7,7 +7,10 @@ hook on the target itself, so ``tokens_per_step`` means the same thing for every
 
 from __future__ import annotations
 
+import importlib.util
 import platform
+import resource
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,8 +26,11 @@ from .decode import StageClock
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
-from .models import decoder_of, hidden_to_logits
+from .kv_cache import TreeKVCache
+from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
+from .quant import WEIGHTS, quantize_target
+from .sampling import exact_argmax
 
 SHARED_MT_BENCH = Path("../shared/data/mt_bench.jsonl")
 OWN_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -84,7 +90,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         ngram_len=rd.ngram_len,
         tree_nodes=rd.tree_nodes,
     )
-    return ReDrafter(rd.target, rd.tokenizer, **(settings | changes))
+    return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
 
 # What a --variant may set: its CLI spelling -> the ReDrafter keyword.
@@ -121,9 +127,12 @@ def make_methods(
     ablation_drafter: RecurrentDrafter | None,
     counter: ForwardCounter,
     variants: dict[str, dict[str, int]] | None = None,
+    gguf: Path | None = None,
 ) -> dict[str, Method]:
     """The benchmark's methods by name; ``variants`` adds our loop with some settings changed
-    (name -> keyword arguments of :class:`ReDrafter`, as from :func:`parse_variant`)."""
+    (name -> keyword arguments of :class:`ReDrafter`, as from :func:`parse_variant`). ``llama.cpp``
+    decodes greedily through llama-cpp-python on ``gguf`` (the file the target was loaded from) with
+    as many threads as torch; without the package or a GGUF file it is skipped with a note."""
     target = rd.target
     eos = sorted(rd.decoder.eos_token_ids)
 
@@ -154,6 +163,29 @@ def make_methods(
 
         return Method(run)
 
+    def llama_cpp() -> Method:
+        from llama_cpp import Llama
+
+        llm = Llama(
+            model_path=str(gguf),
+            n_ctx=context_limit(target.config),
+            n_threads=torch.get_num_threads(),
+            n_threads_batch=torch.get_num_threads(),
+            verbose=False,
+        )
+
+        def run(ids: list[int]) -> Run:
+            tokens: list[int] = []
+            llm.reset()  # no prompt prefix reused from the previous run: every method prefills in full
+            start = time.perf_counter()
+            for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                tokens.append(token)
+                if token in eos or len(tokens) >= max_new_tokens:
+                    break
+            return Run(tokens, time.perf_counter() - start, len(tokens))
+
+        return Method(run)
+
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
@@ -164,6 +196,7 @@ def make_methods(
         "redrafter-nongrams": lambda: ours(variant(rd, ngram_len=0)),
         "redrafter-static": lambda: ours(variant(rd, tree_nodes=0)),
         "redrafter-nornn": lambda: ours(variant(rd, drafter=ablation_drafter)),
+        "llama.cpp": llama_cpp,
     }
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -176,10 +209,28 @@ def make_methods(
         raise RedrafterError("the redrafter methods and variants need a drafter (--drafter FOLDER)")
     if "redrafter-nornn" in names and ablation_drafter is None:
         raise RedrafterError("redrafter-nornn needs --ablation-drafter FOLDER (a drafter trained with --no-rnn)")
+    if "llama.cpp" in names and (gguf is None or importlib.util.find_spec("llama_cpp") is None):
+        why = "the model is not a .gguf file" if gguf is None else "llama-cpp-python is not installed"
+        print(f"redrafter: bench: skipping llama.cpp: {why}", file=sys.stderr)
+        names = [n for n in names if n != "llama.cpp"]
     methods = {name: available[name]() for name in names}
     for name, changes in variants.items():
         methods[name] = ours(variant(rd, **changes))
     return methods
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``ru_maxrss``)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now, in MiB (Linux's ``/proc/self/statm``; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * resource.getpagesize() / 2**20, 1)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -207,6 +258,7 @@ def run_benchmark(
     raw: bool = False,
     progress: bool = True,
     variants: dict[str, dict[str, int]] | None = None,
+    gguf: Path | None = None,
 ) -> dict:
     """Measure ``methods`` (and ``variants``, see :func:`make_methods`) on ``prompts``; write
     ``out/results.json`` and the plots; return the results."""
@@ -214,7 +266,7 @@ def run_benchmark(
         methods = ["ar", *methods]  # the reference for speed and for identical output
     counter = ForwardCounter(rd.decoder.decoder)
     try:
-        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants)
+        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants, gguf)
         methods = list(runners)
         records = _measure(rd, prompts, methods, runners, raw, progress)
     finally:
@@ -318,6 +370,9 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "model": str(getattr(rd.target.config, "_name_or_path", "")),
             "drafter": None if rd.drafter is None else rd.drafter.config.__dict__,
             "dtype": str(rd.target.dtype).removeprefix("torch."),
+            "weights": rd.quantization.weights,
+            "quantization": rd.quantization.to_json(),
+            "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,
             "draft_len": rd.draft_len,
             "lookup_len": rd.lookup_len,
@@ -386,7 +441,8 @@ def plot_speedup(results: dict, path: Path) -> None:
     c = results["config"]
     dynamic = f", {c['tree_nodes']} drafted nodes" if c.get("tree_nodes") else ""
     axis.set_title(
-        f"speedup over autoregressive decoding ({c['dtype']}, {c['device']}, W={c['beams']}, L={c['draft_len']}, "
+        f"speedup over autoregressive decoding ({c['dtype']}, {c.get('weights', 'float')} weights, "
+        f"{c['device']}, W={c['beams']}, L={c['draft_len']}, "
         f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}{dynamic})"
     )
     axis.legend(fontsize=8)
@@ -605,3 +661,78 @@ def format_table(results: dict) -> str:
         f"{s['differences_on_near_ties']} of them first on a near-tie of the target's top-2 logits (results.json)"
     )
     return "\n".join(lines)
+
+
+@torch.inference_mode()
+def run_cost_curve(
+    model: str,
+    dtype: torch.dtype,
+    device: str,
+    sizes: list[int],
+    out: Path,
+    context: int = 256,
+    repeats: int = 15,
+) -> dict:
+    """Milliseconds of one target forward of ``n`` tokens (after ``context`` cached ones, fewer if the
+    model's context is short; the head
+    and exact argmax included, as a decode step runs them) for every ``n`` in ``sizes`` and every
+    weight precision; the precisions and sizes are interleaved, medians reported.
+    Writes ``cost_curve.json`` and ``cost_curve.png``."""
+    targets = {}
+    for weights in WEIGHTS:
+        target, _ = load_target(model, dtype=dtype, device=device)
+        quantize_target(target, weights, gguf_source(model))
+        targets[weights] = target
+    config = next(iter(targets.values())).config
+    context = min(context, context_limit(config) - max(sizes) - 1)  # a short-context model: fewer cached
+    if context < 1:
+        raise RedrafterError(f"--cost-curve: {max(sizes)} tokens do not fit the model's context")
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (1, context + max(sizes)), generator=generator).to(device)
+    caches = {}
+    for weights, target in targets.items():
+        caches[weights] = TreeKVCache(config.num_hidden_layers, capacity=context + max(sizes))
+        positions = torch.arange(context, device=device)[None]
+        decoder_of(target)(input_ids=prompt[:, :context], position_ids=positions, cache=caches[weights])
+    times: dict[str, dict[int, list[float]]] = {w: {n: [] for n in sizes} for w in targets}
+    for repeat in range(repeats + 2):  # the first two rounds warm up
+        for n in sizes:
+            tokens = prompt[:, context : context + n]
+            positions = torch.arange(context, context + n, device=device)[None]
+            mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
+            for weights, target in targets.items():
+                start = time.perf_counter()
+                hidden = decoder_of(target)(
+                    input_ids=tokens, attention_mask=mask, position_ids=positions, cache=caches[weights]
+                ).last_hidden_state
+                exact_argmax(target, hidden)
+                if target.device.type == "cuda":
+                    torch.cuda.synchronize(target.device)
+                if repeat >= 2:
+                    times[weights][n].append(1000 * (time.perf_counter() - start))
+                caches[weights].crop(-n)
+    curve = {w: {str(n): round(sorted(t)[len(t) // 2], 3) for n, t in rows.items()} for w, rows in times.items()}
+    result = {
+        "context": context,
+        "repeats": repeats,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "ms_per_forward": curve,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "cost_curve.json", result)
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for weights, row in curve.items():
+        axis.plot(sizes, [row[str(n)] for n in sizes], marker="o", label=f"{weights} weights")
+    axis.set(
+        xlabel="tokens in one target forward (tree size)",
+        ylabel="ms per forward (head and argmax included)",
+        title=f"cost of a forward after {context} cached tokens ({result['dtype']})",
+    )
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    figure.tight_layout()
+    atomic_write(out / "cost_curve.png", lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+    return result

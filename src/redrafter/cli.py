@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .errors import RedrafterError
 from .files import write_json, write_jsonl
-from .prompts import read_prompts
+from .prompts import per_category, read_prompts
 
 if TYPE_CHECKING:  # the CLI imports torch and transformers only inside the commands that need them
     from .api import ReDrafter
@@ -48,15 +48,15 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _shape_defaults(setting: str) -> str:
+    """``"6 (float), 6 (int8), 4 (int4)"``: a tree setting's default for each weight precision."""
+    from .api import DEFAULT_SHAPES
+
+    return ", ".join(f"{getattr(shape, setting)} ({weights})" for weights, shape in DEFAULT_SHAPES.items())
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .api import (
-        DEFAULT_DRAFT_LEN,
-        DEFAULT_LOOKUP_LEN,
-        DEFAULT_NGRAM_LEN,
-        DEFAULT_NUM_BEAMS,
-        DEFAULT_TREE_NODES,
-        DTYPES,
-    )
+    from .api import DEFAULT_SHAPES, DTYPES
 
     parser.add_argument(
         "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
@@ -65,34 +65,39 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--drafter", default="default", help="a drafter folder, 'default' (shipped for the default model) or 'none'"
     )
     parser.add_argument(
-        "--beams", type=_positive, default=DEFAULT_NUM_BEAMS, help="beams W drafted per step (default %(default)s)"
+        "--weights",
+        choices=list(DEFAULT_SHAPES),
+        default="float",
+        help="the target's linear layers: float (in --dtype, default), int8 (per-row scales) or int4 (groups of 32; "
+        "a Q4_0/Q4_1 GGUF runs its own 4-bit values); weight-only, activations in --dtype, CPU only",
+    )
+    parser.add_argument(
+        "--beams",
+        type=_positive,
+        help=f"beams W drafted per step (default by --weights: {_shape_defaults('num_beams')})",
     )
     parser.add_argument(
         "--draft-len",
         type=_positive,
-        default=DEFAULT_DRAFT_LEN,
-        help="tokens per beam L, root included (default %(default)s)",
+        help=f"tokens per beam L, root included (default {_shape_defaults('draft_len')})",
     )
     parser.add_argument(
         "--lookup-len",
         type=_at_least(0),
-        default=DEFAULT_LOOKUP_LEN,
         help="tokens of one more beam copied from the prompt and output so far, root included "
-        "(default %(default)s; 0 = none)",
+        f"(default {_shape_defaults('lookup_len')}; 0 = none)",
     )
     parser.add_argument(
         "--ngram-len",
         type=_at_least(0),
-        default=DEFAULT_NGRAM_LEN,
         help="tokens of one more beam drafted from the drafter's corpus n-gram table, root included "
-        "(default %(default)s; 0 = none; ignored for a drafter without ngrams.safetensors)",
+        f"(default {_shape_defaults('ngram_len')}; 0 = none; ignored for a drafter without ngrams.safetensors)",
     )
     parser.add_argument(
         "--tree-nodes",
         type=_at_least(0),
-        default=DEFAULT_TREE_NODES,
         help="a dynamic tree: verify only the T most probable drafted tokens among the W beam-search "
-        "prefixes held at every depth (default %(default)s; 0 = the W final beams)",
+        f"prefixes held at every depth (default {_shape_defaults('tree_nodes')}; 0 = the W final beams)",
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
@@ -102,17 +107,26 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
     """The :class:`~redrafter.api.ReDrafter` that :func:`_add_model_options`'s options describe."""
     from .api import ReDrafter
 
-    return ReDrafter.from_pretrained(
+    rd = ReDrafter.from_pretrained(
         args.model,
         drafter=drafter,
         dtype=args.dtype,
         device=args.device,
+        weights=args.weights,
         num_beams=args.beams,
         draft_len=args.draft_len,
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
         tree_nodes=args.tree_nodes,
     )
+    report = rd.quantization
+    if report.weights != "float":
+        print(
+            f"redrafter: {report.weights} weights: {report.from_file} linear layers with the file's own 4-bit values, "
+            f"{report.from_weights} quantized from their weights ({report.linear_bytes / 2**20:.1f} MiB)",
+            file=sys.stderr,
+        )
+    return rd
 
 
 class _Parser(argparse.ArgumentParser):
@@ -285,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), hf (transformers generate), hf-pld (prompt lookup), redrafter-w1 (one beam), "
         "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-static "
-        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter), and --variant tree shapes. Writes OUT/results.json, "
-        "speedup.png, acceptance.png.",
+        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter), llama.cpp (llama-cpp-python on the same .gguf "
+        "file), and --variant tree shapes. Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(
         "--prompts",
@@ -294,8 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
         "if it exists, else the bundled prompt set)",
     )
     be.add_argument("--limit", type=_positive, help="only the first N prompts")
+    be.add_argument(
+        "--per-category", type=_positive, help="only the first N prompts of each category (a stratified subset)"
+    )
     be.add_argument("--max-new-tokens", type=_positive, default=256)
-    be.add_argument("--methods", nargs="+", default=["redrafter", "ar", "hf", "hf-pld"])
+    be.add_argument(
+        "--methods",
+        nargs="+",
+        default=["redrafter", "ar", "hf", "hf-pld", "llama.cpp"],
+        help="methods to run (default %(default)s; llama.cpp is skipped with a note without llama-cpp-python or "
+        "a .gguf model)",
+    )
     be.add_argument("--ablation-drafter", help="a drafter trained without the RNN, for redrafter-nornn")
     be.add_argument(
         "--variant",
@@ -314,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-size", type=_int_list, help="also measure tokens/s at these batch sizes, e.g. 1,4,8")
     be.add_argument(
         "--profile", action="store_true", help="also time each stage of a decode step (redrafter and ar): profile.json"
+    )
+    be.add_argument(
+        "--cost-curve",
+        type=_int_list,
+        metavar="SIZES",
+        help="also time one target forward of each of these token counts (e.g. 1,2,4,8,16,32) for every --weights "
+        "precision, interleaved: cost_curve.json and cost_curve.png",
     )
     _add_model_options(be)
     be.set_defaults(run=run_bench)
@@ -352,7 +382,10 @@ def run_generate(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.json:
         result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        from .bench import peak_rss_mb, rss_mb
+
+        extra = {"weights": rd.quantization.weights, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        print(json.dumps(result.to_json() | extra, ensure_ascii=False))
         return 0
     stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
     for piece in stream:
@@ -517,21 +550,36 @@ def run_bench(args: argparse.Namespace) -> int:
         parse_variant,
         run_batch_sweep,
         run_benchmark,
+        run_cost_curve,
         run_profile,
         run_sweep,
     )
+    from .models import gguf_source
 
     variants = {name: parse_variant(name, settings) for name, settings in args.variant}
     if len(variants) < len(args.variant):
         raise RedrafterError("--variant: each NAME once")
-    prompts = read_prompts(args.prompts or default_prompt_file())[: args.limit]
+    prompts = read_prompts(args.prompts or default_prompt_file())
+    if args.per_category:
+        prompts = per_category(prompts, args.per_category)
+    prompts = prompts[: args.limit]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RedrafterError(f"--out {out} exists and is not a folder")
     drafter = resolve_drafter(args.drafter, args.model)
     ablation = resolve_drafter(args.ablation_drafter, args.model) if args.ablation_drafter else None
     rd = _load_engine(args, drafter)
-    results = run_benchmark(rd, prompts, args.methods, args.max_new_tokens, out, ablation, args.raw, variants=variants)
+    results = run_benchmark(
+        rd,
+        prompts,
+        args.methods,
+        args.max_new_tokens,
+        out,
+        ablation,
+        args.raw,
+        variants=variants,
+        gguf=gguf_source(args.model),
+    )
     print(format_table(results))
     encoded = [rd.encode(p.text, args.raw) for p in prompts]
     if args.sweep:
@@ -549,6 +597,10 @@ def run_bench(args: argparse.Namespace) -> int:
         for name, row in run_profile(rd, encoded, args.max_new_tokens, out).items():
             stages = ", ".join(f"{k} {v:.1f}" for k, v in row["stages_ms_per_step"].items())
             print(f"profile {name}: {row['ms_per_step']:.1f} ms/step = {stages}")
+    if args.cost_curve:
+        curve = run_cost_curve(args.model, rd.target.dtype, args.device, args.cost_curve, out)
+        for weights, row in curve["ms_per_forward"].items():
+            print(f"cost {weights:<6}" + "  ".join(f"{n}: {ms:.1f} ms" for n, ms in row.items()))
     print(f"results: {out / 'results.json'}", file=sys.stderr)
     return 0
 

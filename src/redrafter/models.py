@@ -67,6 +67,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     return path
 
 
+def gguf_source(model: str | os.PathLike) -> Path | None:
+    """The GGUF file that ``model`` is loaded from (``"default"`` or a ``.gguf`` path), else None."""
+    if str(model) == "default":
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def converted_gguf_folder(gguf: Path) -> Path:
     """Dequantize ``gguf`` once into a cached Hugging Face folder; return that folder."""
     stat = gguf.stat()

@@ -52,6 +52,17 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def per_category(prompts: list[Prompt], count: int) -> list[Prompt]:
+    """The first ``count`` prompts of each category, in file order (a fixed stratified subset)."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for prompt in prompts:
+        if taken.get(prompt.category, 0) < count:
+            taken[prompt.category] = taken.get(prompt.category, 0) + 1
+            chosen.append(prompt)
+    return chosen
+
+
 def _prompt_text(row: object) -> str | None:
     if not isinstance(row, dict):
         return None

@@ -1,0 +1,286 @@
+"""Weight-only quantized target: its linear layers at 4 or 8 bits, activations in the compute dtype.
+
+A CPU forward of a small model is bound by reading its weights, so fewer bits per weight make every
+forward cheaper. Two of PyTorch's CPU kernels do the work:
+
+- **int4** (``aten._weight_int4pack_mm_for_cpu``): groups of ``G = 32`` consecutive inputs of an
+  output row share a scale and a zero, ``w = (q - 8) * scale + zero`` with codes ``q`` in 0..15.
+  A GGUF tensor stored as Q4_1 (``w = d q + m`` per block of 32) maps onto this with
+  ``scale = d``, ``zero = m + 8 d``; Q4_0 (``w = d (q - 8)``) with ``scale = d``, ``zero = 0``. So
+  the codes run are the file's own. The one rounding is of the scales and zeros: the kernel wants
+  them in the activations' dtype. In float32 ``d`` (a float16) is exact and ``m + 8 d`` is rounded
+  once (exact unless ``m`` and ``d`` are 2^13 apart); in bfloat16 both keep 8 significant bits, a
+  relative error of at most 2^-9 per scale, the same rounding a bfloat16 copy of the weights has.
+  Any other tensor (another GGUF type, a Hugging Face folder) is quantized from its weights in the
+  same form, Q4_1-style: per group, ``scale = (max - min) / 15`` and codes ``round((w - min) / scale)``.
+- **int8** (``aten._weight_int8pack_mm``): one scale per output row, symmetric,
+  ``scale = max |w| / 127``, codes ``round(w / scale)``: always quantized from the weights (GGUF's
+  Q8_0 has one scale per 32 weights, which this kernel cannot hold).
+
+Only the linear layers inside the decoder are quantized. Embeddings, norms and the output head
+stay in the compute dtype: the head's rows are also what exact argmax and a tied drafter head read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import RedrafterError
+
+WEIGHTS = ("float", "int8", "int4")
+GROUP_SIZE = 32
+# GGUF types whose blocks are exactly int4 groups of 32 (a scale, and a minimum for Q4_1).
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+
+
+class QuantizationError(RedrafterError):
+    """A target that cannot run with the asked weight precision."""
+
+
+@dataclass
+class Int4Weight:
+    """An ``[N, K]`` weight as int4 codes with one scale and zero per group of ``G`` inputs.
+
+    Attributes:
+        codes: ``[N, K]`` uint8 in 0..15.
+        scale: ``[N, K // G]`` float32.
+        zero: ``[N, K // G]`` float32, the value of code 8.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """``[N, K]`` float32 weights ``(q - 8) * scale + zero``."""
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        zero = self.zero.repeat_interleave(self.group_size, dim=1)
+        return (self.codes.float() - 8) * scale + zero
+
+    def rows(self, index: torch.Tensor) -> Int4Weight:
+        """The output rows ``index`` (a permutation or a subset), as a new weight."""
+        return Int4Weight(self.codes[index], self.scale[index], self.zero[index])
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4Weight:
+    """``[N, K]`` float weights -> min-max int4 codes per group of ``group_size`` inputs (Q4_1's form)."""
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = (high - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = ((groups - low[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return Int4Weight(codes.reshape(out_features, in_features), scale, low + 8 * scale)
+
+
+def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Weight:
+    """A GGUF Q4_0/Q4_1 tensor's raw blocks (``[N, K / 32 * bytes per block]`` uint8, as
+    ``gguf.GGUFReader`` maps them) -> its own codes, scales and zeros, shape ``[N, K]``.
+
+    A block is ``d`` (float16), for Q4_1 ``m`` (float16), then 16 bytes: element ``j`` of the
+    block is the low nibble of byte ``j`` for ``j < 16`` and the high nibble of byte ``j - 16`` after.
+    """
+    out_features, in_features = shape
+    header = {"Q4_0": 2, "Q4_1": 4}[type_name]
+    blocks = np.ascontiguousarray(data).reshape(out_features, in_features // GROUP_SIZE, header + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., header:]
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out_features, in_features)
+    scale = torch.from_numpy(d)
+    if type_name == "Q4_1":
+        minimum = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        zero = minimum + 8 * scale
+    else:
+        zero = torch.zeros_like(scale)
+    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
+
+
+def check_quantizable(device: torch.device, dtype: torch.dtype, what: str) -> None:
+    """Raise :class:`QuantizationError` unless ``what`` (int8, int4) weights run on ``device`` in ``dtype``."""
+    if device.type != "cpu":
+        raise QuantizationError(f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise QuantizationError(f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}")
+
+
+class Int4Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as packed int4 codes and per-group scales and zeros.
+
+    Args:
+        weight: the codes, scales and zeros (``[N, K]``, ``N`` a multiple of 16).
+        bias: ``[N]`` or None.
+        dtype: the activations' dtype (the scales and zeros are stored in it).
+    """
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        check_quantizable(torch.device("cpu"), dtype, "int4")
+        self.out_features, self.in_features = weight.codes.shape
+        self.group_size = weight.group_size
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 2)
+        scales_and_zeros = torch.stack([weight.scale.T, weight.zero.T], dim=-1)  # [K // G, N, 2]
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``."""
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as int8 codes and one scale per output row.
+
+    Args:
+        weight: ``[N, K]`` float weights, quantized here (``scale = max |w| / 127`` per row).
+        bias: ``[N]`` or None.
+        dtype: the activations' dtype (the scales are stored in it).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        check_quantizable(torch.device("cpu"), dtype, "int8")
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
+        scale = weight.abs().amax(dim=1) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.register_buffer("codes", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``."""
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.codes, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_target` did: layer counts and the bytes the linear layers now take."""
+
+    weights: str
+    from_file: int = 0
+    from_weights: int = 0
+    linear_bytes: int = 0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _file_int4_weights(target: nn.Module, gguf_file: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Raw Q4_0/Q4_1 blocks of ``gguf_file`` by the target's module name (``model.layers.0.self_attn.q_proj``)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_file)
+    field = reader.fields.get("general.architecture")
+    arch_name = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        return {}
+    name_map = gguf.get_tensor_name_map(arch, target.config.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    found = {}
+    for name, module in target.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        gguf_name = name_map.get_name(name)
+        tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
+        if tensor is not None and tensor.tensor_type.name in GGUF_INT4_TYPES:
+            found[name] = (tensor.data, tensor.tensor_type.name)
+    return found
+
+
+def _match_rows(file_weight: Int4Weight, module: nn.Linear) -> Int4Weight | None:
+    """``file_weight`` with its rows in the module's order (the GGUF converter permutes the rows of
+    some projections, such as Llama's query and key), or None when the values do not match.
+
+    Rows are compared after rounding to the module's dtype: the module's weights were dequantized
+    from the same file by transformers, so each of its rows equals exactly one file row.
+    """
+    ours = module.weight.detach()
+    theirs = file_weight.dequantize().to(ours.dtype)
+    if theirs.shape != ours.shape:
+        return None
+    if torch.equal(theirs, ours):
+        return file_weight
+    by_bytes: dict[bytes, int] = {}
+    for index, row in enumerate(theirs.float().numpy()):
+        by_bytes.setdefault(row.tobytes(), index)
+    order = [by_bytes.get(row.tobytes()) for row in ours.float().numpy()]
+    if None in order or len(set(order)) != len(order):
+        return None
+    return file_weight.rows(torch.tensor(order))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLike | None = None) -> QuantizationReport:
+    """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear` or :class:`Int8Linear`.
+
+    Args:
+        target: a causal LM on the CPU in bfloat16, float16 or float32.
+        weights: ``"float"`` (nothing changes), ``"int8"`` or ``"int4"``.
+        gguf_file: the GGUF file the target was loaded from, if any: with ``"int4"``, its Q4_0 and
+            Q4_1 tensors give the codes, scales and zeros as stored (checked against the loaded
+            weights); every other layer is quantized from its weights.
+    Returns:
+        a :class:`QuantizationReport`.
+    """
+    if weights not in WEIGHTS:
+        raise QuantizationError(f"unknown weight precision {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    report = QuantizationReport(weights)
+    if weights == "float":
+        return report
+    check_quantizable(target.device, target.dtype, weights)
+    decoder = target.get_decoder() if hasattr(target, "get_decoder") else target.model
+    prefix = next(name for name, module in target.named_modules() if module is decoder)
+    linears = [(f"{prefix}.{n}", m) for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise QuantizationError(f"model type {target.config.model_type!r} has no linear layers to quantize")
+    for name, module in linears:
+        if module.out_features % 16 or module.in_features % GROUP_SIZE:
+            raise QuantizationError(
+                f"{weights} weights cannot pack {name} ([{module.out_features}, {module.in_features}]): "
+                f"outputs must be a multiple of 16 and inputs of {GROUP_SIZE}"
+            )
+    file_weights = _file_int4_weights(target, Path(gguf_file)) if weights == "int4" and gguf_file else {}
+    for name, module in linears:
+        if weights == "int8":
+            replacement: nn.Module = Int8Linear(module.weight, module.bias, target.dtype)
+            report.from_weights += 1
+        else:
+            matched = None
+            if name in file_weights:
+                data, type_name = file_weights[name]
+                matched = _match_rows(gguf_int4(data, type_name, tuple(module.weight.shape)), module)
+            report.from_file += matched is not None
+            report.from_weights += matched is None
+            replacement = Int4Linear(matched or quantize_int4(module.weight), module.bias, target.dtype)
+        report.linear_bytes += sum(b.numel() * b.element_size() for b in replacement.buffers())
+        _set_module(target, name, replacement)
+    return report

@@ -1,0 +1,234 @@
+"""Weight-only quantized targets (``--weights int8|int4``).
+
+- GGUF Q4_0/Q4_1 blocks become int4 codes, scales and zeros that dequantize to what the GGUF
+  dequantizer gives (synthetic blocks with edge values, and a real tensor of the default model), and
+  the CPU kernel applies those weights.
+- Lossless per precision: on tiny float32 targets of every family, greedy speculative decoding with
+  int8 or int4 weights equals plain greedy decoding with the same weights, token for token (the
+  kernels give each row of a batch the same bits whatever the number of rows, checked here too), and
+  exact sampling keeps the int4 target's distribution (chi-square).
+- Bad input: an unknown precision, a layer the kernel cannot pack, a device or dtype without kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_target
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from test_parity import hf_greedy, random_drafter, random_prompt, speculative
+from test_sampling import ROWS, chi_square_pvalue, exact_distribution, sampled_counts, sampling_target
+
+from redrafter.cli import main
+from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
+from redrafter.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizationError,
+    _match_rows,
+    gguf_int4,
+    quantize_int4,
+    quantize_target,
+)
+from redrafter.sampling import SamplingParams
+
+
+def q4_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Raw GGUF blocks ``[rows, cols / 32 * bytes]`` with edge values: zero, subnormal, largest and
+    negative scales and minimums; all-0, all-15 and random codes."""
+    rng = np.random.default_rng(seed)
+    groups = rows * cols // 32
+    d = rng.normal(0, 0.02, groups).astype(np.float16)
+    m = rng.normal(0, 0.2, groups).astype(np.float16)
+    edges = np.array([0.0, 6e-8, 65504.0, -0.5, 1e-3, -65504.0], dtype=np.float16)
+    d[: len(edges)], m[-len(edges) :] = edges, edges
+    codes = rng.integers(0, 16, (groups, 32), dtype=np.uint8)
+    codes[0], codes[1] = 0, 15
+    packed = codes[:, :16] | (codes[:, 16:] << 4)
+    header = [d.view(np.uint8).reshape(groups, 2)]
+    if type_name == "Q4_1":
+        header.append(m.view(np.uint8).reshape(groups, 2))
+    return np.concatenate([*header, packed], axis=1).reshape(rows, -1)
+
+
+def block_bound(weight) -> torch.Tensor:
+    """Per-weight bound on ``|m| + 16 |d|`` (the largest value a block's arithmetic touches)."""
+    return (weight.zero.abs() + 24 * weight.scale.abs()).repeat_interleave(32, dim=1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_dequantize_to_what_the_gguf_dequantizer_gives(type_name):
+    rows, cols = 32, 128
+    raw = q4_blocks(type_name, rows, cols, seed=1)
+    weight = gguf_int4(raw, type_name, (rows, cols))
+    theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols).copy())
+    ours = weight.dequantize()
+    # The codes and d are the file's exactly; (q - 8) d + (m + 8 d) in float32 against d q + m:
+    # a few roundings of numbers no larger than |m| + 24 |d|.
+    assert torch.all((ours - theirs).abs() <= 2**-21 * block_bound(weight))
+    assert weight.codes.max() <= 15 and weight.codes.dtype == torch.uint8
+    if type_name == "Q4_0":
+        assert torch.equal(ours, theirs) and torch.all(weight.zero == 0)
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 21), (torch.bfloat16, 7)])
+def test_the_kernel_runs_the_files_weights(dtype, bits):
+    """The int4 kernel on an identity input returns the weights it applies: the GGUF's values, within
+    the rounding of the scales to the activations' dtype (2^-9 relative in bfloat16, stated in quant.py)."""
+    rows, cols = 48, 96
+    raw = q4_blocks("Q4_1", rows, cols, seed=2)
+    raw_scales = raw.reshape(rows, cols // 32, 20)
+    raw_scales[..., 0:2] = np.full(2, 0.01, np.float16).view(np.uint8)[None, None, :2]  # no overflow in bf16
+    weight = gguf_int4(raw, "Q4_1", (rows, cols))
+    theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).reshape(rows, cols).copy())
+    applied = Int4Linear(weight, None, dtype)(torch.eye(cols, dtype=dtype)).float().T
+    assert torch.all((applied - theirs).abs() <= 2**-bits * block_bound(weight))
+
+
+@pytest.mark.integration
+def test_a_real_q4_1_tensor_of_the_default_model():
+    from gguf import GGUFReader
+
+    from redrafter.models import ModelError, default_gguf_path
+
+    try:
+        path = default_gguf_path()
+    except ModelError:
+        pytest.skip("the default model is not installed")
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q4_1"
+    rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+    weight = gguf_int4(tensor.data, "Q4_1", (rows, cols))
+    theirs = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols).copy())
+    assert torch.all((weight.dequantize() - theirs).abs() <= 2**-21 * block_bound(weight))
+
+
+def test_rows_permuted_by_the_converter_are_matched_and_others_refused():
+    raw = q4_blocks("Q4_1", 32, 64, seed=3)
+    weight = gguf_int4(raw, "Q4_1", (32, 64))
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    module = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(weight.dequantize()[order])
+    matched = _match_rows(weight, module)
+    assert matched is not None and torch.equal(matched.dequantize(), module.weight)
+    with torch.no_grad():
+        module.weight[3, 5] += 1.0  # a value the file does not hold
+    assert _match_rows(weight, module) is None
+
+
+def test_quantization_from_weights_is_within_half_a_step():
+    weight = torch.randn(32, 96, generator=torch.Generator().manual_seed(0))
+    int4 = quantize_int4(weight)
+    assert torch.all((int4.dequantize() - weight).abs() <= int4.scale.repeat_interleave(32, 1) / 2 + 1e-6)
+    int8 = Int8Linear(weight, None, torch.float32)
+    dequantized = int8.codes.float() * int8.scales[:, None]
+    assert torch.all((dequantized - weight).abs() <= int8.scales[:, None] / 2 + 1e-6)
+    assert torch.allclose(int8(torch.eye(96)).T, dequantized, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_rows_result_does_not_depend_on_the_batch(weights):
+    """What makes lossless decoding possible with these kernels: a tree of N tokens and a single
+    token give each row bitwise the same output."""
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    layer = (
+        Int4Linear(quantize_int4(weight), None, torch.float32)
+        if weights == "int4"
+        else Int8Linear(weight, None, torch.float32)
+    )
+    x = torch.randn(2, 17, 128, generator=torch.Generator().manual_seed(2))
+    full = layer(x)
+    assert torch.equal(layer(x[:1, :1]), full[:1, :1])
+    assert torch.equal(layer(x[1:, 3:9]), full[1:, 3:9])
+
+
+def quantized_tiny(family: str, weights: str, seed: int = 0):
+    model = tiny_target(family, seed=seed, dtype=torch.float32)
+    report = quantize_target(model, weights)
+    assert report.from_weights == 7 * model.config.num_hidden_layers and report.from_file == 0
+    return model
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_greedy_parity_with_quantized_weights(family, weights):
+    model = quantized_tiny(family, weights)
+    plain = SpeculativeDecoder(model, no_draft, [])
+    drafter = random_drafter(model, seed=5).float()
+    proposer = DrafterProposer(drafter, 3, 4, tree_nodes=6)
+    decoder = SpeculativeDecoder(model, proposer, [], lookup_len=6)
+    prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (1, 6, 15)]
+    ids, _ = speculative(decoder, prompts, 30)  # a batch of mixed lengths
+    expected, _ = speculative(plain, prompts, 30)
+    assert ids == expected
+    accepted, per_step = speculative(decoder, prompts[2:], 30)
+    assert max(per_step) > 1  # drafts were accepted, so the tree forward was exercised
+    # The int path is the model's own: transformers' generate with the same modules agrees.
+    assert accepted[0] == hf_greedy(model, prompts[2], 30)
+
+
+def test_sampling_keeps_the_int4_targets_distribution():
+    """The chi-square test of test_sampling on an int4 target (its layers wide enough to pack)."""
+    model = sampling_target(hidden_size=32, kv_heads=2, scale=8.0, dtype=torch.float32)
+    assert quantize_target(model, "int4").from_weights == 14
+    params = SamplingParams(temperature=1.0, seed=7)
+    exact = exact_distribution(model, params)
+    assert max(exact.values()) < 0.5  # neither flat nor one-hot
+    counts = sampled_counts(model, params, lookup_len=4, ngram_len=4, tree_nodes=4)
+    assert sum(counts.values()) == ROWS
+    assert chi_square_pvalue(exact, counts) > 1e-3
+
+
+def test_bad_input_is_refused_in_one_line(model_dir, capsys):
+    model = tiny_target("llama", dtype=torch.float32)
+    with pytest.raises(QuantizationError, match="unknown weight precision"):
+        quantize_target(model, "int3")
+    with pytest.raises(QuantizationError, match="cannot pack"):
+        odd = tiny_target("llama", dtype=torch.float32)
+        odd.model.layers[0].mlp.up_proj = torch.nn.Linear(32, 40, bias=False)
+        quantize_target(odd, "int4")
+    with pytest.raises(QuantizationError, match="bfloat16, float16 or float32"):
+        quantize_target(tiny_target("llama"), "int8")  # float64
+    for argv, message in [
+        (["--weights", "int5"], "invalid choice"),
+        (["--weights", "int4", "--dtype", "float64"], "need --dtype bfloat16, float16 or float32"),
+        (["--weights", "int4", "--device", "meta"], "CPU kernels"),
+    ]:
+        code = None
+        try:
+            code = main(["generate", "w5 w6", "--model", str(model_dir), "--drafter", "none", *argv])
+        except SystemExit as exit_:
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
+    import json
+
+    outputs = {}
+    for drafter in ("none", str(drafter_dir)):
+        argv = ["generate", "w5 w6 w7", "--model", str(model_dir), "--drafter", drafter, "--weights", "int4"]
+        assert main([*argv, "--dtype", "float32", "--json", "--max-new-tokens", "12"]) == 0
+        outputs[drafter] = json.loads(capsys.readouterr().out)
+    assert outputs["none"]["weights"] == "int4" and outputs["none"]["peak_rss_mb"] > 0
+    assert outputs["none"]["token_ids"] == outputs[str(drafter_dir)]["token_ids"]
+
+
+def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
+    from redrafter.api import DEFAULT_SHAPES, ReDrafter
+
+    for weights, shape in DEFAULT_SHAPES.items():
+        rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights=weights)
+        assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (
+            shape.num_beams,
+            shape.draft_len,
+            shape.lookup_len,
+            shape.ngram_len,
+            shape.tree_nodes,
+        )
+        assert rd.quantization.weights == weights
+    given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
+    assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
