@@ -259,7 +259,7 @@ def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLik
     check_quantizable(target.device, target.dtype, weights)
     decoder = target.get_decoder() if hasattr(target, "get_decoder") else target.model
     prefix = next(name for name, module in target.named_modules() if module is decoder)
-    linears = [(f"{prefix}.{n}", m) for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(f"{prefix}.{n}".lstrip("."), m) for n, m in decoder.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise QuantizationError(f"model type {target.config.model_type!r} has no linear layers to quantize")
     for name, module in linears:
