@@ -290,3 +290,65 @@ def test_llama_cpp_runs_greedy_from_a_fresh_context(monkeypatch, model_dir, tmp_
     assert init["model_path"] == str(gguf) and init["n_threads"] == torch.get_num_threads()
     assert [c[0] for c in calls[1:]] == ["reset", "generate", "reset", "generate"]
     assert calls[2][2]["top_k"] == 1 and calls[2][2]["temp"] == 0.0
+
+
+def test_latency_cpu_time_and_energy_in_the_results(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
+    out = tmp_path / "lat"
+    code, stdout, _ = run(capsys, *bench_args(model_dir, drafter_dir, prompt_file, out, "--methods", "redrafter", "hf"))
+    assert code == 0 and "TTFT p50" in stdout and "CPU s/tok" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["energy"].startswith("unavailable")  # no NVML device, no RAPL counter here
+    for name, row in results["methods"].items():
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"], name
+        assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"], name
+        assert row["cpu_seconds_per_token"] > 0 and row["joules_per_token"] is None
+    for record in results["prompts"]:
+        for name, entry in record["methods"].items():
+            assert 0 < entry["first_token_seconds"] <= entry["seconds"], name
+            assert entry["cpu_seconds"] > 0 and entry["joules"] is None
+    assert (out / "latency.png").is_file()
+
+
+def test_latency_percentiles_by_hand():
+    import numpy as np
+
+    values = [3.0, 1.0, 7.0, 2.0, 10.0]
+    for q in (0, 50, 90, 99, 100):
+        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    rows = [
+        {"seconds": 1.0, "first_token_seconds": 0.1, "new_tokens": 10},  # 0.1 s/token after the first
+        {"seconds": 2.0, "first_token_seconds": 0.5, "new_tokens": 4},  # 0.5 s/token
+        {"seconds": 0.3, "first_token_seconds": 0.3, "new_tokens": 1},  # no time per token
+    ]
+    lat = bench.latency_percentiles(rows)
+    assert lat["ttft_p50_ms"] == pytest.approx(300) and lat["ttft_p99_ms"] == pytest.approx(496)
+    assert lat["tpot_p50_ms"] == pytest.approx(300) and lat["tpot_p99_ms"] == pytest.approx(496)
+
+
+def test_energy_meter_reads_rapl_and_nvml(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import torch
+
+    counter = tmp_path / "energy_uj"
+    (tmp_path / "max_energy_range_uj").write_text("10000000\n")  # 10 J, then the counter wraps
+    counter.write_text("9000000\n")
+    monkeypatch.setattr(bench, "RAPL_ENERGY", counter)
+    meter = bench.EnergyMeter(torch.device("cpu"))
+    assert meter.source == "rapl"
+    start = meter.read()
+    counter.write_text("500000\n")  # wrapped: 1 J to the end of the range, then 0.5 J
+    assert meter.since(start) == pytest.approx(1.5)
+
+    readings = iter([1000.0, 1000.0, 4500.0])  # millijoules
+    nvml = types.SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetTotalEnergyConsumption=lambda handle: next(readings),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    gpu = bench.EnergyMeter(torch.device("cuda", 0))
+    assert gpu.source == "nvml" and gpu.since(gpu.read()) == pytest.approx(3.5)
+    monkeypatch.setattr(bench, "RAPL_ENERGY", tmp_path / "missing")
+    assert bench.EnergyMeter(torch.device("cpu")).read() is None

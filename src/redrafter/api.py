@@ -60,6 +60,7 @@ class Generation:
         tokens_per_second: ``new_tokens / seconds``.
         accepted: tokens emitted by each step (the acceptance histogram's raw data).
         finish_reason: ``"eos"`` or ``"length"``.
+        first_token_seconds: wall time from the prefill's start to the first token (time to first token).
     """
 
     text: str
@@ -71,6 +72,7 @@ class Generation:
     tokens_per_second: float
     accepted: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    first_token_seconds: float = 0.0
 
     def to_json(self) -> dict:
         """The ``--json`` object (stable key names that benchmarks and outside tools read)."""
@@ -314,6 +316,7 @@ class _IdStream:
         self.token_ids: list[list[int]] = [[] for _ in prompts]
         self.accepted: list[list[int]] = [[] for _ in prompts]
         self.seconds = [0.0] * len(prompts)
+        self.first_token_seconds = [0.0] * len(prompts)
         self.finish = ["length"] * len(prompts)
         self.results: list[Generation] = []
 
@@ -323,6 +326,8 @@ class _IdStream:
         for step in self.rd.decoder.decode(self.prompts, self.max_new_tokens, self.sampling):
             now = time.perf_counter() - start
             for row, tokens, done in zip(step.rows, step.tokens, step.finished, strict=True):
+                if not self.token_ids[row]:
+                    self.first_token_seconds[row] = now
                 self.token_ids[row].extend(tokens)
                 self.accepted[row].append(len(tokens))
                 if done:
@@ -342,6 +347,7 @@ class _IdStream:
                     tokens_per_second=len(ids) / seconds if seconds > 0 else 0.0,
                     accepted=self.accepted[row],
                     finish_reason=self.finish[row],
+                    first_token_seconds=self.first_token_seconds[row],
                 )
             )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 from .api import ReDrafter
 from .decode import StageClock
@@ -47,12 +48,62 @@ def default_prompt_file() -> Path:
 
 @dataclass
 class Run:
-    """One method on one prompt. ``accepted``: tokens emitted per target forward (our loop only)."""
+    """One method on one prompt. ``accepted``: tokens emitted per target forward (our loop only);
+    ``first_token_seconds``: time to the first token; ``cpu_seconds`` and ``joules`` are filled in by
+    the benchmark around the whole run (process CPU time, all threads; energy where a meter is readable)."""
 
     token_ids: list[int]
     seconds: float
     steps: int
     accepted: list[int] | None = None
+    first_token_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    joules: float | None = None
+
+
+RAPL_ENERGY = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+
+
+class EnergyMeter:
+    """A cumulative energy counter in joules: NVML's for a CUDA device (``nvidia-ml-py``), else the
+    CPU package's RAPL counter where readable; ``source`` says which, or why there is none."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._read = None
+        self.source = "unavailable: no NVML for this device and no readable RAPL counter"
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # millijoules; raises where unsupported
+                self._read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000
+                self.source = "nvml"
+            except Exception as error:  # no package, no driver, or a GPU without the counter
+                self.source = f"unavailable: NVML: {type(error).__name__}"
+        elif RAPL_ENERGY.is_file():
+            try:
+                int(RAPL_ENERGY.read_text())
+                wrap = Path(RAPL_ENERGY.parent / "max_energy_range_uj")
+                self._wrap = int(wrap.read_text()) / 1e6 if wrap.is_file() else None
+                self._read = lambda: int(RAPL_ENERGY.read_text()) / 1e6
+                self.source = "rapl"
+            except (OSError, ValueError) as error:
+                self.source = f"unavailable: RAPL: {type(error).__name__}"
+
+    def read(self) -> float | None:
+        """Joules so far (a counter: only differences mean something), or None."""
+        return None if self._read is None else float(self._read())
+
+    def since(self, start: float | None) -> float | None:
+        """Joules used since ``start`` (a :meth:`read`), or None."""
+        if start is None or self._read is None:
+            return None
+        used = self.read() - start
+        if used < 0 and self.source == "rapl" and self._wrap:  # the counter wrapped around
+            used += self._wrap
+        return used
 
 
 @dataclass
@@ -63,6 +114,21 @@ class Method:
 
     run: Callable[[list[int]], Run]
     engine: ReDrafter | None = None
+
+
+class FirstTokenClock(BaseStreamer):
+    """A transformers streamer that notes when ``generate`` emits its first new token."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.seconds, self._puts = start, 0.0, 0
+
+    def put(self, value) -> None:
+        self._puts += 1
+        if self._puts == 2:  # the first put is the prompt
+            self.seconds = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
 
 
 class ForwardCounter:
@@ -140,7 +206,9 @@ def make_methods(
         def run(ids: list[int]) -> Run:
             before = counter.count
             result = engine.generate_ids([ids], max_new_tokens)[0]
-            return Run(result.token_ids, result.seconds, counter.count - before, result.accepted)
+            return Run(
+                result.token_ids, result.seconds, counter.count - before, result.accepted, result.first_token_seconds
+            )
 
         return Method(run, engine if engine.drafter is not None else None)
 
@@ -148,6 +216,7 @@ def make_methods(
         def run(ids: list[int]) -> Run:
             inputs = torch.tensor([ids], device=target.device)
             before, start = counter.count, time.perf_counter()
+            clock = FirstTokenClock(start)
             with torch.inference_mode():
                 out = target.generate(
                     inputs,
@@ -156,10 +225,11 @@ def make_methods(
                     do_sample=False,
                     eos_token_id=eos,
                     pad_token_id=eos[0] if eos else 0,
+                    streamer=clock,
                     **kwargs,
                 )
             seconds = time.perf_counter() - start
-            return Run(out[0, len(ids) :].tolist(), seconds, counter.count - before)
+            return Run(out[0, len(ids) :].tolist(), seconds, counter.count - before, None, clock.seconds)
 
         return Method(run)
 
@@ -178,11 +248,13 @@ def make_methods(
             tokens: list[int] = []
             llm.reset()  # no prompt prefix reused from the previous run: every method prefills in full
             start = time.perf_counter()
+            first = 0.0
             for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                first = first or time.perf_counter() - start
                 tokens.append(token)
                 if token in eos or len(tokens) >= max_new_tokens:
                     break
-            return Run(tokens, time.perf_counter() - start, len(tokens))
+            return Run(tokens, time.perf_counter() - start, len(tokens), None, first)
 
         return Method(run)
 
@@ -268,23 +340,33 @@ def run_benchmark(
     try:
         runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants, gguf)
         methods = list(runners)
-        records = _measure(rd, prompts, methods, runners, raw, progress)
+        meter = EnergyMeter(rd.target.device)
+        records = _measure(rd, prompts, methods, runners, raw, progress, meter)
     finally:
         counter.close()
     results = summarize(rd, methods, records, max_new_tokens)
+    results["config"]["energy"] = meter.source
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     plot_speedup(results, out / "speedup.png")
+    plot_latency(results, out / "latency.png")
     if "redrafter" in methods:
         plot_acceptance(records, out / "acceptance.png")
     return results
 
 
 def _measure(
-    rd: ReDrafter, prompts: list[Prompt], methods: list[str], runners: dict[str, Method], raw: bool, progress: bool
+    rd: ReDrafter,
+    prompts: list[Prompt],
+    methods: list[str],
+    runners: dict[str, Method],
+    raw: bool,
+    progress: bool,
+    meter: EnergyMeter | None = None,
 ) -> list[dict]:
-    """Warm every method up, then run them all on each prompt, in an order rotating per prompt;
-    then (untimed) replay each drafting method along ``ar``'s output."""
+    """Warm every method up, then run them all on each prompt, in an order rotating per prompt, each
+    run's process CPU time (and energy, with a ``meter``) taken around it; then (untimed) replay each
+    drafting method along ``ar``'s output."""
     encoded = [rd.encode(p.text, raw) for p in prompts]
     for runner in runners.values():
         runner.run(encoded[0][:64])
@@ -294,7 +376,10 @@ def _measure(
         order = methods[index % len(methods) :] + methods[: index % len(methods)]
         runs = {}
         for name in order:
+            cpu, energy = time.process_time(), meter.read() if meter else None
             runs[name] = runners[name].run(ids)
+            runs[name].cpu_seconds = time.process_time() - cpu
+            runs[name].joules = meter.since(energy) if meter else None
             bar.update(1)
         record = prompt_record(rd.target, prompt, ids, methods, runs)
         for name in methods:
@@ -316,6 +401,9 @@ def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], ru
         entry = {
             "new_tokens": len(run.token_ids),
             "seconds": round(run.seconds, 4),
+            "first_token_seconds": round(run.first_token_seconds, 4),
+            "cpu_seconds": round(run.cpu_seconds, 4),
+            "joules": None if run.joules is None else round(run.joules, 4),
             "steps": run.steps,
             "tokens_per_step": round(len(run.token_ids) / max(1, run.steps), 4),
         }
@@ -343,17 +431,46 @@ def _totals(records: list[dict], method: str, category: str | None = None) -> di
     tokens = sum(r["new_tokens"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     steps = sum(r["steps"] for r in rows)
+    joules = [row.get("joules") for row in rows]
     totals = {
         "tokens_per_second": round(tokens / seconds, 3) if seconds else 0.0,
         "tokens_per_step": round(tokens / steps, 4) if steps else 0.0,
         "seconds": round(seconds, 3),
         "new_tokens": tokens,
+        "cpu_seconds_per_token": round(sum(row.get("cpu_seconds", 0.0) for row in rows) / tokens, 5) if tokens else 0.0,
+        "joules_per_token": round(sum(joules) / tokens, 5) if tokens and None not in joules else None,
+        **latency_percentiles(rows),
     }
     replayed_steps = sum(row.get("replayed_steps", 0) for row in rows)
     if replayed_steps:
         ar_tokens = sum(r["methods"]["ar"]["new_tokens"] for r in chosen)
         totals["replayed_tokens_per_step"] = round(ar_tokens / replayed_steps, 4)
     return totals
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, linearly interpolated (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_percentiles(rows: list[dict]) -> dict:
+    """Across prompts: time to first token and time per output token after it (``(seconds - first
+    token) / (tokens - 1)``, a prompt with one token has none), p50 and p99, in milliseconds."""
+    first = [1000 * row["first_token_seconds"] for row in rows if "first_token_seconds" in row]
+    per_token = [
+        1000 * (row["seconds"] - row["first_token_seconds"]) / (row["new_tokens"] - 1)
+        for row in rows
+        if "first_token_seconds" in row and row["new_tokens"] > 1
+    ]
+    result = {}
+    for name, values in [("ttft", first), ("tpot", per_token)]:
+        for q in (50, 99):
+            result[f"{name}_p{q}_ms"] = round(percentile(values, q), 3) if values else None
+    return result
 
 
 def _ratio(records: list[dict], method: str, base: str, category: str | None = None) -> float:
@@ -462,6 +579,27 @@ def plot_acceptance(records: list[dict], path: Path) -> None:
     keys = sorted(counts)
     axis.bar(keys, [counts[k] for k in keys])
     axis.set(xlabel="tokens emitted by one target forward", ylabel="steps", title="redrafter acceptance")
+    figure.tight_layout()
+    atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
+    plt.close(figure)
+
+
+def plot_latency(results: dict, path: Path) -> None:
+    """Two panels, one bar pair per method: time to first token, and time per output token after it
+    (p50 and p99 across prompts)."""
+    plt = _plt()
+    methods = list(results["methods"])
+    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(methods)), 4))
+    for axis, name, title in [
+        (axes[0], "ttft", "time to first token"),
+        (axes[1], "tpot", "time per output token after the first"),
+    ]:
+        for k, q in enumerate((50, 99)):
+            values = [results["methods"][m][f"{name}_p{q}_ms"] or 0 for m in methods]
+            axis.bar([i + 0.4 * k for i in range(len(methods))], values, 0.4, label=f"p{q}")
+        axis.set_xticks([i + 0.2 for i in range(len(methods))], methods, rotation=30, ha="right")
+        axis.set(ylabel="ms", title=title)
+        axis.legend(fontsize=8)
     figure.tight_layout()
     atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
     plt.close(figure)
@@ -636,12 +774,20 @@ def format_table(results: dict) -> str:
         value = row.get("replayed_tokens_per_step")
         return f"{value:>13.2f}" if value is not None else f"{'-':>13}"
 
-    header = f"{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens':>9}{'seconds':>10}"
+    def ms(value: float | None, width: int) -> str:
+        return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+
+    header = (
+        f"{'tokens/s':>10}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens':>9}{'seconds':>10}"
+        f"{'TTFT p50':>10}{'ms/tok p50':>11}{'p99':>8}{'CPU s/tok':>11}"
+    )
     lines = [f"{'method':<18}{header}"]
     for name, row in results["methods"].items():
         lines.append(
             f"{name:<18}{row['tokens_per_second']:>10.2f}{row['tokens_per_second'] / ar:>8.2f}x"
             f"{row['tokens_per_step']:>10.2f}{replayed(row)}{row['new_tokens']:>9}{row['seconds']:>10.1f}"
+            f"{ms(row['ttft_p50_ms'], 10)}{ms(row['tpot_p50_ms'], 11)}{ms(row['tpot_p99_ms'], 8)}"
+            f"{row['cpu_seconds_per_token']:>11.4f}"
         )
     lines.append("")
     lines.append(f"{'category':<18}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens/s':>10}")
@@ -651,7 +797,12 @@ def format_table(results: dict) -> str:
             f"{row['tokens_per_second']:>10.2f}"
         )
     s = results["summary"]
+    energy = results["config"].get("energy", "")
     lines.append("")
+    lines.append(
+        "TTFT: time to first token; ms/tok: time per output token after it (p50, p99 across prompts); "
+        f"CPU s/tok: process CPU seconds (all threads) per token; energy: {energy}"
+    )
     lines.append(
         "tok/step on ar text: the same drafts replayed along ar's output (teacher-forced), "
         "free of where low-precision near-ties sent each output"
