@@ -96,6 +96,35 @@ def test_equations():
     assert torch.allclose(logits[:, 0, 1], drafter.head(h, s2))
 
 
+def test_trtllm_cell_by_hand_and_it_drafts_differently(tmp_path):
+    """TensorRT-LLM's recurrence: s_1 = W e_1 (no bias, no SiLU), then s_i = W e_i + U s_{i-1} + b."""
+    reference = make_drafter()
+    trtllm = make_drafter(rnn_cell="trtllm")  # the same weights (the same seed)
+    e1, e2 = reference.embed(torch.tensor([4, 5])), reference.embed(torch.tensor([7, 8]))
+    w, u, b = reference.rnn_w.weight, reference.rnn_u.weight, reference.rnn_u.bias
+    s1 = e1 @ w.T
+    assert torch.allclose(trtllm.rnn_step(None, e1), s1)
+    assert torch.allclose(trtllm.rnn_step(s1, e2), e2 @ w.T + s1 @ u.T + b)
+    assert torch.allclose(reference.rnn_step(None, e1), torch.nn.functional.silu(e1 @ w.T + b))
+    h = torch.randn(2, HIDDEN, dtype=torch.float64)
+    teacher = trtllm(h[:, None], torch.tensor([[[4, 7]], [[5, 8]]]))  # training runs the same cell
+    assert torch.allclose(teacher[:, 0, 1], trtllm.head(h, trtllm.rnn_step(s1, e2)))
+    # The same weights draft other beams under the other cell.
+    hidden, last = torch.randn(16, HIDDEN, dtype=torch.float64), torch.randint(0, VOCAB, (16,))
+    assert not torch.equal(beam_search(reference, hidden, last, 3, 4), beam_search(trtllm, hidden, last, 3, 4))
+    # The cell is saved; a folder without it is a reference drafter; a bad one is refused in one line.
+    trtllm.save_pretrained(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["rnn_cell"] == "trtllm"
+    assert RecurrentDrafter.from_pretrained(tmp_path / "t").config.rnn_cell == "trtllm"
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    del config["rnn_cell"]
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config))
+    assert RecurrentDrafter.from_pretrained(tmp_path / "t").config.rnn_cell == "reference"
+    (tmp_path / "t" / "config.json").write_text(json.dumps(config | {"rnn_cell": "gru"}))
+    with pytest.raises(DrafterError, match="rnn_cell is 'gru'; choose one of reference, trtllm"):
+        RecurrentDrafter.from_pretrained(tmp_path / "t")
+
+
 @torch.no_grad()
 def test_beam_search_finds_the_best_beams_exhaustively():
     drafter = make_drafter(draft_vocab_size=6)

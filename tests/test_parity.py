@@ -61,6 +61,16 @@ def test_greedy_parity_across_families(family, beams, draft_len):
         assert ids[0] == hf_greedy(model, prompt, max_new), f"{family} W={beams} L={draft_len} prompt {seed}"
 
 
+def test_greedy_parity_with_a_trtllm_cell_drafter(family):
+    model = tiny_target(family, seed=6)
+    drafter = random_drafter(model, seed=6, rnn_cell="trtllm")
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=5), [], lookup_len=5)
+    prompts = [random_prompt(length, seed) for seed, length in enumerate([2, 9, 4])]
+    ids, _ = speculative(decoder, prompts, 24)
+    for k, prompt in enumerate(prompts):
+        assert ids[k] == hf_greedy(model, prompt, 24), f"{family} trtllm cell prompt {k}"
+
+
 @pytest.mark.parametrize("beams,draft_len,tree_nodes", [(2, 4, 6), (4, 5, 7), (3, 3, 2)])
 def test_dynamic_tree_keeps_parity(family, beams, draft_len, tree_nodes):
     model = tiny_target(family, seed=4)

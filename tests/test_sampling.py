@@ -78,10 +78,15 @@ def exact_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], f
 
 
 def sampled_counts(
-    model, params: SamplingParams, lookup_len: int = 0, ngram_len: int = 0, tree_nodes: int = 0
+    model,
+    params: SamplingParams,
+    lookup_len: int = 0,
+    ngram_len: int = 0,
+    tree_nodes: int = 0,
+    rnn_cell: str = "reference",
 ) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
-    config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB)
+    config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB, rnn_cell=rnn_cell)
     drafter = RecurrentDrafter(config).to(model.dtype)
     drafter.attach(model.get_input_embeddings())
     # A table of random text: its drafts are deterministic guesses, as a real corpus's are.
@@ -141,6 +146,12 @@ def test_speculative_sampling_matches_the_target_distribution(target, params, lo
     assert abs(sum(exact.values()) - 1) < 1e-9
     pvalue = chi_square_pvalue(exact, sampled_counts(target, params, lookup_len, ngram_len, tree_nodes))
     assert pvalue > 1e-3, f"speculative samples do not follow the target's distribution (p={pvalue:.2e})"
+
+
+def test_sampling_with_a_trtllm_cell_drafter(target):
+    params = SamplingParams(temperature=1.0, seed=8)
+    counts = sampled_counts(target, params, lookup_len=4, tree_nodes=4, rnn_cell="trtllm")
+    assert chi_square_pvalue(exact_distribution(target, params), counts) > 1e-3
 
 
 def accept_first_beam(beams, node_index, target_choice) -> Verdict:

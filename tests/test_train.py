@@ -276,6 +276,12 @@ def test_cli_train_init_starts_from_a_drafter_and_keeps_its_shape(setup, tmp_pat
     config = RecurrentDrafter.from_pretrained(tmp_path / "moved").config
     assert config.draft_vocab_size == 30 and config.num_draft_layers == 1
     assert not (tmp_path / "moved" / "ngrams.safetensors").exists()  # the base's table is of other data
+    # --rnn-cell trtllm with --init: the same weights, fine-tuned for TensorRT-LLM's cell.
+    assert (
+        main([*common, "--out", str(tmp_path / "cell"), "--init", str(tmp_path / "base"), "--rnn-cell", "trtllm"]) == 0
+    )
+    assert RecurrentDrafter.from_pretrained(tmp_path / "cell").config.rnn_cell == "trtllm"
+    assert RecurrentDrafter.from_pretrained(tmp_path / "base").config.rnn_cell == "reference"
     capsys.readouterr()
     init = ["--init", str(tmp_path / "base")]
     assert main([*common, "--out", str(tmp_path / "x"), *init, "--draft-vocab", "20", "--tied-head"]) == 2

@@ -46,7 +46,7 @@ def beam_search(
     beams = last_token[:, None, None].expand(batch, num_beams, 1)
     if draft_len == 1:
         return beams.contiguous()
-    state = drafter.rnn_step(torch.zeros_like(hidden), drafter.embed(last_token))  # [B, d]
+    state = drafter.rnn_step(None, drafter.embed(last_token))  # [B, d]
     logprobs = drafter.head(hidden, state).float().log_softmax(dim=-1)  # [B, K]
     vocab = logprobs.shape[-1]
     width = min(num_beams, vocab)

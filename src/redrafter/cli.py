@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layers", type=int, default=2, help="residual blocks N (default %(default)s)")
     tr.add_argument("--no-rnn", action="store_true", help="ablation: independent heads, no recurrence")
     tr.add_argument(
+        "--rnn-cell",
+        choices=["reference", "trtllm"],
+        help="the recurrence to train for: reference (Apple's code and ours; the default) or trtllm (what "
+        "TensorRT-LLM runs: no SiLU, no bias at the first step); with --init it replaces the drafter's own",
+    )
+    tr.add_argument(
         "--tied-head",
         action="store_true",
         help="head = projection to the target's hidden size x the target's output embedding rows (fewer parameters)",
@@ -492,6 +498,7 @@ def run_train(args: argparse.Namespace) -> int:
         num_draft_layers=args.layers,
         rnn=not args.no_rnn,
         tied_head=args.tied_head,
+        rnn_cell=args.rnn_cell or "reference",
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
         eval_every=args.eval_every,
@@ -511,6 +518,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init and init is None:
         raise RedrafterError(f"--init {args.init}: no drafter (a drafter folder, or 'default' with the default model)")
     target, _ = load_target(args.model, device=device)
+    if init is not None and args.rnn_cell:
+        init.config.rnn_cell = args.rnn_cell  # the same weights, fine-tuned for the other engine's cell
     if init is not None:
         init.check_fits(target.config.hidden_size, target.config.vocab_size)
         init.ngrams = None  # a table of other corpora: OUT gets its own from redrafter ngrams

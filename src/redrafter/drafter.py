@@ -38,6 +38,7 @@ from .files import atomic_write
 from .ngrams import NgramTable
 
 MODEL_TYPE = "recurrent_drafting_drafter"
+RNN_CELLS = ("reference", "trtllm")
 
 
 class DrafterError(RedrafterError):
@@ -56,6 +57,10 @@ class DrafterConfig:
         rnn: whether the recurrence is used (off: Medusa-like independent heads).
         draft_vocab_size: ``K`` rows of the vocabulary head (``V`` for the full vocabulary).
         tied_head: the head is a projection to ``d`` times the target's output embedding rows.
+        rnn_cell: the recurrence an engine runs (:data:`RNN_CELLS`): ``"reference"`` (Apple's code
+            and ours: ``s_i = SiLU(W e_i + U s_{i-1} + b)`` from ``s_0 = 0``) or ``"trtllm"``
+            (TensorRT-LLM's: ``s_1 = W e_1``, then ``s_i = W e_i + U s_{i-1} + b``, no SiLU). A
+            drafter drafts other tokens under the other cell, so it is trained for one.
     """
 
     hidden_size: int
@@ -65,8 +70,11 @@ class DrafterConfig:
     rnn: bool = True
     draft_vocab_size: int | None = None
     tied_head: bool = False
+    rnn_cell: str = "reference"
 
     def __post_init__(self) -> None:
+        if self.rnn_cell not in RNN_CELLS:
+            raise DrafterError(f"rnn_cell is {self.rnn_cell!r}; choose one of {', '.join(RNN_CELLS)}")
         if self.exit_dim is None:
             self.exit_dim = 2 * self.hidden_size
         if self.draft_vocab_size is None:
@@ -137,13 +145,20 @@ class RecurrentDrafter(nn.Module):
             return self._embedding[0](token_ids).to(self.rnn_w.weight.dtype)
 
     # -- the equations ------------------------------------------------------------------------
-    def rnn_step(self, state: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
-        """``s_i = SiLU(W E(g) + U s_{i-1} + b)``; ``[..., d], [..., d] -> [..., d]``.
+    def rnn_step(self, state: torch.Tensor | None, token_embedding: torch.Tensor) -> torch.Tensor:
+        """The next RNN state from ``s_{i-1}`` (None at the first step) and ``E(g)``: ``[..., d] -> [..., d]``.
 
-        Without the RNN the state is ``E(g)`` alone (independent heads).
+        ``reference`` cell: ``SiLU(W E(g) + U s_{i-1} + b)`` with ``s_0 = 0``; ``trtllm`` cell:
+        ``W E(g)`` at the first step, then ``W E(g) + U s_{i-1} + b``. Without the RNN the state
+        is ``E(g)`` alone (independent heads).
         """
         if not self.config.rnn:
             return token_embedding
+        if self.config.rnn_cell == "trtllm":
+            step = self.rnn_w(token_embedding)
+            return step if state is None else step + self.rnn_u(state)
+        if state is None:
+            state = torch.zeros_like(token_embedding)
         return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
 
     def head(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -173,7 +188,7 @@ class RecurrentDrafter(nn.Module):
             ``[B, T, S, K]`` logits of step ``i`` predicting ``x_{t+2+i}`` (in draft ids).
         """
         embeddings = self.embed(next_tokens)
-        state = torch.zeros_like(hidden)
+        state = None
         logits = []
         for step in range(next_tokens.shape[-1]):
             state = self.rnn_step(state, embeddings[:, :, step])

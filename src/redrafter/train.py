@@ -54,6 +54,7 @@ class TrainConfig:
     num_draft_layers: int = 2
     rnn: bool = True
     tied_head: bool = False
+    rnn_cell: str = "reference"
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     eval_every: int = 200
@@ -150,6 +151,7 @@ class Trainer:
                     num_draft_layers=config.num_draft_layers,
                     rnn=config.rnn,
                     tied_head=config.tied_head,
+                    rnn_cell=config.rnn_cell,
                     draft_vocab_size=len(draft_vocab),
                 )
             )
