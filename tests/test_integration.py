@@ -85,6 +85,20 @@ def assert_equal_or_near_tie(target, ids: list[int], got: list[int], expected: l
     assert gap <= NEAR_TIE
 
 
+def tokens_per_step_against_ar(ar, rd, lines: list[int], label: str) -> float:
+    """Decode the bundled prompts at ``lines`` with ``ar`` and ``rd`` (same target); check each output
+    with :func:`assert_equal_or_near_tie`; return ``rd``'s tokens per step, the prefill excluded."""
+    texts = PROMPTS.read_text().splitlines()
+    emitted = steps = 0
+    for line in lines:
+        ids = ar.encode(json.loads(texts[line])["prompt"])
+        expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
+        result = rd.generate_ids([ids], NEW_TOKENS)[0]
+        emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1
+        assert_equal_or_near_tie(rd.target, ids, result.token_ids, expected, f"{label}, prompt line {line}")
+    return emitted / steps
+
+
 @pytest.fixture(scope="module")
 def shipped(engines):
     ar, _ = engines
@@ -97,16 +111,9 @@ def test_shipped_drafter_is_lossless_up_to_near_ties_and_accepts_drafts(shipped)
     """The drafter shipped in the package: used by default, same output as ar (or a near-tie), and
     it really drafts (a random drafter gets 1.0 tokens per step on these prompts, measured)."""
     ar, rd = shipped
-    lines = PROMPTS.read_text().splitlines()
-    emitted = steps = 0
-    for index in range(4):
-        ids = ar.encode(json.loads(lines[index * 4 + 1])["prompt"])
-        expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
-        result = rd.generate_ids([ids], NEW_TOKENS)[0]
-        emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1  # the prefill excluded
-        assert_equal_or_near_tie(ar.target, ids, result.token_ids, expected, f"prompt {index}: shipped drafter")
-    print(f"shipped drafter: {emitted / steps:.2f} tokens per step on 4 prompts x {NEW_TOKENS} tokens")
-    assert emitted / steps > 1.5
+    rate = tokens_per_step_against_ar(ar, rd, [index * 4 + 1 for index in range(4)], "shipped drafter")
+    print(f"shipped drafter: {rate:.2f} tokens per step on 4 prompts x {NEW_TOKENS} tokens")
+    assert rate > 1.5
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -119,12 +126,4 @@ def test_quantized_default_model_is_lossless_up_to_near_ties(weights):
     if weights == "int4":
         assert rd.quantization.from_file == 210 and rd.quantization.from_weights == 0
     ar = ReDrafter(rd.target, rd.tokenizer, None)
-    lines = PROMPTS.read_text().splitlines()
-    emitted = steps = 0
-    for index in range(3):
-        ids = ar.encode(json.loads(lines[index * 5 + 2])["prompt"])
-        expected = ar.generate_ids([ids], NEW_TOKENS)[0].token_ids
-        result = rd.generate_ids([ids], NEW_TOKENS)[0]
-        emitted, steps = emitted + result.new_tokens - 1, steps + result.steps - 1
-        assert_equal_or_near_tie(rd.target, ids, result.token_ids, expected, f"{weights} prompt {index}")
-    assert emitted / steps > 1.5
+    assert tokens_per_step_against_ar(ar, rd, [index * 5 + 2 for index in range(3)], weights) > 1.5

@@ -219,7 +219,9 @@ def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
 
 def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
     from redrafter.api import DEFAULT_SHAPES, ReDrafter
+    from redrafter.quant import WEIGHTS
 
+    assert tuple(DEFAULT_SHAPES) == WEIGHTS  # one default tree for every precision quant.py offers
     for weights, shape in DEFAULT_SHAPES.items():
         rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights=weights)
         assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (

@@ -49,7 +49,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _shape_defaults(setting: str) -> str:
-    """``"6 (float), 6 (int8), 4 (int4)"``: a tree setting's default for each weight precision."""
+    """``"6 (float), 2 (int8), 2 (int4)"``: a tree setting's default for each weight precision."""
     from .api import DEFAULT_SHAPES
 
     return ", ".join(f"{getattr(shape, setting)} ({weights})" for weights, shape in DEFAULT_SHAPES.items())
@@ -518,9 +518,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init and init is None:
         raise RedrafterError(f"--init {args.init}: no drafter (a drafter folder, or 'default' with the default model)")
     target, _ = load_target(args.model, device=device)
-    if init is not None and args.rnn_cell:
-        init.config.rnn_cell = args.rnn_cell  # the same weights, fine-tuned for the other engine's cell
     if init is not None:
+        if args.rnn_cell:
+            init.config.rnn_cell = args.rnn_cell  # the same weights, fine-tuned for the other engine's cell
         init.check_fits(target.config.hidden_size, target.config.vocab_size)
         init.ngrams = None  # a table of other corpora: OUT gets its own from redrafter ngrams
     trainer = Trainer(target, config, pairs, out, drafter=init, hidden_cache=args.hidden_cache)
