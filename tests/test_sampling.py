@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -33,11 +33,20 @@ PROMPT = [1, 5, 2]
 
 
 def sampling_target(
-    hidden_size: int = 16, kv_heads: int = 1, scale: float = 12.0, dtype: torch.dtype = torch.float64
-) -> LlamaForCausalLM:
-    """A tiny Llama over the 8-token vocabulary, weights scaled so its distributions are neither flat nor one-hot."""
+    hidden_size: int = 16,
+    kv_heads: int = 1,
+    scale: float = 12.0,
+    dtype: torch.dtype = torch.float64,
+    sliding_window: int | None = None,
+) -> LlamaForCausalLM | MistralForCausalLM:
+    """A tiny Llama over the 8-token vocabulary, weights scaled so its distributions are neither flat
+    nor one-hot; with ``sliding_window``, a Mistral whose layers see that many tokens."""
     torch.manual_seed(0)
-    config = LlamaConfig(
+    family, window = (
+        (LlamaConfig, {}) if sliding_window is None else (MistralConfig, {"sliding_window": sliding_window})
+    )
+    config = family(
+        **window,
         vocab_size=VOCAB,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -49,7 +58,7 @@ def sampling_target(
         eos_token_id=None,
         pad_token_id=0,
     )
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = (LlamaForCausalLM if sliding_window is None else MistralForCausalLM)(config).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -152,6 +161,15 @@ def test_sampling_with_a_trtllm_cell_drafter(target):
     params = SamplingParams(temperature=1.0, seed=8)
     counts = sampled_counts(target, params, lookup_len=4, tree_nodes=4, rnn_cell="trtllm")
     assert chi_square_pvalue(exact_distribution(target, params), counts) > 1e-3
+
+
+def test_sampling_with_a_sliding_window_of_two_tokens():
+    """Every layer sees the query and the one token before it: a tree token that saw more would
+    change the distribution (the prompt and output are three windows long)."""
+    model = sampling_target(sliding_window=2)
+    params = SamplingParams(temperature=1.0, seed=9)
+    counts = sampled_counts(model, params, lookup_len=4, tree_nodes=4)
+    assert chi_square_pvalue(exact_distribution(model, params), counts) > 1e-3
 
 
 def accept_first_beam(beams, node_index, target_choice) -> Verdict:

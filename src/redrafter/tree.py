@@ -19,6 +19,21 @@ PAD = -1
 """Token id of the unused tail of a beam shorter than the others."""
 
 
+@dataclass(frozen=True)
+class AttentionWindows:
+    """Which of a target's layers see a sliding window of the context.
+
+    Attributes:
+        window: a sliding layer's query at position ``p`` sees keys at ``p - window < k <= p``;
+            None: every layer sees the whole context.
+        per_layer_type: the decoder takes one mask per layer type (``layer_types`` in its config:
+            ``full_attention`` and ``sliding_attention``); otherwise every layer slides.
+    """
+
+    window: int | None = None
+    per_layer_type: bool = False
+
+
 @dataclass
 class PackedTree:
     """A batch of prefix trees packed into sequences.
@@ -104,18 +119,46 @@ def build_tree(beams: torch.Tensor) -> PackedTree:
     )
 
 
-def tree_attention_mask(ancestors: torch.Tensor, context_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The additive 4D mask for verifying packed trees after a cached context.
-
-    Args:
-        ancestors: ``[B, N, N]`` bool (see :class:`PackedTree`).
-        context_valid: ``[B, C]`` bool, which cached positions each row may attend to.
-        dtype: the target's compute dtype.
-    Returns:
-        ``[B, 1, N, C + N]``: 0 where attention is allowed, the dtype's minimum elsewhere.
-    """
+def tree_allowed(ancestors: torch.Tensor, context_valid: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C + N]`` bool: each tree slot sees the row's valid context and its own ancestors."""
     num_slots = ancestors.shape[1]
-    allowed = torch.cat([context_valid[:, None, :].expand(-1, num_slots, -1), ancestors], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=ancestors.device)
+    return torch.cat([context_valid[:, None, :].expand(-1, num_slots, -1), ancestors], dim=2)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, q, K]`` bool -> ``[B, 1, q, K]``: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def layer_masks(
+    allowed: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    windows: AttentionWindows,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The ``attention_mask`` a decoder with sliding-window layers takes for ``allowed``.
+
+    A sliding layer lets a query at position ``p`` see a key at position ``k`` only while
+    ``p - k < window``, counted from the query's own position (a tree slot's position is its
+    row's length plus its depth), as the model's own masks do.
+
+    Args:
+        allowed: ``[B, q, K]`` bool, what full attention may see.
+        query_positions: ``[B, q]`` positions of the queries.
+        key_positions: ``[B, K]`` positions of the keys (anything where not ``allowed``).
+        windows: the target's layout (:func:`redrafter.models.attention_windows`).
+        dtype: the target's compute dtype.
+    Returns:
+        the additive ``[B, 1, q, K]`` mask without a window; with one, the windowed mask (every
+        layer slides) or ``{"full_attention": ..., "sliding_attention": ...}`` (per layer type).
+    """
+    if windows.window is None:
+        return additive_mask(allowed, dtype)
+    near = (query_positions[:, :, None] - key_positions[:, None, :]) < windows.window
+    sliding = additive_mask(allowed & near, dtype)
+    if not windows.per_layer_type:
+        return sliding
+    return {"full_attention": additive_mask(allowed, dtype), "sliding_attention": sliding}
