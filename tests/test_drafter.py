@@ -177,12 +177,18 @@ def test_dynamic_tree_keeps_the_most_probable_prefixes_of_every_depth(num_beams,
     assert torch.equal(beams[:, :, 0], token[:, None].expand(-1, kept))
 
 
-def test_rnn_off_is_independent_of_the_draft_history():
+def test_rnn_off_state_is_the_running_sum_of_embeddings_as_in_both_engines(tmp_path):
     drafter = make_drafter(rnn=False)
+    assert not any(name.startswith("rnn_") for name in drafter.state_dict())  # the reference layout has none
     h = torch.randn(1, 1, HIDDEN, dtype=torch.float64)
-    a = drafter(h, torch.tensor([[[4, 7, 9]]]))
-    b = drafter(h, torch.tensor([[[5, 8, 9]]]))
-    assert torch.allclose(a[0, 0, 2], b[0, 0, 2]) and not torch.allclose(a[0, 0, 1], b[0, 0, 1])
+    tokens = torch.tensor([[[4, 7, 9]]])
+    e = drafter.embed(tokens)[0, 0]  # [3, d]
+    states = [e[0], e[0] + e[1], e[0] + e[1] + e[2]]  # s_i = E(g_i) + s_{i-1}, s_0 = 0
+    expected = torch.stack([drafter.lm_head(torch.cat([h[0, 0], s])) for s in states])
+    assert torch.allclose(drafter(h, tokens)[0, 0], expected)
+    drafter.save_pretrained(tmp_path)
+    loaded = RecurrentDrafter.from_pretrained(tmp_path, drafter._embedding[0], dtype=torch.float64)
+    assert torch.equal(loaded(h, tokens), drafter(h, tokens))
 
 
 def test_bad_folders_and_mismatched_targets(tmp_path):

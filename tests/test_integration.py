@@ -127,3 +127,20 @@ def test_quantized_default_model_is_lossless_up_to_near_ties(weights):
         assert rd.quantization.from_file == 210 and rd.quantization.from_weights == 0
     ar = ReDrafter(rd.target, rd.tokenizer, None)
     assert tokens_per_step_against_ar(ar, rd, [index * 5 + 2 for index in range(3)], weights) > 1.5
+
+
+def test_shipped_drafter_exported_for_apple_reimports_lossless_and_drafting(shipped, tmp_path):
+    """``export default --format apple --model default``: the reference layout with a full-vocabulary
+    head (the tied head multiplied out), re-imported as ``--drafter``: output equals ``ar``'s (or a
+    near-tie) and its beams alone still draft (1.0 tokens per step would mean nothing accepted)."""
+    from redrafter.export import export_drafter
+
+    ar, rd = shipped
+    result = export_drafter(rd.drafter, tmp_path / "apple", "apple", target=rd.target, dtype=torch.bfloat16)
+    assert result.tensors["lm_head.2.weight"] == [49152, 1152] and result.head_rows_added == 49152 - 8192
+    imported = RecurrentDrafter.from_pretrained(tmp_path / "apple")
+    assert imported.config.draft_vocab_size == 49152 and not imported.config.tied_head
+    engine = ReDrafter(ar.target, ar.tokenizer, imported, num_beams=4, draft_len=4, lookup_len=0, tree_nodes=0)
+    rate = tokens_per_step_against_ar(ar, engine, [index * 4 + 1 for index in range(2)], "exported drafter")
+    print(f"exported drafter, its beams only: {rate:.2f} tokens per step")
+    assert rate > 1.3

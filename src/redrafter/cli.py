@@ -353,6 +353,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(be)
     be.set_defaults(run=run_bench)
+
+    ex = commands.add_parser(
+        "export",
+        help="write a drafter in the layout Apple's code and TensorRT-LLM read, with the engine's commands",
+        description="Write DRAFTER as config.json + model.safetensors in the reference layout (Apple's "
+        "ml-recurrent-drafter, TensorRT-LLM's examples/redrafter/convert_checkpoint.py) and FORMAT.sh, the commands "
+        "that run it there. The head becomes full-vocabulary [V, exit_dim]: a tied head is multiplied out with the "
+        "target's output embedding (needs --model), so it may now draft tokens outside the reduced draft vocabulary; "
+        "an untied reduced head gets zero rows for the other tokens. The corpus n-gram table and the lookup beam do "
+        "not travel: both engines draft from the drafter's beams alone. Each engine runs one RNN cell (apple: "
+        "reference, trtllm: trtllm); a drafter trained with the other cell is refused unless --allow-cell-mismatch.",
+    )
+    ex.add_argument("drafter", metavar="DRAFTER", help="a drafter folder, or 'default' (the shipped drafter)")
+    ex.add_argument("--format", required=True, choices=["apple", "trtllm"], help="the engine to export for")
+    ex.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty; see --force)")
+    ex.add_argument(
+        "--model",
+        help="the target ('default', a .gguf file or a Hugging Face folder): needed for a tied head; a GGUF target "
+        "is also written as base_model/ (a Hugging Face folder, in --dtype) for the engine's converter",
+    )
+    ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ex.add_argument("--beams", type=_positive, help="beams the engine drafts (default: ours for float weights)")
+    ex.add_argument("--draft-len", type=_at_least(2), help="tokens per beam, root included (default: ours)")
+    ex.add_argument("--force", action="store_true", help="replace an existing --out")
+    ex.add_argument(
+        "--allow-cell-mismatch",
+        action="store_true",
+        help="export a drafter trained with the other engine's RNN cell (it drafts other tokens there)",
+    )
+    ex.set_defaults(run=run_export)
     return parser
 
 
@@ -611,6 +641,48 @@ def run_bench(args: argparse.Namespace) -> int:
         for weights, row in curve["ms_per_forward"].items():
             print(f"cost {weights:<6}" + "  ".join(f"{n}: {ms:.1f} ms" for n, ms in row.items()))
     print(f"results: {out / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .api import DEFAULT_SHAPES, DTYPES, resolve_drafter
+    from .export import check_export, export_drafter
+    from .models import gguf_source, load_target, resolve_model_path
+
+    if str(args.drafter) == "none":
+        raise RedrafterError("give a drafter folder or 'default'")
+    drafter = resolve_drafter(args.drafter, args.model or "default")
+    if drafter is None:
+        raise RedrafterError("'default' is the drafter shipped for the default model: pass --model default")
+    out = Path(args.out).expanduser()
+    # Refuse what cannot be exported before the target loads.
+    check_export(drafter, args.format, out, args.force, args.allow_cell_mismatch, args.model is not None)
+    target = tokenizer = folder = None
+    if args.model is not None:
+        target, tokenizer = load_target(args.model, dtype=DTYPES["float32"])
+        drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
+        folder = None if gguf_source(args.model) else resolve_model_path(args.model)
+    shape = DEFAULT_SHAPES["float"]
+    result = export_drafter(
+        drafter,
+        out,
+        args.format,
+        target=target,
+        tokenizer=tokenizer,
+        target_folder=folder,
+        dtype=DTYPES[args.dtype],
+        num_beams=args.beams or shape.num_beams,
+        draft_len=args.draft_len or shape.draft_len,
+        force=args.force,
+        allow_cell_mismatch=args.allow_cell_mismatch,
+    )
+    head = result.tensors[f"lm_head.{drafter.config.num_draft_layers}.weight"]
+    print(f"{result.folder}: {len(result.tensors)} tensors, head {head} ({args.dtype}), {args.format}.sh")
+    if result.head_rows_added:
+        how = "zero rows" if result.zero_rows else "rows from the target's output embedding"
+        print(f"the head gained {result.head_rows_added:,} vocabulary rows ({how}): drafts can differ from ours")
+    if result.base_model is None:
+        print(f"{args.format}.sh needs BASE_MODEL=the target's Hugging Face folder")
     return 0
 
 

@@ -54,7 +54,8 @@ class DrafterConfig:
         vocab_size: the target's vocabulary size ``V``.
         exit_dim: width of the residual head (``2 d`` means no input projection).
         num_draft_layers: number of residual blocks ``N``.
-        rnn: whether the recurrence is used (off: Medusa-like independent heads).
+        rnn: whether the recurrence is used (off: the state is the sum of the drafted tokens'
+            embeddings, as Apple's and TensorRT-LLM's code run a drafter without ``rnn_w``/``rnn_u``).
         draft_vocab_size: ``K`` rows of the vocabulary head (``V`` for the full vocabulary).
         tied_head: the head is a projection to ``d`` times the target's output embedding rows.
         rnn_cell: the recurrence an engine runs (:data:`RNN_CELLS`): ``"reference"`` (Apple's code
@@ -105,8 +106,9 @@ class RecurrentDrafter(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.rnn_w = nn.Linear(d, d, bias=False)
-        self.rnn_u = nn.Linear(d, d, bias=True)
+        if config.rnn:  # without the RNN the reference layout has neither matrix
+            self.rnn_w = nn.Linear(d, d, bias=False)
+            self.rnn_u = nn.Linear(d, d, bias=True)
         self.input_proj = nn.Linear(2 * d, config.exit_dim) if config.exit_dim != 2 * d else None
         blocks: list[nn.Module] = [ResBlock(config.exit_dim) for _ in range(config.num_draft_layers)]
         head_rows = d if config.tied_head else config.draft_vocab_size
@@ -142,7 +144,7 @@ class RecurrentDrafter(nn.Module):
         if not self._embedding:
             raise DrafterError("the drafter has no embedding table: call attach(target embeddings)")
         with torch.no_grad():
-            return self._embedding[0](token_ids).to(self.rnn_w.weight.dtype)
+            return self._embedding[0](token_ids).to(self.lm_head[-1].weight.dtype)
 
     # -- the equations ------------------------------------------------------------------------
     def rnn_step(self, state: torch.Tensor | None, token_embedding: torch.Tensor) -> torch.Tensor:
@@ -150,10 +152,10 @@ class RecurrentDrafter(nn.Module):
 
         ``reference`` cell: ``SiLU(W E(g) + U s_{i-1} + b)`` with ``s_0 = 0``; ``trtllm`` cell:
         ``W E(g)`` at the first step, then ``W E(g) + U s_{i-1} + b``. Without the RNN the state
-        is ``E(g)`` alone (independent heads).
+        is the running sum of the drafted tokens' embeddings, ``E(g) + s_{i-1}``, as in both engines.
         """
         if not self.config.rnn:
-            return token_embedding
+            return token_embedding if state is None else token_embedding + state
         if self.config.rnn_cell == "trtllm":
             step = self.rnn_w(token_embedding)
             return step if state is None else step + self.rnn_u(state)
@@ -241,9 +243,8 @@ class RecurrentDrafter(nn.Module):
         if "draft_vocab" not in state:
             state["draft_vocab"] = torch.arange(config.draft_vocab_size, dtype=torch.long)
         drafter = cls(config)
-        missing, unexpected = drafter.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DrafterError(f"{weights_path}: missing tensors {missing}, unexpected {unexpected}")
+        _check_tensors(weights_path, drafter.state_dict(), state)
+        drafter.load_state_dict(state, assign=True)  # keep the file's dtype (no float32 round trip)
         drafter = drafter.to(device=device, dtype=dtype)
         drafter.ngrams = NgramTable.load(folder)
         return drafter if embedding is None else drafter.attach(embedding, output_embedding)
@@ -258,6 +259,24 @@ class RecurrentDrafter(nn.Module):
             )
 
 
+def _check_tensors(path: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """One line naming the first missing, misshapen or unexpected tensor of a drafter file."""
+    for name, tensor in expected.items():
+        if name not in found:
+            raise DrafterError(f"{path}: tensor {name} is missing (expected shape {list(tensor.shape)})")
+        if found[name].shape != tensor.shape:
+            raise DrafterError(
+                f"{path}: tensor {name} has shape {list(found[name].shape)}, expected {list(tensor.shape)} "
+                "for the shape in config.json"
+            )
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise DrafterError(f"{path}: unexpected tensors {', '.join(unexpected)} for the shape in config.json")
+
+
 def _reference_name(name: str) -> str:
-    """Accept the ``lm_heads.`` prefix that some converters write."""
-    return "lm_head." + name[len("lm_heads.") :] if name.startswith("lm_heads.") else name
+    """Accept the other prefixes TensorRT-LLM's converter reads: ``lm_heads.``, ``0.`` and ``input_projs.``."""
+    for prefix, reference in (("lm_heads.", "lm_head."), ("0.", "lm_head."), ("input_projs.", "input_proj.")):
+        if name.startswith(prefix):
+            return reference + name[len(prefix) :]
+    return name
