@@ -43,11 +43,12 @@ FAMILIES = {
 }
 
 
-def tiny_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64):
-    """A random ``family`` causal LM in eval mode. Weights are scaled up so logits are peaked
-    (a random model with tiny logits would make every greedy step a near-tie)."""
+def tiny_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64, config=None):
+    """A random ``family`` causal LM in eval mode (``config``: another than :data:`FAMILIES`' one).
+    Weights are scaled up so logits are peaked (a random model with tiny logits would make every
+    greedy step a near-tie)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family]()
+    config = config or FAMILIES[family]()
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():
         for p in model.parameters():

@@ -44,6 +44,19 @@ def test_corpus_holds_the_targets_own_greedy_answers(tmp_path, target):
     assert corpus.meta()["totals"]["conversations"] == 5
 
 
+def test_a_base_model_continues_its_prompts_as_raw_text(tmp_path, target):
+    """A tokenizer without a chat template (a base model, as Gemma 3 270M): prompts are the raw
+    text's ids, which the model continues; self-written prompts are refused with a clear line."""
+    model, _ = target
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = None
+    config = DistillConfig(model="tiny", prompts=prompt_file(tmp_path, 3), shard_size=4, max_new_tokens=5)
+    pairs = distill(config, tmp_path / "base", model, tokenizer, progress=False).conversations()
+    assert [prompt for prompt, _ in pairs] == [[5 + i, 20 + i, 40 + i] for i in range(3)]
+    with pytest.raises(RedrafterError, match="self-written prompts need a chat template; give --prompts FILE"):
+        distill(DistillConfig(model="tiny", num_prompts=2), tmp_path / "self", model, tokenizer, progress=False)
+
+
 def test_an_interrupted_run_resumes_to_the_same_corpus(tmp_path, target, monkeypatch):
     model, tokenizer = target
     config = DistillConfig(

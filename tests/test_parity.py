@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import COMMON, HIDDEN, VOCAB, tiny_target
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
+from transformers import Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
@@ -277,16 +277,8 @@ WINDOWED = {  # sliding windows of 5 tokens; where a config has layer_types, ful
 
 
 def windowed_target(family: str, seed: int):
-    """A float64 tiny ``family`` model whose sliding layers see 5 tokens, as :func:`tiny_target` scales it."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(WINDOWED[family](), dtype=torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    """A float64 tiny ``family`` model whose sliding layers see 5 tokens."""
+    return tiny_target(family, seed, config=WINDOWED[family]())
 
 
 @pytest.mark.parametrize("lookup_len", [0, 6])

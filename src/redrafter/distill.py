@@ -78,7 +78,10 @@ def user_prefix(tokenizer) -> str:
 
 
 def templated(tokenizer, user_text: str) -> list[int]:
-    """Token ids of ``user_text`` as a chat prompt (generation prompt included)."""
+    """Token ids of ``user_text`` as a chat prompt (generation prompt included); for a base model
+    (a tokenizer without a chat template) the raw text, which the model continues."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(user_text)["input_ids"]
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
     )
