@@ -246,3 +246,20 @@ def test_an_exported_folder_generates_through_our_loop(capsys, tmp_path, model_d
     assert main(argv + ["--json", "--drafter", "none"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert ours["token_ids"] == plain["token_ids"]
+
+
+def test_a_gguf_target_travels_as_a_hugging_face_folder_the_converters_read(tmp_path):
+    """No folder of its own (a GGUF target): ``base_model/`` in the export's dtype, with the keys
+    transformers 4 (which the engines' converters pin) reads: ``torch_dtype`` and ``rope_theta``."""
+    from conftest import word_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = target()
+    export_drafter(drafter_for(model), tmp_path / "out", "apple", target=model, tokenizer=word_tokenizer())
+    base = tmp_path / "out" / "base_model"
+    config = json.loads((base / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    loaded = AutoModelForCausalLM.from_pretrained(base)
+    assert loaded.dtype == torch.bfloat16 and model.dtype == torch.float64  # the caller's model is unchanged
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+    assert 'BASE_MODEL=${BASE_MODEL:-"$HERE/base_model"}' in (tmp_path / "out" / "apple.sh").read_text()

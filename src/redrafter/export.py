@@ -227,6 +227,7 @@ def export_drafter(
         elif target is not None and tokenizer is not None:
             copy.deepcopy(target).to(dtype).save_pretrained(tmp / "base_model")  # the caller's stays as it is
             tokenizer.save_pretrained(tmp / "base_model")
+            _add_legacy_config_keys(tmp / "base_model" / "config.json")
             base_model, base_ref = out / "base_model", '"$HERE/base_model"'
         script = tmp / f"{fmt}.sh"
         script.write_text(engine_commands(fmt, base_ref, dtype, num_beams, draft_len))
@@ -237,6 +238,18 @@ def export_drafter(
         shutil.rmtree(tmp, ignore_errors=True)
     shapes = {k: list(v.shape) for k, v in tensors.items()}
     return ExportResult(out, shapes, added, zero_rows, base_model)
+
+
+def _add_legacy_config_keys(path: Path) -> None:
+    """Also write the keys transformers 4 reads (``torch_dtype``, ``rope_theta``), which the engines'
+    converters pin; transformers 5 writes ``dtype`` and ``rope_parameters`` instead."""
+    config = json.loads(path.read_text())
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _plain_permissions(folder: Path) -> None:
