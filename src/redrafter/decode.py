@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from .beam_search import beam_search
@@ -188,100 +189,14 @@ class SpeculativeDecoder:
 
         ``sampling``: greedy when None (or temperature 0), else exact sampling with its settings.
         The first yield comes from the prompt's prefill (one token per row). Every yield is one
-        target forward pass.
+        target forward pass. Rows are numbered by their index in ``prompts``.
         """
         if max_new_tokens <= 0:
             return
-        device = self.target.device
-        choose = TokenChooser(self.target, sampling or SamplingParams())
-        batch = len(prompts)
-        # context_valid, context_positions: [B, C], which cached entries are real and their positions.
-        cache, hidden, context_valid, context_positions = self._prefill(prompts, max_new_tokens)
-        last_token = choose(hidden[:, None])[:, 0]  # [B]
-        row_length = context_valid.sum(dim=1)  # [B] real tokens cached per row
-        rows = list(range(batch))
-        emitted = [0] * batch
-        lookup = self._lookup(prompts)
-
-        step_tokens = last_token[:, None]
-        step_counts = torch.ones(batch, dtype=torch.long, device=device)
-        while True:
-            # Host side: what each row emits, where it stops.
-            # One device-to-host copy per step: [tokens..., count, cached length] per row.
-            with self._stage("host: emit, stop"):
-                host = torch.cat([step_tokens, step_counts[:, None], row_length[:, None]], dim=1).tolist()
-                width = step_tokens.shape[1]
-                counts_list = [h[width] for h in host]
-                lengths_list = [h[width + 1] for h in host]
-                out_tokens, finished = [], []
-                for i, row in enumerate(rows):
-                    tokens = host[i][: counts_list[i]]
-                    eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_token_ids), None)
-                    if eos_at is not None:
-                        tokens = tokens[: eos_at + 1]
-                    tokens = tokens[: max_new_tokens - emitted[row]]
-                    emitted[row] += len(tokens)
-                    done = (
-                        eos_at is not None
-                        or emitted[row] >= max_new_tokens
-                        or lengths_list[i] + counts_list[i] + self._tree_depth() >= self.max_positions
-                    )
-                    out_tokens.append(tokens)
-                    finished.append(done)
-                    if lookup is not None and not done:
-                        lookup.extend(i, tokens)
-            yield StepOutput(rows=list(rows), tokens=out_tokens, finished=finished)
-            keep = [i for i, done in enumerate(finished) if not done]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                cache.select_rows(index)
-                if lookup is not None:
-                    lookup.select(keep)
-                hidden, last_token, context_valid, context_positions, row_length = (
-                    hidden[index],
-                    last_token[index],
-                    context_valid[index],
-                    context_positions[index],
-                    row_length[index],
-                )
-                rows = [rows[i] for i in keep]
-
-            if self.clock is not None:
-                self.clock.steps += 1
-            # 1-2. Draft and pack the tree.
-            with self._stage("draft: beam search"):
-                beams = self.proposer(hidden, last_token, row_length)  # [B, W, L]
-            if lookup is not None:
-                with self._stage("draft: lookup"):
-                    beams = lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
-            with self._stage("tree: pack, mask"):
-                tree = build_tree(beams)
-                allowed = tree_allowed(tree.ancestors, context_valid)  # [B, N, C + N]
-                tree_positions = row_length[:, None] + tree.depth  # [B, N]
-                key_positions = torch.cat([context_positions, tree_positions], dim=1)
-            # 3. Verify the whole tree in one forward.
-            start = cache.length
-            with self._stage("target: forward"):
-                tree_hidden = self._forward(cache, tree.tokens, tree_positions, allowed, key_positions)
-            with self._stage("target: head, argmax"):
-                target_choice = choose(tree_hidden)  # [B, N]
-            # 4. Accept.
-            with self._stage("verify"):
-                verdict = verify(beams, tree.node_index, target_choice)
-            # 5. Keep the accepted path's cache entries; mask each row's surplus.
-            with self._stage("cache: keep path"):
-                kept = int(verdict.num_tokens.max())
-                cache.keep(start, verdict.path[:, :kept])
-                steps = torch.arange(kept, device=device)[None, :]
-                context_valid = torch.cat([context_valid, steps < verdict.num_tokens[:, None]], dim=1)
-                context_positions = torch.cat([context_positions, row_length[:, None] + steps], dim=1)
-                last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
-                hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
-                row_length = row_length + verdict.num_tokens
-                step_tokens, step_counts = verdict.tokens, verdict.num_tokens
-                last_token = step_tokens.gather(1, (step_counts - 1)[:, None])[:, 0]
+        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams()))
+        yield batch.add(prompts, [max_new_tokens] * len(prompts))
+        while batch.size:
+            yield batch.step()
 
     def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
         """The rows' context-lookup and n-gram beams, or None when both are off."""
@@ -336,3 +251,226 @@ class SpeculativeDecoder:
 
     def _tree_depth(self) -> int:
         return max(getattr(self.proposer, "draft_len", 1), self.lookup_len, self.ngram_len)
+
+
+@dataclass
+class _Rows:
+    """The device state of the rows decoding together, in batch order (``B`` rows, ``C`` cached entries).
+
+    Attributes:
+        ids: each row's id (given by :meth:`RunningBatch.add`).
+        cache: their keys and values ``[B, H, C, D]`` per layer.
+        hidden: ``[B, d]`` hidden state at each row's last accepted position.
+        last_token: ``[B]`` the token the target produced there (the next tree's root).
+        row_length: ``[B]`` real tokens cached per row (the root's position).
+        context_valid: ``[B, C]`` which cached entries are the row's real tokens.
+        context_positions: ``[B, C]`` their positions.
+        step_tokens: ``[B, w]`` what the last forward emitted per row (the first ``step_counts``).
+        step_counts: ``[B]``.
+        lookup: the rows' lookup beams (host side), or None.
+    """
+
+    ids: list[int]
+    cache: TreeKVCache
+    hidden: torch.Tensor
+    last_token: torch.Tensor
+    row_length: torch.Tensor
+    context_valid: torch.Tensor
+    context_positions: torch.Tensor
+    step_tokens: torch.Tensor
+    step_counts: torch.Tensor
+    lookup: LookupBeams | None
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows at indices ``keep``, in that order."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.hidden.device)
+        self.cache.select_rows(index)
+        if self.lookup is not None:
+            self.lookup.select(keep)
+        self.ids = [self.ids[i] for i in keep]
+        for name in _ROW_TENSORS:
+            setattr(self, name, getattr(self, name)[index])
+
+    def merge(self, other: _Rows) -> None:
+        """Append ``other``'s rows. The shorter context is left-padded (with entries masked out)
+        so that both share one cache length: nothing a row sees changes."""
+        length = max(self.cache.length, other.cache.length)
+        self.cache.merge(other.cache)
+        pads = (length - self.context_valid.shape[1], length - other.context_valid.shape[1])
+        for name, fill in (("context_valid", False), ("context_positions", 0)):
+            mine, theirs = (
+                F.pad(t, (pad, 0), value=fill)
+                for t, pad in zip((getattr(self, name), getattr(other, name)), pads, strict=True)
+            )
+            setattr(self, name, torch.cat([mine, theirs]))
+        width = max(self.step_tokens.shape[1], other.step_tokens.shape[1])
+        self.step_tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (self.step_tokens, other.step_tokens)])
+        for name in ("hidden", "last_token", "row_length", "step_counts"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        if self.lookup is not None and other.lookup is not None:
+            self.lookup.merge(other.lookup)
+        self.ids = self.ids + other.ids
+
+
+_ROW_TENSORS = (
+    "hidden",
+    "last_token",
+    "row_length",
+    "context_valid",
+    "context_positions",
+    "step_tokens",
+    "step_counts",
+)
+
+
+class RunningBatch:
+    """Rows decoding together, joining and leaving between target forwards (continuous batching).
+
+    :meth:`add` prefills new rows (one forward over them alone) and merges them into the running
+    cache; :meth:`step` runs one speculative step (draft, one tree forward, verify, keep) for every
+    running row. Both return what each row emitted, and finished rows (EOS, token budget, context
+    end) leave the batch at once. A row's output does not depend on which rows it ran beside.
+
+    Args:
+        decoder: the :class:`SpeculativeDecoder` (target, proposer, lookup settings).
+        choose: the target's choice per tree node, ``(hidden [B, N, d], row ids, real slots per
+            row [B]) -> [B, N]``: :class:`~redrafter.sampling.TokenChooser` (one setting for all)
+            or :class:`~redrafter.sampling.RowChooser` (each row its own).
+    """
+
+    def __init__(self, decoder: SpeculativeDecoder, choose) -> None:
+        self.decoder, self.choose = decoder, choose
+        self.rows: _Rows | None = None
+        self.budget: dict[int, int] = {}  # row id -> max new tokens
+        self.emitted: dict[int, int] = {}
+        self.next_id = 0
+
+    @property
+    def size(self) -> int:
+        """Rows running."""
+        return 0 if self.rows is None else len(self.rows.ids)
+
+    @torch.inference_mode()
+    def add(self, prompts: list[list[int]], max_new_tokens: list[int]) -> StepOutput:
+        """Prefill ``prompts`` (one forward over them alone) and let them join the batch.
+
+        Returns the prefill's emission: one token per new row, named by the ids given to them
+        (consecutive, from 0 for the first rows of this batch).
+        """
+        d = self.decoder
+        ids = list(range(self.next_id, self.next_id + len(prompts)))
+        self.next_id += len(prompts)
+        self.budget.update(zip(ids, max_new_tokens, strict=True))
+        self.emitted.update(dict.fromkeys(ids, 0))
+        cache, hidden, valid, positions = d._prefill(prompts, max(max_new_tokens))
+        first = self.choose(hidden[:, None], ids)[:, 0]  # [B]
+        new = _Rows(
+            ids=ids,
+            cache=cache,
+            hidden=hidden,
+            last_token=first,
+            row_length=valid.sum(dim=1),
+            context_valid=valid,
+            context_positions=positions,
+            step_tokens=first[:, None],
+            step_counts=torch.ones_like(first),
+            lookup=d._lookup(prompts),
+        )
+        out = self._emit(new)
+        if new.ids:
+            if self.rows is None:
+                self.rows = new
+            else:
+                self.rows.merge(new)
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        """One target forward for every running row; returns what each emitted."""
+        d, rows = self.decoder, self.rows
+        if rows is None:
+            return StepOutput(rows=[], tokens=[], finished=[])
+        device = d.target.device
+        if d.clock is not None:
+            d.clock.steps += 1
+        # 1-2. Draft and pack the tree.
+        with d._stage("draft: beam search"):
+            beams = d.proposer(rows.hidden, rows.last_token, rows.row_length)  # [B, W, L]
+        if rows.lookup is not None:
+            with d._stage("draft: lookup"):
+                beams = rows.lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
+        with d._stage("tree: pack, mask"):
+            tree = build_tree(beams)
+            allowed = tree_allowed(tree.ancestors, rows.context_valid)  # [B, N, C + N]
+            tree_positions = rows.row_length[:, None] + tree.depth  # [B, N]
+            key_positions = torch.cat([rows.context_positions, tree_positions], dim=1)
+        # 3. Verify the whole tree in one forward.
+        start = rows.cache.length
+        with d._stage("target: forward"):
+            tree_hidden = d._forward(rows.cache, tree.tokens, tree_positions, allowed, key_positions)
+        with d._stage("target: head, argmax"):
+            target_choice = self.choose(tree_hidden, rows.ids, tree.num_nodes)  # [B, N]
+        # 4. Accept.
+        with d._stage("verify"):
+            verdict = verify(beams, tree.node_index, target_choice)
+        # 5. Keep the accepted path's cache entries; mask each row's surplus.
+        with d._stage("cache: keep path"):
+            kept = int(verdict.num_tokens.max())
+            rows.cache.keep(start, verdict.path[:, :kept])
+            steps = torch.arange(kept, device=device)[None, :]
+            rows.context_valid = torch.cat([rows.context_valid, steps < verdict.num_tokens[:, None]], dim=1)
+            rows.context_positions = torch.cat([rows.context_positions, rows.row_length[:, None] + steps], dim=1)
+            last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
+            rows.hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
+            rows.row_length = rows.row_length + verdict.num_tokens
+            rows.step_tokens, rows.step_counts = verdict.tokens, verdict.num_tokens
+            rows.last_token = rows.step_tokens.gather(1, (rows.step_counts - 1)[:, None])[:, 0]
+        out = self._emit(rows)
+        if not rows.ids:
+            self.rows = None
+        return out
+
+    def cancel(self, row_id: int) -> None:
+        """Drop a running row now (its client went away)."""
+        if self.rows is not None and row_id in self.rows.ids:
+            self.rows.select([i for i, r in enumerate(self.rows.ids) if r != row_id])
+            if not self.rows.ids:
+                self.rows = None
+        self.budget.pop(row_id, None)
+        self.emitted.pop(row_id, None)
+
+    def _emit(self, rows: _Rows) -> StepOutput:
+        """Host side: what each row of ``rows`` emits and whether it stops; finished rows leave ``rows``.
+
+        One device-to-host copy: ``[tokens..., count, cached length]`` per row.
+        """
+        d = self.decoder
+        with d._stage("host: emit, stop"):
+            host = torch.cat([rows.step_tokens, rows.step_counts[:, None], rows.row_length[:, None]], dim=1).tolist()
+            width = rows.step_tokens.shape[1]
+            out_tokens, finished = [], []
+            for i, row in enumerate(rows.ids):
+                count, length = host[i][width], host[i][width + 1]
+                tokens = host[i][:count]
+                eos_at = next((k for k, t in enumerate(tokens) if t in d.eos_token_ids), None)
+                if eos_at is not None:
+                    tokens = tokens[: eos_at + 1]
+                tokens = tokens[: self.budget[row] - self.emitted[row]]
+                self.emitted[row] += len(tokens)
+                done = (
+                    eos_at is not None
+                    or self.emitted[row] >= self.budget[row]
+                    or length + count + d._tree_depth() >= d.max_positions
+                )
+                out_tokens.append(tokens)
+                finished.append(done)
+                if rows.lookup is not None and not done:
+                    rows.lookup.extend(i, tokens)
+        out = StepOutput(rows=list(rows.ids), tokens=out_tokens, finished=finished)
+        for row, done in zip(rows.ids, finished, strict=True):
+            if done:
+                del self.budget[row], self.emitted[row]
+        keep = [i for i, done in enumerate(finished) if not done]
+        if len(keep) < len(rows.ids):
+            rows.select(keep)
+        return out

@@ -92,6 +92,19 @@ class ContiguousLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
+    def merge(self, other: ContiguousLayer) -> None:
+        """Append ``other``'s rows; the shorter of the two is left-padded (zeros, which the decode
+        loop masks out) so both end at one length."""
+        length = max(self.length, other.length)
+        capacity = length + max(self.capacity - self.length, other.capacity - other.length)
+        for name in ("keys", "values"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            merged = mine.new_zeros(mine.shape[0] + theirs.shape[0], mine.shape[1], capacity, mine.shape[-1])
+            merged[: mine.shape[0], :, length - self.length : length] = mine[:, :, : self.length]
+            merged[mine.shape[0] :, :, length - other.length : length] = theirs[:, :, : other.length]
+            setattr(self, name, merged)
+        self.capacity, self.length = capacity, length
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the batch rows ``indices`` ``[B']``."""
         if self.is_initialized:
@@ -119,6 +132,11 @@ class TreeKVCache(Cache):
         """Compact every layer: see :meth:`ContiguousLayer.keep`. ``source``: ``[B, n]``."""
         for layer in self.layers:
             layer.keep(start, source)
+
+    def merge(self, other: TreeKVCache) -> None:
+        """Append ``other``'s rows (left-padding the shorter cache): see :meth:`ContiguousLayer.merge`."""
+        for layer, theirs in zip(self.layers, other.layers, strict=True):
+            layer.merge(theirs)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ``[B']`` (finished rows leave the batch)."""

@@ -92,6 +92,13 @@ class LookupBeams:
         self.lengths = [self.lengths[i] for i in rows]
         self.proposed = [self.proposed[i] for i in rows]
 
+    def merge(self, other: LookupBeams) -> None:
+        """Append ``other``'s rows (same settings) after these."""
+        self.histories += other.histories
+        self.indexes += other.indexes
+        self.lengths += other.lengths
+        self.proposed += other.proposed
+
     def continuation(self, row: int, count: int) -> list[int] | None:
         """The ``count`` tokens predicted by the longest matching suffix, or None without a match."""
         history, index = self.histories[row], self.indexes[row]

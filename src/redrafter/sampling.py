@@ -96,10 +96,45 @@ class TokenChooser:
             else:
                 self.generator.seed()
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, N, d]`` final hidden states -> ``[B, N]`` token ids."""
+    def __call__(
+        self, hidden: torch.Tensor, rows: list[int] | None = None, nodes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, N, d]`` final hidden states -> ``[B, N]`` token ids (``rows``, ``nodes``: unused,
+        one setting and one random stream for every row)."""
         if self.params.greedy:
             return exact_argmax(self.target, hidden)
         probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+
+
+class RowChooser:
+    """The target's choice per tree node with each row's own settings and random stream (a server's
+    requests: greedy and sampled rows side by side). Rows are named by the ids a
+    :class:`~redrafter.decode.RunningBatch` gives them; :meth:`add` them before they decode."""
+
+    def __init__(self, target: PreTrainedModel) -> None:
+        self.target = target
+        self.rows: dict[int, TokenChooser] = {}
+
+    def add(self, row: int, params: SamplingParams) -> None:
+        self.rows[row] = TokenChooser(self.target, params)
+
+    def remove(self, row: int) -> None:
+        self.rows.pop(row, None)
+
+    def __call__(self, hidden: torch.Tensor, rows: list[int], nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, N, d]`` final hidden states of rows ``rows`` -> ``[B, N]`` token ids.
+
+        ``nodes``: ``[B]`` real tree slots per row (the first ones; the rest pad the batch). A
+        sampled row draws for its own slots only, so its random stream, and with a seed its
+        output, does not depend on the rows beside it. Padding slots get -2, which no draft holds.
+        """
+        choosers = [self.rows[row] for row in rows]
+        if all(c.params.greedy for c in choosers):
+            return exact_argmax(self.target, hidden)
+        counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
+        choice = torch.full(hidden.shape[:2], -2, dtype=torch.long, device=hidden.device)
+        for i, (chooser, count) in enumerate(zip(choosers, counts, strict=True)):
+            choice[i, :count] = chooser(hidden[i : i + 1, :count])[0]
+        return choice

@@ -1,0 +1,94 @@
+"""Continuous batching: rows join a running batch between steps and leave when done or cancelled;
+each row's output is what it would be alone (greedy: exactly ``model.generate``'s, float64)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_target
+from test_parity import hf_greedy, random_drafter, random_prompt
+
+from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder
+from redrafter.sampling import RowChooser, SamplingParams, TokenChooser
+
+
+def drive(batch: RunningBatch, joins: dict[int, list[tuple[list[int], int]]], outputs: dict[int, list[int]]) -> None:
+    """Step ``batch`` until it is empty, adding ``joins[k]`` (prompt, budget) pairs before step ``k``."""
+    step = 0
+    while batch.size or any(k >= step for k in joins):
+        if step in joins:
+            prompts, budgets = zip(*joins[step], strict=True)
+            out = batch.add(list(prompts), list(budgets))
+            for row, tokens in zip(out.rows, out.tokens, strict=True):
+                outputs.setdefault(row, []).extend(tokens)
+        out = batch.step()
+        for row, tokens in zip(out.rows, out.tokens, strict=True):
+            outputs[row].extend(tokens)
+        step += 1
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gemma3"])
+@pytest.mark.parametrize("lookup_len", [0, 6])
+def test_rows_that_join_a_running_batch_decode_as_alone(family_name, lookup_len):
+    model = tiny_target(family_name, seed=11)
+    decoder = SpeculativeDecoder(
+        model, DrafterProposer(random_drafter(model, seed=11), 3, 4, tree_nodes=6), [], lookup_len
+    )
+    prompts = [random_prompt(n, 20 + n) for n in (7, 2, 19, 4, 11)]
+    joins = {
+        0: [(prompts[0], 30)],
+        2: [(prompts[1], 12), (prompts[2], 25)],
+        5: [(prompts[3], 30)],
+        9: [(prompts[4], 8)],
+    }
+    outputs: dict[int, list[int]] = {}
+    drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs)
+    budgets = [30, 12, 25, 30, 8]
+    assert sorted(outputs) == [0, 1, 2, 3, 4]  # ids in the order rows joined
+    for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        assert outputs[row] == hf_greedy(model, prompt, budget), f"row {row}"
+
+
+def test_a_cancelled_row_leaves_at_once_and_the_others_go_on():
+    model = tiny_target("llama", seed=12)
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=12), 2, 3), [])
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    prompts = [random_prompt(5, 1), random_prompt(9, 2), random_prompt(3, 3)]
+    outputs: dict[int, list[int]] = {}
+    for out in (batch.add(prompts, [20, 20, 20]), batch.step()):
+        for row, tokens in zip(out.rows, out.tokens, strict=True):
+            outputs.setdefault(row, []).extend(tokens)
+    batch.cancel(1)
+    assert batch.size == 2 and batch.rows.ids == [0, 2]
+    while batch.size:
+        out = batch.step()
+        assert 1 not in out.rows
+        for row, tokens in zip(out.rows, out.tokens, strict=True):
+            outputs[row].extend(tokens)
+    assert outputs[0] == hf_greedy(model, prompts[0], 20) and outputs[2] == hf_greedy(model, prompts[2], 20)
+    assert outputs[1] == hf_greedy(model, prompts[1], 20)[: len(outputs[1])]
+    assert batch.step().rows == [] and batch.budget == {}
+
+
+def test_per_row_sampling_beside_other_rows_is_what_the_row_draws_alone():
+    """A seeded sampled row draws for its own tree slots only: beside greedy and other sampled rows
+    it emits exactly what it emits alone; the greedy rows stay ``model.generate``'s."""
+    model = tiny_target("llama", seed=13)
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=13), 3, 4), [], lookup_len=5)
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=7)
+
+    def run(rows: list[tuple[list[int], SamplingParams]]) -> dict[int, list[int]]:
+        chooser = RowChooser(model)
+        batch = RunningBatch(decoder, chooser)
+        for row, (_, params) in enumerate(rows):
+            chooser.add(row, params)
+        outputs: dict[int, list[int]] = {}
+        joins = {2 * k: [(prompt, 20)] for k, (prompt, _) in enumerate(rows)}
+        drive(batch, joins, outputs)
+        return outputs
+
+    greedy = SamplingParams()
+    target = random_prompt(6, 5)
+    alone = run([(target, sampled)])[0]
+    mixed = run([(random_prompt(4, 6), greedy), (target, sampled), (random_prompt(8, 7), SamplingParams(1.3, seed=2))])
+    assert mixed[1] == alone
+    assert mixed[0] == hf_greedy(model, random_prompt(4, 6), 20)
