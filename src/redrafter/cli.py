@@ -383,6 +383,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a drafter trained with the other engine's RNN cell (it drafts other tokens there)",
     )
     ex.set_defaults(run=run_export)
+
+    sv = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (chat and text completions, streaming) with continuous batching",
+        description="Serve POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models, /health "
+        "and /metrics (Prometheus) with FastAPI and uvicorn. One decode loop serves every request: a request that "
+        "arrives while others decode is prefilled and joins at the next step; a finished or disconnected one leaves "
+        "at once. Steps speculate (draft and verify a tree) while at most --speculate-max-batch rows run and are "
+        "plain one-token steps above that. temperature defaults to 1 as in OpenAI's API; 0 is greedy.",
+    )
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=_at_least(0), default=8000)
+    sv.add_argument("--max-batch", type=_positive, default=16, help="rows decoding at once (default %(default)s)")
+    sv.add_argument(
+        "--max-queue", type=_at_least(0), default=64, help="requests waiting; more get 429 (default %(default)s)"
+    )
+    sv.add_argument(
+        "--speculate-max-batch",
+        type=_at_least(0),
+        default=2,
+        help="speculate while at most this many rows run, plain steps above (default %(default)s: on a 2-core CPU "
+        "speculation is ahead of plain decoding at batch 1 and behind from batch 4; 0 = never)",
+    )
+    sv.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
+    _add_model_options(sv)
+    sv.set_defaults(run=run_serve)
     return parser
 
 
@@ -683,6 +709,21 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"the head gained {result.head_rows_added:,} vocabulary rows ({how}): drafts can differ from ours")
     if result.base_model is None:
         print(f"{args.format}.sh needs BASE_MODEL=the target's Hugging Face folder")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import resolve_drafter
+    from .serve import Engine, build_app
+
+    drafter = resolve_drafter(args.drafter, args.model)
+    rd = _load_engine(args, drafter)
+    name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).stem)
+    engine = Engine(rd, args.max_batch, args.max_queue, args.speculate_max_batch)
+    print(f"redrafter: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(build_app(engine, name), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -385,8 +385,12 @@ class RunningBatch:
         return out
 
     @torch.inference_mode()
-    def step(self) -> StepOutput:
-        """One target forward for every running row; returns what each emitted."""
+    def step(self, speculate: bool = True) -> StepOutput:
+        """One target forward for every running row; returns what each emitted.
+
+        ``speculate=False``: a plain one-token step (no draft, no lookup beams), cheaper per
+        forward when the batch is large enough that verifying trees costs more than it gains.
+        """
         d, rows = self.decoder, self.rows
         if rows is None:
             return StepOutput(rows=[], tokens=[], finished=[])
@@ -395,8 +399,9 @@ class RunningBatch:
             d.clock.steps += 1
         # 1-2. Draft and pack the tree.
         with d._stage("draft: beam search"):
-            beams = d.proposer(rows.hidden, rows.last_token, rows.row_length)  # [B, W, L]
-        if rows.lookup is not None:
+            proposer = d.proposer if speculate else no_draft
+            beams = proposer(rows.hidden, rows.last_token, rows.row_length)  # [B, W, L]
+        if rows.lookup is not None and speculate:
             with d._stage("draft: lookup"):
                 beams = rows.lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
         with d._stage("tree: pack, mask"):
