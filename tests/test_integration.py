@@ -144,3 +144,23 @@ def test_shipped_drafter_exported_for_apple_reimports_lossless_and_drafting(ship
     rate = tokens_per_step_against_ar(ar, engine, [index * 4 + 1 for index in range(2)], "exported drafter")
     print(f"exported drafter, its beams only: {rate:.2f} tokens per step")
     assert rate > 1.3
+
+
+def test_served_default_model_answers_as_generate(shipped):
+    """`redrafter serve` on the default model and shipped drafter: a greedy chat completion through
+    the HTTP server (the openai client) is the text `generate` gives for the same prompt."""
+    import openai
+
+    from redrafter.serve import BackgroundServer, Engine, build_app
+
+    _, rd = shipped
+    prompt = json.loads(PROMPTS.read_text().splitlines()[2])["prompt"]
+    server = BackgroundServer(build_app(Engine(rd), "default"))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": prompt}], max_tokens=NEW_TOKENS, temperature=0
+        )
+    finally:
+        server.stop()
+    assert answer.choices[0].message.content == rd.generate(prompt, max_new_tokens=NEW_TOKENS).text

@@ -7,8 +7,6 @@ answers equal `ReDrafter.generate`'s; 32 concurrent streams each equal their ans
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -16,40 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from redrafter import ReDrafter
-from redrafter.serve import Engine, build_app
+from redrafter.serve import BackgroundServer, Engine, build_app
 
 MODEL = "tiny"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LiveServer:
-    """uvicorn serving ``build_app`` on a thread; stopped as SIGTERM would (graceful shutdown)."""
+    """A :class:`BackgroundServer` around a fresh :class:`Engine`, with an ``openai`` client."""
 
     def __init__(self, rd: ReDrafter, **engine_options) -> None:
         self.engine = Engine(rd, **engine_options)
-        self.port = free_port()
-        config = uvicorn.Config(build_app(self.engine, MODEL), host="127.0.0.1", port=self.port, log_level="error")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.background = BackgroundServer(build_app(self.engine, MODEL))
+        self.url = self.background.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
+        self.background.stop()
 
     def metric(self, name: str) -> float:
         text = urllib.request.urlopen(f"{self.url}/metrics").read().decode()
@@ -215,3 +197,21 @@ def test_a_full_queue_gets_429_and_shutdown_finishes_running_rows(rd):
             assert running.result().status_code == 200
     finally:
         live.stop()
+
+
+def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, drafter_dir, tmp_path):
+    from redrafter.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{5 + k} w{9 + k}"}) + "\n" for k in range(3)))
+    argv = ["bench-serve", "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float64"]
+    argv += ["--prompts", str(prompts), "--concurrency", "1,3", "--requests", "2", "--max-new-tokens", "6"]
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "serve.json").read_text())
+    for mode in ("speculative", "plain"):
+        for n, requests in (("1", 2), ("3", 3)):
+            row = result["results"][mode][n]
+            assert row["requests"] == requests and row["tokens"] == 6 * requests and row["tokens_per_second"] > 0
+            assert row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= row["itl_p50_ms"] > 0
+    assert set(result["speculative_over_plain"]) == {"1", "3"}
+    assert (tmp_path / "out" / "serve.png").stat().st_size > 0

@@ -409,6 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
     _add_model_options(sv)
     sv.set_defaults(run=run_serve)
+
+    bs = commands.add_parser(
+        "bench-serve",
+        help="the server under N concurrent streaming clients, with and without speculation",
+        description="Start the server twice in this process (adaptive speculation, and plain decoding), then for each "
+        "--concurrency N stream greedy chat completions from N client threads at a time (max(N, --requests) "
+        "requests over the prompts): throughput, time to first token and inter-token latency (p50, p99), the two "
+        "modes interleaved. Writes OUT/serve.json and serve.png.",
+    )
+    bs.add_argument("--prompts", help="prompt JSONL (default: MT-Bench where present, as for bench)")
+    bs.add_argument("--per-category", type=_positive, help="only the first N prompts of each category")
+    bs.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="default 1,4,16,64")
+    bs.add_argument("--requests", type=_positive, default=16, help="requests per concurrency at least (default 16)")
+    bs.add_argument("--max-new-tokens", type=_positive, default=128)
+    bs.add_argument("--max-batch", type=_positive, default=64, help="the servers' --max-batch (default %(default)s)")
+    bs.add_argument("--speculate-max-batch", type=_at_least(0), default=2, help="the adaptive server's setting")
+    bs.add_argument("--out", required=True, help="results folder")
+    _add_model_options(bs)
+    bs.set_defaults(run=run_bench_serve)
     return parser
 
 
@@ -724,6 +743,27 @@ def run_serve(args: argparse.Namespace) -> int:
     engine = Engine(rd, args.max_batch, args.max_queue, args.speculate_max_batch)
     print(f"redrafter: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(build_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from .api import resolve_drafter
+    from .bench import default_prompt_file
+    from .bench_serve import run_serve_benchmark
+
+    prompts = read_prompts(args.prompts or default_prompt_file())
+    if args.per_category:
+        prompts = per_category(prompts, args.per_category)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RedrafterError(f"--out {out} exists and is not a folder")
+    rd = _load_engine(args, resolve_drafter(args.drafter, args.model))
+    result = run_serve_benchmark(
+        rd, prompts, args.concurrency, args.requests, args.max_new_tokens, out, args.max_batch, args.speculate_max_batch
+    )
+    for n, ratio in result["speculative_over_plain"].items():
+        print(f"N={n:<3} speculative/plain throughput: {ratio:.2f}x")
+    print(f"results: {out / 'serve.json'}", file=sys.stderr)
     return 0
 
 

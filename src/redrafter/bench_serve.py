@@ -1,0 +1,164 @@
+"""``redrafter bench-serve``: the server under N concurrent streaming clients, with and without speculation.
+
+For each concurrency ``N``, ``N`` client threads stream chat completions (greedy) from a server on
+this machine, each taking the next prompt until ``max(N, requests)`` requests are done; the server
+runs once with the adaptive policy (speculate up to ``--speculate-max-batch`` rows) and once with
+plain decoding (never speculate), the two interleaved per concurrency. Measured at the client:
+throughput (generated tokens over the wall time of the whole run), time to the first token and the
+gaps between later chunks (inter-token latency: a chunk of ``k`` tokens counts as ``k`` gaps of a
+``k``-th of its wait), p50 and p99. The server is in this process (a thread), so the clients share
+its CPU: on a 2-core machine that costs both modes alike.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .api import ReDrafter
+from .bench import percentile
+from .files import write_json
+from .prompts import Prompt
+from .serve import BackgroundServer, Engine, build_app
+
+MODES = {"speculative": None, "plain": 0}  # speculate_max_batch: None = the caller's setting
+
+
+def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
+    """One streaming chat request; returns its token count, time to first token and chunk gaps."""
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    start = time.perf_counter()
+    first, last, gaps, tokens = None, None, [], 0
+    with urllib.request.urlopen(request, timeout=3600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                if first is None:
+                    first = now - start
+                elif last is not None:
+                    gaps.append(now - last)
+                last = now
+    return {"tokens": tokens, "first_token_seconds": first, "gaps": gaps, "seconds": time.perf_counter() - start}
+
+
+def run_concurrency(url: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int) -> dict:
+    """``max(concurrency, requests)`` requests, ``concurrency`` in flight at a time."""
+    count = max(concurrency, requests)
+    chosen = [prompts[i % len(prompts)] for i in range(count)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(lambda p: stream_one(url, p, max_tokens), chosen))
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    first = [1000 * r["first_token_seconds"] for r in results if r["first_token_seconds"] is not None]
+    gaps = [1000 * g for r in results for g in r["gaps"]]
+    return {
+        "requests": count,
+        "tokens": tokens,
+        "seconds": round(wall, 3),
+        "tokens_per_second": round(tokens / wall, 2),
+        "ttft_p50_ms": round(percentile(first, 50), 1) if first else None,
+        "ttft_p99_ms": round(percentile(first, 99), 1) if first else None,
+        "itl_p50_ms": round(percentile(gaps, 50), 1) if gaps else None,
+        "itl_p99_ms": round(percentile(gaps, 99), 1) if gaps else None,
+    }
+
+
+def run_serve_benchmark(
+    rd: ReDrafter,
+    prompts: list[Prompt],
+    concurrencies: list[int],
+    requests: int,
+    max_tokens: int,
+    out: Path,
+    max_batch: int,
+    speculate_max_batch: int,
+) -> dict:
+    """Both modes at every concurrency (interleaved); writes ``serve.json`` and ``serve.png``."""
+    servers = {}
+    for mode, setting in MODES.items():
+        limit = speculate_max_batch if setting is None else setting
+        engine = Engine(rd, max_batch=max_batch, max_queue=max(concurrencies) + requests, speculate_max_batch=limit)
+        servers[mode] = (engine, BackgroundServer(build_app(engine, "default")))
+    texts = [p.text for p in prompts]
+    table: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
+    try:
+        for _, server in servers.values():  # warm-up: one short request each
+            stream_one(server.url, texts[0], 8)
+        for n in concurrencies:
+            for mode, (_, server) in servers.items():
+                table[mode][str(n)] = run_concurrency(server.url, texts, n, requests, max_tokens)
+                print(f"bench-serve: {mode:<11} N={n:<3} {table[mode][str(n)]['tokens_per_second']:.1f} tokens/s")
+    finally:
+        for _, server in servers.values():
+            server.stop()
+    ratio = {
+        str(n): round(
+            table["speculative"][str(n)]["tokens_per_second"] / table["plain"][str(n)]["tokens_per_second"], 3
+        )
+        for n in concurrencies
+    }
+    result = {
+        "config": {
+            "prompts": len(prompts),
+            "requests_per_concurrency": requests,
+            "max_tokens": max_tokens,
+            "max_batch": max_batch,
+            "speculate_max_batch": speculate_max_batch,
+            "dtype": str(rd.target.dtype).removeprefix("torch."),
+            "weights": rd.quantization.weights,
+            "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
+        },
+        "results": table,
+        "speculative_over_plain": ratio,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "serve.json", result)
+    plot_serve(result, out / "serve.png")
+    return result
+
+
+def plot_serve(result: dict, path: Path) -> None:
+    """Throughput and latency against concurrency, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode, rows in result["results"].items():
+        ns = [int(n) for n in rows]
+        for ax, key, label in [
+            (axes[0], "tokens_per_second", "tokens/s"),
+            (axes[1], "ttft_p50_ms", "time to first token p50 (ms)"),
+            (axes[2], "itl_p50_ms", "inter-token latency p50 (ms)"),
+        ]:
+            ax.plot(ns, [rows[str(n)][key] or 0 for n in ns], marker="o", label=mode)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_title(label)
+    axes[0].legend()
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
