@@ -7,6 +7,7 @@ answers equal `ReDrafter.generate`'s; 32 concurrent streams each equal their ans
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,12 @@ from redrafter import ReDrafter
 from redrafter.serve import BackgroundServer, Engine, build_app
 
 MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class LiveServer:
@@ -215,3 +222,37 @@ def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, d
             assert row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= row["itl_p50_ms"] > 0
     assert set(result["speculative_over_plain"]) == {"1", "3"}
     assert (tmp_path / "out" / "serve.png").stat().st_size > 0
+
+
+def test_the_serve_command_answers_then_exits_0_on_sigterm(model_dir, drafter_dir, tmp_path):
+    """`redrafter serve` as a process: SIGTERM in the middle of a stream lets it finish, then exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    command = [sys.executable, "-m", "redrafter.cli", "serve", "--model", str(model_dir), "--drafter", str(drafter_dir)]
+    process = subprocess.Popen(command + ["--dtype", "float64", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        body = {"model": "default", "prompt": "w5 w6", "max_tokens": 30, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            process.send_signal(signal.SIGTERM)  # mid-stream: this request must still complete
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in [first, *rest[:-1]]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=60) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()

@@ -5,16 +5,18 @@ this machine, each taking the next prompt until ``max(N, requests)`` requests ar
 runs once with the adaptive policy (speculate up to ``--speculate-max-batch`` rows) and once with
 plain decoding (never speculate), the two interleaved per concurrency. Measured at the client:
 throughput (generated tokens over the wall time of the whole run), time to the first token and the
-gaps between later chunks (inter-token latency: a chunk of ``k`` tokens counts as ``k`` gaps of a
-``k``-th of its wait), p50 and p99. The server is in this process (a thread), so the clients share
-its CPU: on a 2-core machine that costs both modes alike.
+gaps between later chunks (inter-token latency), p50 and p99. As in ``redrafter serve``, the
+decode loop runs on the main thread and HTTP on another; the clients are threads of this process
+too, so they share its CPU: on a 2-core machine that costs both modes alike.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,6 +85,17 @@ def run_concurrency(url: str, prompts: list[str], concurrency: int, requests: in
     }
 
 
+def on_main_thread(engine: Engine, clients: Callable[[], dict]) -> dict:
+    """Run ``clients`` on a thread while ``engine``'s loop runs here (as ``redrafter serve`` runs it),
+    until they are done; return what they returned."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(clients() or {}))
+    thread.start()
+    engine.run(until=lambda: not thread.is_alive())
+    thread.join()
+    return result
+
+
 def run_serve_benchmark(
     rd: ReDrafter,
     prompts: list[Prompt],
@@ -98,16 +111,19 @@ def run_serve_benchmark(
     for mode, setting in MODES.items():
         limit = speculate_max_batch if setting is None else setting
         engine = Engine(rd, max_batch=max_batch, max_queue=max(concurrencies) + requests, speculate_max_batch=limit)
-        servers[mode] = (engine, BackgroundServer(build_app(engine, "default")))
+        servers[mode] = (engine, BackgroundServer(build_app(engine, "default", run_engine=False)))
     texts = [p.text for p in prompts]
     table: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
     try:
-        for _, server in servers.values():  # warm-up: one short request each
-            stream_one(server.url, texts[0], 8)
+        for engine, server in servers.values():  # warm-up: one short request each
+            on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
         for n in concurrencies:
-            for mode, (_, server) in servers.items():
-                table[mode][str(n)] = run_concurrency(server.url, texts, n, requests, max_tokens)
-                print(f"bench-serve: {mode:<11} N={n:<3} {table[mode][str(n)]['tokens_per_second']:.1f} tokens/s")
+            for mode, (engine, server) in servers.items():
+                row = on_main_thread(
+                    engine, lambda url=server.url, n=n: run_concurrency(url, texts, n, requests, max_tokens)
+                )
+                table[mode][str(n)] = row
+                print(f"bench-serve: {mode:<11} N={n:<3} {row['tokens_per_second']:.1f} tokens/s")
     finally:
         for _, server in servers.values():
             server.stop()

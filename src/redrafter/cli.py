@@ -739,17 +739,26 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    import signal
 
     from .api import resolve_drafter
-    from .serve import Engine, build_app
+    from .serve import BackgroundServer, Engine, build_app
 
     drafter = resolve_drafter(args.drafter, args.model)
     rd = _load_engine(args, drafter)
     name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).stem)
     engine = Engine(rd, args.max_batch, args.max_queue, args.speculate_max_batch)
-    print(f"redrafter: serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(build_app(engine, name), host=args.host, port=args.port, log_level="warning")
+    server = BackgroundServer(build_app(engine, name, run_engine=False), args.host, args.port)
+
+    def shut_down(*_) -> None:  # SIGTERM / Ctrl-C: no new requests; running ones finish
+        server.server.should_exit = True
+        engine.close()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    print(f"redrafter: serving {name!r} on {server.url}/v1", file=sys.stderr)
+    engine.run()  # the decode loop on the main thread, until shut down
+    server.stop()
     return 0
 
 
