@@ -1,6 +1,7 @@
 """``redrafter serve``: an OpenAI-compatible HTTP server over one continuous-batching decode loop.
 
-One worker thread owns a :class:`~redrafter.decode.RunningBatch`. Between target forwards it takes
+One decode loop (:class:`Engine`, on the main thread under ``redrafter serve``; uvicorn's event loop
+runs on another) owns a :class:`~redrafter.decode.RunningBatch`. Between target forwards it takes
 waiting requests (prefilled, then joining the batch), drops cancelled ones (a client that went
 away), and runs one step for every running row; each row's new tokens go to its request's queue on
 the event loop, which detokenizes, cuts ``stop`` strings and streams them. Each row keeps its own
