@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="default 1,4,16,64")
     bs.add_argument("--requests", type=_positive, default=16, help="requests per concurrency at least (default 16)")
     bs.add_argument("--max-new-tokens", type=_positive, default=128)
-    bs.add_argument("--max-batch", type=_positive, default=64, help="the servers' --max-batch (default %(default)s)")
+    bs.add_argument("--max-batch", type=_positive, default=16, help="the servers' --max-batch (default %(default)s)")
     bs.add_argument("--speculate-max-batch", type=_at_least(0), default=2, help="the adaptive server's setting")
     bs.add_argument("--out", required=True, help="results folder")
     _add_model_options(bs)
