@@ -16,7 +16,8 @@ through the same loop, cache and dtype, which makes it the honest baseline.
 
 Rows of a batch may accept different numbers of tokens; the cache stays rectangular and each
 row's surplus entries are masked out through ``context_valid``. A finished row (EOS or its token
-budget) leaves the batch at once.
+budget) leaves the batch at once, and a new row can join between steps (:class:`RunningBatch`,
+continuous batching for the server): it is prefilled alone, then merged into a left-padded cache.
 """
 
 from __future__ import annotations
