@@ -7,7 +7,6 @@ answers equal `ReDrafter.generate`'s; 32 concurrent streams each equal their ans
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,15 +16,9 @@ import openai
 import pytest
 
 from redrafter import ReDrafter
-from redrafter.serve import BackgroundServer, Engine, build_app
+from redrafter.serve import BackgroundServer, Engine, build_app, free_port
 
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

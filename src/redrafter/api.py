@@ -202,10 +202,14 @@ class ReDrafter:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(prompt)["input_ids"]
+        self.check_context(ids)
+        return ids
+
+    def check_context(self, ids: list[int]) -> None:
+        """Raise :class:`RedrafterError` unless ``ids`` leave room in the context for a step's tree."""
         limit = context_limit(self.target.config)
         if len(ids) + max(self.draft_len, self.lookup_len, self.ngram_len) >= limit:
             raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
-        return ids
 
     # -- generation ---------------------------------------------------------------------------
     def generate(

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from .drafter import MODEL_TYPE, DrafterError, RecurrentDrafter
+from .files import plain_permissions
 
 FORMATS = ("apple", "trtllm")
 ENGINE_CELL = {"apple": "reference", "trtllm": "trtllm"}
@@ -232,7 +233,8 @@ def export_drafter(
         script = tmp / f"{fmt}.sh"
         script.write_text(engine_commands(fmt, base_ref, dtype, num_beams, draft_len))
         script.chmod(0o755)
-        _plain_permissions(tmp)
+        for path in [tmp, *tmp.rglob("*")]:
+            plain_permissions(path)
         _replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,15 +252,6 @@ def _add_legacy_config_keys(path: Path) -> None:
     if "rope_theta" in rope:
         config.setdefault("rope_theta", rope["rope_theta"])
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _plain_permissions(folder: Path) -> None:
-    """The permissions a plain ``mkdir``/``open(..., "w")`` would give (temporary files are owner-only)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for path in [folder, *folder.rglob("*")]:
-        mode = 0o777 if path.is_dir() or os.access(path, os.X_OK) else 0o666
-        path.chmod(mode & ~mask)
 
 
 def _replace_folder(new: Path, out: Path) -> None:

@@ -21,13 +21,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        plain_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def plain_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open(..., "w")`` or ``mkdir`` would (``0o666``/``0o777``, or
+    ``0o777`` for an executable file, less the umask): temporary files and folders are owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o777 if os.path.isdir(path) or os.access(path, os.X_OK) else 0o666
+    os.chmod(path, mode & ~umask)
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:

@@ -34,7 +34,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from .api import ReDrafter
 from .decode import RunningBatch
 from .errors import RedrafterError
-from .models import context_limit
 from .sampling import RowChooser, SamplingParams
 
 UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "audio", "modalities")
@@ -283,14 +282,10 @@ def parse_request(rd: ReDrafter, body: object, chat: bool, model_name: str) -> C
     max_tokens = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int, 256)
     if max_tokens < 1:
         raise ApiError(400, "'max_tokens' must be at least 1", param="max_tokens", code="invalid_value")
-    limit = context_limit(rd.target.config)
-    if len(prompt) + max(rd.draft_len, rd.lookup_len, rd.ngram_len) >= limit:
-        raise ApiError(
-            400,
-            f"the prompt has {len(prompt)} tokens; the model's context is {limit}",
-            "messages" if chat else "prompt",
-            "context_length_exceeded",
-        )
+    try:
+        rd.check_context(prompt)
+    except RedrafterError as error:
+        raise ApiError(400, str(error), "messages" if chat else "prompt", "context_length_exceeded") from None
     try:
         sampling = SamplingParams(
             temperature=float(_field(body, "temperature", (int, float), 1.0)),
@@ -462,15 +457,19 @@ def build_app(engine: Engine, model_name: str, run_engine: bool = True) -> FastA
     return app
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 class BackgroundServer:
     """uvicorn serving ``app`` on a thread of this process (tests and ``bench-serve``); :meth:`stop`
     shuts it down as SIGTERM would (no new connections, running requests finish)."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
-        if port == 0:
-            with socket.socket() as sock:
-                sock.bind((host, 0))
-                port = sock.getsockname()[1]
+        port = port or free_port(host)
         self.url = f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, name="redrafter-http", daemon=True)
