@@ -149,25 +149,27 @@ class SpeculativeDecoder:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         allowed: torch.Tensor,
-        key_positions: torch.Tensor,
+        context_valid: torch.Tensor,
     ) -> torch.Tensor:
         """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, d]``.
 
         ``allowed [B, q, K]``: which of the ``K`` keys (cached, then new) each query sees, at
-        ``key_positions [B, K]`` (the sliding-window layers see fewer, :func:`layer_masks`).
+        ``context_valid [B, C]``: which cached keys are real tokens. A real token's position is the
+        count of real tokens before it, so the keys' positions (which sliding-window layers need,
+        :func:`layer_masks`) are derived here, only for a model that has such layers.
         """
+        key_positions = None
+        if self.windows.window is not None:
+            key_positions = torch.cat([context_valid.long().cumsum(dim=1) - 1, positions], dim=1)
         mask = layer_masks(allowed, positions, key_positions, self.windows, self.target.dtype)
         out = self.decoder(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
         return out.last_hidden_state
 
-    def _prefill(
-        self, prompts: list[list[int]], max_new_tokens: int
-    ) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]``, which
-        cached entries are real tokens ``[B, P]`` (padding is masked out of every attention) and
-        their positions ``[B, P]``."""
+    def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor]:
+        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]`` and
+        which cached entries are real tokens ``[B, P]`` (padding is masked out of every attention)."""
         device = self.target.device
         batch, longest = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
@@ -179,8 +181,9 @@ class SpeculativeDecoder:
         allowed = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :]
         allowed |= torch.eye(longest, dtype=torch.bool, device=device)  # padding sees itself
         cache = TreeKVCache(self.target.config.num_hidden_layers, capacity=longest + max_new_tokens + 64)
-        hidden = self._forward(cache, input_ids, positions, allowed, positions)[:, -1]
-        return cache, hidden, valid, positions
+        no_context = valid[:, :0]
+        hidden = self._forward(cache, input_ids, positions, allowed, no_context)[:, -1]
+        return cache, hidden, valid
 
     @torch.inference_mode()
     def decode(
@@ -265,7 +268,6 @@ class _Rows:
         last_token: ``[B]`` the token the target produced there (the next tree's root).
         row_length: ``[B]`` real tokens cached per row (the root's position).
         context_valid: ``[B, C]`` which cached entries are the row's real tokens.
-        context_positions: ``[B, C]`` their positions.
         step_tokens: ``[B, w]`` what the last forward emitted per row (the first ``step_counts``).
         step_counts: ``[B]``.
         lookup: the rows' lookup beams (host side), or None.
@@ -277,7 +279,6 @@ class _Rows:
     last_token: torch.Tensor
     row_length: torch.Tensor
     context_valid: torch.Tensor
-    context_positions: torch.Tensor
     step_tokens: torch.Tensor
     step_counts: torch.Tensor
     lookup: LookupBeams | None
@@ -297,13 +298,8 @@ class _Rows:
         so that both share one cache length: nothing a row sees changes."""
         length = max(self.cache.length, other.cache.length)
         self.cache.merge(other.cache)
-        pads = (length - self.context_valid.shape[1], length - other.context_valid.shape[1])
-        for name, fill in (("context_valid", False), ("context_positions", 0)):
-            mine, theirs = (
-                F.pad(t, (pad, 0), value=fill)
-                for t, pad in zip((getattr(self, name), getattr(other, name)), pads, strict=True)
-            )
-            setattr(self, name, torch.cat([mine, theirs]))
+        valid = [F.pad(v, (length - v.shape[1], 0)) for v in (self.context_valid, other.context_valid)]
+        self.context_valid = torch.cat(valid)
         width = max(self.step_tokens.shape[1], other.step_tokens.shape[1])
         self.step_tokens = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (self.step_tokens, other.step_tokens)])
         for name in ("hidden", "last_token", "row_length", "step_counts"):
@@ -318,7 +314,6 @@ _ROW_TENSORS = (
     "last_token",
     "row_length",
     "context_valid",
-    "context_positions",
     "step_tokens",
     "step_counts",
 )
@@ -363,7 +358,7 @@ class RunningBatch:
         self.next_id += len(prompts)
         self.budget.update(zip(ids, max_new_tokens, strict=True))
         self.emitted.update(dict.fromkeys(ids, 0))
-        cache, hidden, valid, positions = d._prefill(prompts, max(max_new_tokens))
+        cache, hidden, valid = d._prefill(prompts, max(max_new_tokens))
         first = self.choose(hidden[:, None], ids)[:, 0]  # [B]
         new = _Rows(
             ids=ids,
@@ -372,7 +367,6 @@ class RunningBatch:
             last_token=first,
             row_length=valid.sum(dim=1),
             context_valid=valid,
-            context_positions=positions,
             step_tokens=first[:, None],
             step_counts=torch.ones_like(first),
             lookup=d._lookup(prompts),
@@ -409,11 +403,10 @@ class RunningBatch:
             tree = build_tree(beams)
             allowed = tree_allowed(tree.ancestors, rows.context_valid)  # [B, N, C + N]
             tree_positions = rows.row_length[:, None] + tree.depth  # [B, N]
-            key_positions = torch.cat([rows.context_positions, tree_positions], dim=1)
         # 3. Verify the whole tree in one forward.
         start = rows.cache.length
         with d._stage("target: forward"):
-            tree_hidden = d._forward(rows.cache, tree.tokens, tree_positions, allowed, key_positions)
+            tree_hidden = d._forward(rows.cache, tree.tokens, tree_positions, allowed, rows.context_valid)
         with d._stage("target: head, argmax"):
             target_choice = self.choose(tree_hidden, rows.ids, tree.num_nodes)  # [B, N]
         # 4. Accept.
@@ -425,7 +418,6 @@ class RunningBatch:
             rows.cache.keep(start, verdict.path[:, :kept])
             steps = torch.arange(kept, device=device)[None, :]
             rows.context_valid = torch.cat([rows.context_valid, steps < verdict.num_tokens[:, None]], dim=1)
-            rows.context_positions = torch.cat([rows.context_positions, rows.row_length[:, None] + steps], dim=1)
             last_slot = verdict.path.gather(1, (verdict.num_tokens - 1)[:, None])  # [B, 1]
             rows.hidden = tree_hidden.gather(1, last_slot[:, :, None].expand(-1, -1, tree_hidden.shape[-1]))[:, 0]
             rows.row_length = rows.row_length + verdict.num_tokens

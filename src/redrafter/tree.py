@@ -135,7 +135,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def layer_masks(
     allowed: torch.Tensor,
     query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
+    key_positions: torch.Tensor | None,
     windows: AttentionWindows,
     dtype: torch.dtype,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -148,7 +148,8 @@ def layer_masks(
     Args:
         allowed: ``[B, q, K]`` bool, what full attention may see.
         query_positions: ``[B, q]`` positions of the queries.
-        key_positions: ``[B, K]`` positions of the keys (anything where not ``allowed``).
+        key_positions: ``[B, K]`` positions of the keys (anything where not ``allowed``); only
+            read with a window.
         windows: the target's layout (:func:`redrafter.models.attention_windows`).
         dtype: the target's compute dtype.
     Returns:
