@@ -280,7 +280,7 @@ def test_llama_cpp_runs_greedy_from_a_fresh_context(monkeypatch, model_dir, tmp_
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
     rd = ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32")
     rd.decoder.eos_token_ids = frozenset([1])
-    counter = bench.ForwardCounter(rd.decoder.decoder)
+    counter = bench.ForwardCounter(rd.target)
     gguf = tmp_path / "model.gguf"
     method = bench.make_methods(rd, ["llama.cpp"], 5, None, counter, gguf=gguf)["llama.cpp"]
     assert method.run([5, 2]).token_ids == [7, 8, 1]  # EOS emitted, then the run stops

@@ -29,6 +29,20 @@ def test_keep_moves_the_accepted_path_next_to_the_context():
     assert keys.shape[2] == 7
 
 
+def test_keeping_the_first_entries_in_order_only_sets_the_length():
+    cache = TreeKVCache(num_layers=2, capacity=16)
+    tree = torch.randn(2, 3, 5, 2)
+    for layer in range(2):
+        cache.update(tree, -tree, layer)
+    before = [layer.keys.clone() for layer in cache.layers]
+    cache.keep(0, torch.tensor([[0, 1], [0, 1]]))
+    assert cache.length == 2
+    for layer, keys in zip(cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, keys)  # nothing moved: entries 0 and 1 already sit there
+    cache.keep(0, torch.tensor([[0, 1], [0, 1]])[:, :1])
+    assert cache.length == 1
+
+
 def test_select_rows_and_crop():
     cache = TreeKVCache(num_layers=1, capacity=8)
     cache.update(torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 1), torch.zeros(3, 1, 4, 1), 0)

@@ -107,6 +107,8 @@ class ReDrafter:
             any depth (a dynamic tree, :func:`redrafter.beam_search.beam_search`); 0 for the ``W``
             final beams.
         quantization: how ``target``'s weights were quantized (:func:`redrafter.quant.quantize_target`).
+        lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers the
+            model (Llama, Mistral, Qwen2); False: through transformers' decoder.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class ReDrafter:
         ngram_len: int = DEFAULT_SHAPES["float"].ngram_len,
         tree_nodes: int = DEFAULT_SHAPES["float"].tree_nodes,
         quantization: QuantizationReport | None = None,
+        lean: bool = True,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -147,7 +150,8 @@ class ReDrafter:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len)
+        self.lean = lean
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean)
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
+from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
 from .api import ReDrafter
@@ -28,10 +29,12 @@ from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
 from .kv_cache import TreeKVCache
+from .lean_decoder import target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
 from .quant import WEIGHTS, quantize_target
 from .sampling import exact_argmax
+from .tree import additive_mask
 
 SHARED_MT_BENCH = Path("../shared/data/mt_bench.jsonl")
 OWN_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -132,17 +135,19 @@ class FirstTokenClock(BaseStreamer):
 
 
 class ForwardCounter:
-    """Counts the target's forward passes (a hook on the model's decoder)."""
+    """Counts the target's forward passes (hooks on the model's decoder and on its lean forward)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, target: PreTrainedModel) -> None:
         self.count = 0
-        self.handle = module.register_forward_hook(self._hook)
+        modules = [decoder_of(target), target_forward(target)]
+        self.handles = [m.register_forward_hook(self._hook) for m in modules if isinstance(m, torch.nn.Module)]
 
     def _hook(self, *args) -> None:
         self.count += 1
 
     def close(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def variant(rd: ReDrafter, **changes) -> ReDrafter:
@@ -155,6 +160,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         lookup_len=rd.lookup_len,
         ngram_len=rd.ngram_len,
         tree_nodes=rd.tree_nodes,
+        lean=rd.lean,
     )
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
@@ -166,6 +172,7 @@ VARIANT_SETTINGS = {
     "lookup-len": "lookup_len",
     "ngram-len": "ngram_len",
     "tree-nodes": "tree_nodes",
+    "lean": "lean",
 }
 
 
@@ -261,6 +268,7 @@ def make_methods(
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
         "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
+        "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
         "redrafter-w1": lambda: ours(variant(rd, num_beams=1)),
@@ -336,7 +344,7 @@ def run_benchmark(
     ``out/results.json`` and the plots; return the results."""
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speed and for identical output
-    counter = ForwardCounter(rd.decoder.decoder)
+    counter = ForwardCounter(rd.target)
     try:
         runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants, gguf)
         methods = list(runners)
@@ -844,7 +852,8 @@ def run_cost_curve(
     for weights, target in targets.items():
         caches[weights] = TreeKVCache(config.num_hidden_layers, capacity=context + max(sizes))
         positions = torch.arange(context, device=device)[None]
-        decoder_of(target)(input_ids=prompt[:, :context], position_ids=positions, cache=caches[weights])
+        causal = torch.ones(context, context, dtype=torch.bool, device=device).tril()[None]
+        target_forward(target)(prompt[:, :context], positions, additive_mask(causal, dtype), caches[weights])
     times: dict[str, dict[int, list[float]]] = {w: {n: [] for n in sizes} for w in targets}
     for repeat in range(repeats + 2):  # the first two rounds warm up
         for n in sizes:
@@ -853,9 +862,7 @@ def run_cost_curve(
             mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
             for weights, target in targets.items():
                 start = time.perf_counter()
-                hidden = decoder_of(target)(
-                    input_ids=tokens, attention_mask=mask, position_ids=positions, cache=caches[weights]
-                ).last_hidden_state
+                hidden = target_forward(target)(tokens, positions, mask, caches[weights])
                 exact_argmax(target, hidden)
                 if target.device.type == "cuda":
                     torch.cuda.synchronize(target.device)

@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
-        "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes; repeatable)",
+        "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
+        "and lean=0 for transformers' forward instead of the lean one; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
+from .lean_decoder import target_forward
 from .lookup import LookupBeams
 from .models import attention_windows, context_limit, decoder_of
 from .ngrams import NgramTable
@@ -119,6 +120,8 @@ class SpeculativeDecoder:
             included) per row to the proposer's beams (:mod:`redrafter.lookup`).
         ngrams: a corpus n-gram table (:mod:`redrafter.ngrams`) drafting one more beam per row of
             ``ngram_len`` tokens (its root included; below 2: none), or None.
+        lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
+            the model (False: always transformers' decoder).
     """
 
     def __init__(
@@ -129,9 +132,11 @@ class SpeculativeDecoder:
         lookup_len: int = 0,
         ngrams: NgramTable | None = None,
         ngram_len: int = 0,
+        lean: bool = True,
     ) -> None:
         self.target = target
         self.decoder = decoder_of(target)
+        self.forward = target_forward(target, lean)
         self.proposer = proposer
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
@@ -162,10 +167,7 @@ class SpeculativeDecoder:
         if self.windows.window is not None:
             key_positions = torch.cat([context_valid.long().cumsum(dim=1) - 1, positions], dim=1)
         mask = layer_masks(allowed, positions, key_positions, self.windows, self.target.dtype)
-        out = self.decoder(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        )
-        return out.last_hidden_state
+        return self.forward(input_ids, positions, mask, cache)
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor]:
         """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]`` and

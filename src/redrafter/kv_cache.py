@@ -129,7 +129,16 @@ class TreeKVCache(Cache):
         return self.layers[0].length
 
     def keep(self, start: int, source: torch.Tensor) -> None:
-        """Compact every layer: see :meth:`ContiguousLayer.keep`. ``source``: ``[B, n]``."""
+        """Compact every layer: see :meth:`ContiguousLayer.keep`. ``source``: ``[B, n]``.
+
+        When every row keeps the first ``n`` new entries in order (plain decoding, or a path that
+        was packed first), they are already in place: only the length changes.
+        """
+        n = source.shape[1]
+        if torch.equal(source, torch.arange(n, device=source.device).expand_as(source)):
+            for layer in self.layers:
+                layer.length = start + n
+            return
         for layer in self.layers:
             layer.keep(start, source)
 

@@ -37,6 +37,8 @@ from .errors import RedrafterError
 
 WEIGHTS = ("float", "int8", "int4")
 GROUP_SIZE = 32
+# Packed int4 codes are laid out in blocks of output rows; a multiple of every block size in use.
+INT4_FUSE_ROWS = 64
 # GGUF types whose blocks are exactly int4 groups of 32 (a scale, and a minimum for Q4_1).
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
 
@@ -135,6 +137,31 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
+    @classmethod
+    def fused(cls, parts: list[Int4Linear]) -> Int4Linear:
+        """One layer computing ``parts``' outputs side by side. The parts then hold views of its
+        codes; their scale tables are copied back.
+
+        The packed codes come in blocks of output rows (32 on AVX-512 machines), so stacking them
+        is only sound when every part's outputs are a multiple of :data:`INT4_FUSE_ROWS`;
+        otherwise a :class:`ValueError`.
+        """
+        if any(part.out_features % INT4_FUSE_ROWS for part in parts):
+            raise ValueError(f"int4 layers fuse only with outputs a multiple of {INT4_FUSE_ROWS}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.group_size = parts[0].in_features, parts[0].group_size
+        fused.out_features = sum(part.out_features for part in parts)
+        fused.register_buffer("packed", torch.cat([part.packed for part in parts]))
+        fused.register_buffer("scales_and_zeros", torch.cat([part.scales_and_zeros for part in parts], dim=1))
+        fused.register_buffer("bias", _fused_bias(parts))
+        sizes = [part.out_features for part in parts]
+        for part, codes, tables in zip(
+            parts, fused.packed.split(sizes), fused.scales_and_zeros.split(sizes, dim=1), strict=True
+        ):
+            part.packed, part.scales_and_zeros = codes, tables.contiguous()
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
         flat = x.reshape(-1, self.in_features)
@@ -167,6 +194,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
+    @classmethod
+    def fused(cls, parts: list[Int8Linear]) -> Int8Linear:
+        """One layer computing ``parts``' outputs side by side; the parts then hold views of it."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features = parts[0].in_features
+        fused.out_features = sum(part.out_features for part in parts)
+        fused.register_buffer("codes", torch.cat([part.codes for part in parts]))
+        fused.register_buffer("scales", torch.cat([part.scales for part in parts]))
+        fused.register_buffer("bias", _fused_bias(parts))
+        sizes = [part.out_features for part in parts]
+        for part, codes, scales in zip(parts, fused.codes.split(sizes), fused.scales.split(sizes), strict=True):
+            part.codes, part.scales = codes, scales
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.codes, self.scales)
@@ -176,6 +218,14 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _fused_bias(parts: list[Int4Linear] | list[Int8Linear]) -> torch.Tensor | None:
+    """The parts' biases side by side (zeros for a part without one), or None if none has one."""
+    if all(part.bias is None for part in parts):
+        return None
+    like = next(part.bias for part in parts if part.bias is not None)
+    return torch.cat([like.new_zeros(p.out_features) if p.bias is None else p.bias for p in parts])
 
 
 @dataclass

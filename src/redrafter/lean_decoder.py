@@ -1,0 +1,230 @@
+"""A lean forward of Llama-family decoders (Llama, Mistral, Qwen2) over :class:`TreeKVCache`.
+
+On a 2-core CPU, transformers' generic decoder spends about as long in Python and small tensor
+operations as in the matrix products of a one-token forward of the default model. This module runs
+the same model with fewer operations, in the style of gpt-fast:
+
+- the query, key and value projections are one matrix product, and so are the gate and up
+  projections: their weights are concatenated once, and the model's own modules then hold views of
+  the fused weights, so no memory is added;
+- the rotary tables are made once, by the model's own rotary module, for every position;
+- grouped-query attention is one SDPA call per layer, with the query heads of each key/value head
+  packed along the query axis (as transformers does for one token), so keys and values are never
+  repeated;
+- the additive masks of :func:`redrafter.tree.layer_masks` go straight to SDPA.
+
+The arithmetic is the model's: norms in float32 then cast, as the model's RMSNorm; rotary values
+from the model's module; the model's attention scaling. Outputs equal transformers' up to
+floating-point summation order (``tests/test_lean_decoder.py``).
+
+Models that this forward does not cover (other families, dynamic rotary scaling, extra norms) run
+through transformers: :func:`target_forward` picks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .kv_cache import TreeKVCache
+from .models import decoder_of
+from .quant import INT4_FUSE_ROWS, Int4Linear, Int8Linear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+Masks = torch.Tensor | dict[str, torch.Tensor]
+TargetForward = Callable[[torch.Tensor, torch.Tensor, Masks, TreeKVCache], torch.Tensor]
+"""``(input_ids [B, q], positions [B, q], masks, cache) -> [B, q, d]`` final hidden states.
+``masks``: additive ``[B, 1, q, K]``, or one per layer type (:func:`redrafter.tree.layer_masks`)."""
+
+
+def lean_support(target: PreTrainedModel) -> str | None:
+    """None if :class:`LeanDecoder` runs ``target``, else why not (one line)."""
+    config = target.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (lean forward: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope_type = getattr(decoder_of(target).rotary_emb, "rope_type", "default")
+    if "dynamic" in rope_type:
+        return f"rotary scaling {rope_type!r} depends on the sequence length"
+    return None
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module:
+    """One linear layer whose outputs are ``parts``' outputs side by side.
+
+    ``parts``: :class:`torch.nn.Linear`, :class:`Int4Linear` or :class:`Int8Linear` of one kind,
+    with the same inputs. Afterwards each part holds a view of the fused weights (float and int8
+    weights, int4 codes); only int4's small scale tables are copied. Int4 layers whose outputs do
+    not fill whole packing blocks are not fused but run :class:`SideBySide`.
+    """
+    kind = type(parts[0])
+    if any(type(part) is not kind for part in parts):
+        raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
+    sizes = [part.out_features for part in parts]
+    if kind is Int4Linear:
+        if any(size % INT4_FUSE_ROWS for size in sizes):
+            return SideBySide(parts)
+        return Int4Linear.fused(parts)
+    if kind is Int8Linear:
+        return Int8Linear.fused(parts)
+    weight = torch.cat([part.weight.detach() for part in parts])
+    has_bias = [part.bias is not None for part in parts]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if any(has_bias):
+        zeros = [torch.zeros(n, dtype=weight.dtype, device=weight.device) for n in sizes]
+        bias = torch.cat([p.bias.detach() if p.bias is not None else z for p, z in zip(parts, zeros, strict=True)])
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    for part, view in zip(parts, weight.split(sizes), strict=True):
+        part.weight = nn.Parameter(view, requires_grad=False)
+    if any(has_bias):
+        for part, view, present in zip(parts, fused.bias.split(sizes), has_bias, strict=True):
+            if present:
+                part.bias = nn.Parameter(view, requires_grad=False)
+    return fused
+
+
+class SideBySide(nn.Module):
+    """Linear layers that cannot be fused, run one after another, outputs concatenated."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+class LeanLayer(nn.Module):
+    """One decoder layer's weights, fused: ``qkv`` ``[(H + 2 KV) hd, d]``, ``gate_up`` ``[2 I, d]``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight
+        self.qkv = fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj = attention.o_proj
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.scaling = attention.scaling
+        self.layer_type = getattr(attention, "layer_type", None)
+
+
+class LeanDecoder(nn.Module):
+    """The target's decoder as a lean forward (see the module docstring).
+
+    Build it once the target's weights are final (after :func:`redrafter.quant.quantize_target`):
+    it fuses the projections' weights in place.
+
+    Args:
+        target: a Llama, Mistral or Qwen2 causal LM (:func:`lean_support` says None).
+    """
+
+    def __init__(self, target: PreTrainedModel) -> None:
+        super().__init__()
+        reason = lean_support(target)
+        if reason is not None:
+            raise ValueError(f"no lean forward for this model: {reason}")
+        config = target.config
+        decoder = decoder_of(target)
+        self.embed = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.final_norm = decoder.norm.weight
+        self.eps = config.rms_norm_eps
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.intermediate = config.intermediate_size
+        self.layers = nn.ModuleList(LeanLayer(layer) for layer in decoder.layers)
+        self.cos = self.sin = torch.empty(0)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm as the model's own: normalized in float32 (torch's fused ``rms_norm`` computes
+        reduced precision in float32; the model normalizes even float64 in float32), cast back,
+        then scaled."""
+        normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None, self.eps)
+        return weight * normalized.to(x.dtype)
+
+    def _rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 1, q, hd]`` cos and signed sin at ``positions`` ``[B, q]`` (the tables double as needed).
+
+        The model rotates ``x cos + cat(-x2, x1) sin`` (``x1``, ``x2`` the halves of a head);
+        with the first half of ``sin`` negated that is ``x cos + roll(x, hd / 2) sin``: the same
+        products, fewer operations.
+        """
+        needed = int(positions.max()) + 1
+        if self.cos.shape[0] < needed or self.cos.dtype != dtype or self.cos.device != positions.device:
+            size = max(needed, 2 * self.cos.shape[0], 1024)
+            probe = torch.empty(0, dtype=dtype, device=positions.device)
+            cos, sin = self.rotary(probe, torch.arange(size, device=positions.device)[None])
+            half = self.head_dim // 2
+            self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, masks: Masks, cache: TreeKVCache
+    ) -> torch.Tensor:
+        """``input_ids`` ``[B, q]`` at ``positions`` ``[B, q]``, after what ``cache`` holds ->
+        ``[B, q, d]`` final hidden states (after the last norm). Appends the new keys and values
+        to ``cache``. ``masks``: additive ``[B, 1, q, K]``, or one per layer type."""
+        batch, length = input_ids.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+        x = self.embed(input_ids)
+        cos, sin = self._rotary_tables(positions, x.dtype)
+        # Each key/value head's queries go along the query axis: [B, KV, G q, hd], the mask with them.
+        by_type = masks if isinstance(masks, dict) else {None: masks}
+        packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.input_norm)
+            qkv = layer.qkv(h).view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            rotated = qkv[:, : heads + kv_heads]
+            rotated = rotated * cos + rotated.roll(head_dim // 2, dims=-1) * sin
+            queries, keys = rotated[:, :heads], rotated[:, heads:]
+            keys, values = cache.layers[index].update(keys, qkv[:, heads + kv_heads :])
+            mask = packed_masks[layer.layer_type] if layer.layer_type in packed_masks else packed_masks[None]
+            attended = F.scaled_dot_product_attention(
+                queries.reshape(batch, kv_heads, groups * length, head_dim),
+                keys,
+                values,
+                attn_mask=mask,
+                scale=layer.scaling,
+            )
+            attended = attended.view(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, -1)
+            x = x + layer.o_proj(attended)
+            gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(self.intermediate, dim=-1)
+            x = x + layer.down_proj(F.silu(gate) * up)
+        return self._norm(x, self.final_norm)
+
+
+def transformers_forward(target: PreTrainedModel) -> TargetForward:
+    """The target's own decoder as a :data:`TargetForward`."""
+    decoder = decoder_of(target)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor, masks: Masks, cache: TreeKVCache) -> torch.Tensor:
+        out = decoder(input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    return forward
+
+
+_built: weakref.WeakKeyDictionary[PreTrainedModel, LeanDecoder] = weakref.WeakKeyDictionary()
+
+
+def target_forward(target: PreTrainedModel, lean: bool = True) -> TargetForward:
+    """The forward the decode loop runs: :class:`LeanDecoder` when ``lean`` and the model is
+    covered, else transformers' decoder. Engines on one target share one lean decoder (its fused
+    weights are made once)."""
+    if not lean or lean_support(target) is not None:
+        return transformers_forward(target)
+    if target not in _built:
+        _built[target] = LeanDecoder(target)
+    return _built[target]

@@ -1,0 +1,121 @@
+"""The lean forward runs the same model as transformers' decoder, with the weights it already has."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COMMON, tiny_target
+from test_parity import WINDOWED
+from transformers import LlamaConfig
+
+from redrafter.kv_cache import TreeKVCache
+from redrafter.lean_decoder import (
+    SUPPORTED_MODEL_TYPES,
+    LeanDecoder,
+    SideBySide,
+    fuse_linears,
+    lean_support,
+    target_forward,
+    transformers_forward,
+)
+from redrafter.models import attention_windows
+from redrafter.quant import Int4Linear, Int8Linear, quantize_int4
+from redrafter.tree import layer_masks
+
+
+def forward_twice(model, forward, prompt: torch.Tensor, tree: torch.Tensor, ancestors: torch.Tensor):
+    """Prefill ``prompt [B, P]`` then verify ``tree [B, N]`` (a tree mask) through ``forward``; both
+    hidden-state tensors."""
+    batch, length = prompt.shape
+    windows = attention_windows(model.config)
+    cache = TreeKVCache(model.config.num_hidden_layers, capacity=8)  # small: the cache grows on the way
+    positions = torch.arange(length)[None].expand(batch, -1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None].expand(batch, -1, -1)
+    masks = layer_masks(causal, positions, positions, windows, model.dtype)
+    first = forward(prompt, positions, masks, cache)
+    slots = tree.shape[1]
+    depth = ancestors.sum(-1) - 1
+    tree_positions = length + depth
+    allowed = torch.cat([torch.ones(batch, slots, length, dtype=torch.bool), ancestors], dim=2)
+    key_positions = torch.cat([positions, tree_positions], dim=1)
+    masks = layer_masks(allowed, tree_positions, key_positions, windows, model.dtype)
+    second = forward(tree, tree_positions, masks, cache)
+    return first, second
+
+
+def a_tree(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[B, 5]`` and ancestors ``[B, 5, 5]`` of a tree: 0 -> 1 -> 2, 0 -> 3 -> 4."""
+    parents = [-1, 0, 1, 0, 3]
+    ancestors = torch.eye(5, dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            ancestors[node] |= ancestors[parent]
+    tokens = torch.randint(1, COMMON["vocab_size"], (batch, 5), generator=torch.Generator().manual_seed(7))
+    return tokens, ancestors[None].expand(batch, -1, -1)
+
+
+CONFIGS = {name: lambda name=name: tiny_target(name) for name in SUPPORTED_MODEL_TYPES} | {
+    f"windowed-{name}": lambda name=name: tiny_target(name, config=WINDOWED[name]()) for name in ("mistral", "qwen2")
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_lean_forward_equals_transformers_in_float64(name):
+    model = CONFIGS[name]()
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    tree, ancestors = a_tree(2)
+    expected = forward_twice(model, transformers_forward(model), prompt, tree, ancestors)
+    lean = LeanDecoder(model)
+    got = forward_twice(model, lean, prompt, tree, ancestors)
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-12)
+    # The model's own modules now hold views of the fused weights and still give the same outputs.
+    attention = model.model.layers[0].self_attn
+    fused = lean.layers[0].qkv.weight
+    assert attention.q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    again = forward_twice(model, transformers_forward(model), prompt, tree, ancestors)
+    for want, have in zip(expected, again, strict=True):
+        assert torch.equal(have, want)
+
+
+def test_qwen2_biases_are_fused():
+    model = tiny_target("qwen2")
+    attention = model.model.layers[1].self_attn
+    assert attention.q_proj.bias is not None and attention.o_proj.bias is None
+    x = torch.randn(3, COMMON["hidden_size"], dtype=torch.float64)
+    parts = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+    fused = LeanDecoder(model).layers[1].qkv(x)
+    torch.testing.assert_close(fused, torch.cat(parts, dim=-1), rtol=0, atol=1e-12)
+
+
+def test_int4_and_int8_layers_fuse_bitwise():
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(rows, 96, generator=generator) for rows in (128, 64, 64)]
+    x = torch.randn(5, 96, generator=generator, dtype=torch.float32)
+    int4 = [Int4Linear(quantize_int4(w), None, torch.float32) for w in weights]
+    int8 = [Int8Linear(w, torch.randn(w.shape[0], generator=generator), torch.float32) for w in weights]
+    for parts in (int4, int8):
+        separate = torch.cat([part(x) for part in parts], dim=-1)
+        fused = fuse_linears(parts)
+        assert type(fused) is type(parts[0])
+        assert torch.equal(fused(x), separate)
+        assert torch.equal(torch.cat([part(x) for part in parts], dim=-1), separate)  # the parts still work
+    # Outputs that do not fill whole packing blocks: run side by side, same result.
+    small = [Int4Linear(quantize_int4(w[:16]), None, torch.float32) for w in weights]
+    separate = torch.cat([part(x) for part in small], dim=-1)
+    fused = fuse_linears(small)
+    assert isinstance(fused, SideBySide) and torch.equal(fused(x), separate)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Int4Linear.fused(small)
+
+
+def test_models_it_does_not_cover_run_through_transformers():
+    gemma = tiny_target("gemma3")
+    assert "gemma3_text" in lean_support(gemma)
+    assert not isinstance(target_forward(gemma), LeanDecoder)
+    dynamic = tiny_target("llama", config=LlamaConfig(**COMMON, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert "dynamic" in lean_support(dynamic)
+    llama = tiny_target("llama")
+    assert isinstance(target_forward(llama), LeanDecoder)
+    assert target_forward(llama) is target_forward(llama)  # one per target: its fused weights are made once
+    assert not isinstance(target_forward(llama, lean=False), LeanDecoder)
