@@ -36,10 +36,12 @@ class TreeShape:
 # bundled prompt set (not a benchmark's; README "Weights at their own precision"): on this CPU a
 # forward of n tokens costs far more per token with the int8 and int4 kernels than with float
 # weights (a 12-token forward is 2.1 single ones with int4, 1.3 with bfloat16), so they take small trees.
+# With int4 and the lean forward one drafter beam beat two (74.8 against 71.0 tokens/s on the bundled
+# prompts, docs/lean/; it had tied before, 52.6 against 52.2).
 DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
-    "int4": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
+    "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"

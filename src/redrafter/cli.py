@@ -53,7 +53,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def _shape_defaults(setting: str) -> str:
-    """``"6 (float), 2 (int8), 2 (int4)"``: a tree setting's default for each weight precision."""
+    """``"6 (float), 2 (int8), 1 (int4)"``: a tree setting's default for each weight precision."""
     from .api import DEFAULT_SHAPES
 
     return ", ".join(f"{getattr(shape, setting)} ({weights})" for weights, shape in DEFAULT_SHAPES.items())
