@@ -119,3 +119,16 @@ def test_models_it_does_not_cover_run_through_transformers():
     assert isinstance(target_forward(llama), LeanDecoder)
     assert target_forward(llama) is target_forward(llama)  # one per target: its fused weights are made once
     assert not isinstance(target_forward(llama, lean=False), LeanDecoder)
+
+
+def test_rotary_tables_grow_past_their_first_size():
+    """The first tables cover 1024 positions; a longer prompt and a tree after it extend them."""
+    model = tiny_target("llama", config=LlamaConfig(**(COMMON | {"max_position_embeddings": 4096})))
+    prompt = torch.randint(1, COMMON["vocab_size"], (1, 1030), generator=torch.Generator().manual_seed(4))
+    tree, ancestors = a_tree(1)
+    expected = forward_twice(model, transformers_forward(model), prompt, tree, ancestors)
+    lean = LeanDecoder(model)
+    got = forward_twice(model, lean, prompt, tree, ancestors)
+    assert lean.cos.shape[0] >= 1035
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-10)

@@ -153,14 +153,16 @@ class LeanDecoder(nn.Module):
         normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None, self.eps)
         return weight * normalized.to(x.dtype)
 
-    def _rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 1, q, hd]`` cos and signed sin at ``positions`` ``[B, q]`` (the tables double as needed).
+    def _rotary_tables(
+        self, positions: torch.Tensor, needed: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 1, q, hd]`` cos and signed sin at ``positions`` ``[B, q]``, all below ``needed``
+        (the tables double as needed; known from the cache, so no device sync).
 
         The model rotates ``x cos + cat(-x2, x1) sin`` (``x1``, ``x2`` the halves of a head);
         with the first half of ``sin`` negated that is ``x cos + roll(x, hd / 2) sin``: the same
         products, fewer operations.
         """
-        needed = int(positions.max()) + 1
         if self.cos.shape[0] < needed or self.cos.dtype != dtype or self.cos.device != positions.device:
             size = max(needed, 2 * self.cos.shape[0], 1024)
             probe = torch.empty(0, dtype=dtype, device=positions.device)
@@ -179,7 +181,8 @@ class LeanDecoder(nn.Module):
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
         x = self.embed(input_ids)
-        cos, sin = self._rotary_tables(positions, x.dtype)
+        # A row's positions stay below the cache's length plus the new tokens (padding is at 0).
+        cos, sin = self._rotary_tables(positions, cache.length + length, x.dtype)
         # Each key/value head's queries go along the query axis: [B, KV, G q, hd], the mask with them.
         by_type = masks if isinstance(masks, dict) else {None: masks}
         packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
