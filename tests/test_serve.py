@@ -65,7 +65,9 @@ def test_chat_and_completions_greedy_equal_generate(server, rd):
     text = server.client.completions.create(model=MODEL, prompt="w9 w3", max_tokens=10, temperature=0)
     assert text.choices[0].text == expected(rd, "w9 w3", 10, raw=True)
     raw = json.loads(
-        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "w9 w3", "max_tokens": 10}).text
+        httpx.post(
+            f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "w9 w3", "max_tokens": 10, "temperature": 0}
+        ).text
     )
     usage = raw["usage"]
     assert usage["prompt_tokens"] == 2 and usage["completion_tokens"] == 10 and usage["total_tokens"] == 12
