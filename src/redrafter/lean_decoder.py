@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 
 from .kv_cache import TreeKVCache
 from .models import decoder_of
-from .quant import INT4_FUSE_ROWS, Int4Linear, Int8Linear
+from .quant import INT4_FUSE_ROWS, Int4Linear, Int8Linear, fused_bias
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -61,7 +61,7 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module:
 
     ``parts``: :class:`torch.nn.Linear`, :class:`Int4Linear` or :class:`Int8Linear` of one kind,
     with the same inputs. Afterwards each part holds a view of the fused weights (float and int8
-    weights, int4 codes); only int4's small scale tables are copied. Int4 layers whose outputs do
+    weights, int4 codes); only int4's small scale tables and the biases are copied. Int4 layers whose outputs do
     not fill whole packing blocks are not fused but run :class:`SideBySide`.
     """
     kind = type(parts[0])
@@ -75,19 +75,13 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module:
     if kind is Int8Linear:
         return Int8Linear.fused(parts)
     weight = torch.cat([part.weight.detach() for part in parts])
-    has_bias = [part.bias is not None for part in parts]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=any(has_bias), device=weight.device, dtype=weight.dtype)
+    bias = fused_bias(parts)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     fused.weight = nn.Parameter(weight, requires_grad=False)
-    if any(has_bias):
-        zeros = [torch.zeros(n, dtype=weight.dtype, device=weight.device) for n in sizes]
-        bias = torch.cat([p.bias.detach() if p.bias is not None else z for p, z in zip(parts, zeros, strict=True)])
+    if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
     for part, view in zip(parts, weight.split(sizes), strict=True):
         part.weight = nn.Parameter(view, requires_grad=False)
-    if any(has_bias):
-        for part, view, present in zip(parts, fused.bias.split(sizes), has_bias, strict=True):
-            if present:
-                part.bias = nn.Parameter(view, requires_grad=False)
     return fused
 
 

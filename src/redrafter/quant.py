@@ -154,7 +154,7 @@ class Int4Linear(nn.Module):
         fused.out_features = sum(part.out_features for part in parts)
         fused.register_buffer("packed", torch.cat([part.packed for part in parts]))
         fused.register_buffer("scales_and_zeros", torch.cat([part.scales_and_zeros for part in parts], dim=1))
-        fused.register_buffer("bias", _fused_bias(parts))
+        fused.register_buffer("bias", fused_bias(parts))
         sizes = [part.out_features for part in parts]
         for part, codes, tables in zip(
             parts, fused.packed.split(sizes), fused.scales_and_zeros.split(sizes, dim=1), strict=True
@@ -203,7 +203,7 @@ class Int8Linear(nn.Module):
         fused.out_features = sum(part.out_features for part in parts)
         fused.register_buffer("codes", torch.cat([part.codes for part in parts]))
         fused.register_buffer("scales", torch.cat([part.scales for part in parts]))
-        fused.register_buffer("bias", _fused_bias(parts))
+        fused.register_buffer("bias", fused_bias(parts))
         sizes = [part.out_features for part in parts]
         for part, codes, scales in zip(parts, fused.codes.split(sizes), fused.scales.split(sizes), strict=True):
             part.codes, part.scales = codes, scales
@@ -220,12 +220,12 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _fused_bias(parts: list[Int4Linear] | list[Int8Linear]) -> torch.Tensor | None:
-    """The parts' biases side by side (zeros for a part without one), or None if none has one."""
+def fused_bias(parts: list[nn.Module]) -> torch.Tensor | None:
+    """Linear layers' biases side by side (zeros for a layer without one), or None if none has one."""
     if all(part.bias is None for part in parts):
         return None
-    like = next(part.bias for part in parts if part.bias is not None)
-    return torch.cat([like.new_zeros(p.out_features) if p.bias is None else p.bias for p in parts])
+    like = next(part.bias for part in parts if part.bias is not None).detach()
+    return torch.cat([like.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in parts])
 
 
 @dataclass
