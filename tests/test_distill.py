@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_target, word_tokenizer
 
-from redrafter.distill import Corpus, DistillConfig, distill, read_openers
+from redrafter.distill import Corpus, DistillConfig, distill, read_openers, read_tasks, templated
 from redrafter.errors import RedrafterError
 from redrafter.prompts import BenchmarkGuard, read_prompts
 
@@ -242,3 +242,72 @@ def test_a_corpus_from_before_openers_resumes_but_refuses_them(tmp_path, target)
     config.openers = ["w30"]
     with pytest.raises(RedrafterError, match="other settings.*openers"):
         distill(config, tmp_path / "old", model, tokenizer, progress=False)
+
+
+def greedy_text(model, tokenizer, user: str, max_new_tokens: int) -> str:
+    ids = torch.tensor([templated(tokenizer, user)])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=1,
+        pad_token_id=1,
+    )[0, ids.shape[1] :].tolist()
+    return tokenizer.decode([t for t in out if t != 1], skip_special_tokens=True).strip()
+
+
+def test_tasks_work_over_the_targets_own_answers(tmp_path, target):
+    """With tasks, each stored prompt is a template filled with the target's greedy answer to a
+    prompt, and the stored answer is the target's greedy answer to that filled template."""
+    model, tokenizer = target
+    tasks = ["w60 w61 {text}", "{text} w62"]
+    config = DistillConfig(
+        model="tiny",
+        prompts=prompt_file(tmp_path, 6),
+        shard_size=3,
+        batch_size=3,
+        max_new_tokens=5,
+        dtype="float32",
+        tasks=tasks,
+    )
+    corpus = distill(config, tmp_path / "inputs", model, tokenizer, progress=False)
+    requests = [p.text for p in read_prompts(prompt_file(tmp_path, 6))]
+    texts = corpus.user_texts()
+    assert len(texts) == 6
+    for request, text, (prompt, response) in zip(requests, texts, corpus.conversations(), strict=True):
+        given = greedy_text(model, tokenizer, request, 5)
+        assert text in {t.replace("{text}", given) for t in tasks}
+        assert prompt == templated(tokenizer, text)
+        assert tokenizer.decode([t for t in response if t != 1]).strip() == greedy_text(model, tokenizer, text, 5)
+    assert {t.startswith("w60 w61") for t in texts} == {True, False}  # both templates drawn
+    assert corpus.meta()["config"]["tasks"] == tasks
+    config.tasks = None
+    with pytest.raises(RedrafterError, match="other settings.*tasks"):
+        distill(config, tmp_path / "inputs", model, tokenizer, progress=False)
+
+
+def test_tasks_file(tmp_path):
+    bundled = read_tasks("default")
+    assert len(bundled) > 20 and all(t.count("{text}") == 1 for t in bundled)
+    assert any(t.startswith("Translate") for t in bundled) and any("\n" in t for t in bundled)
+    path = tmp_path / "tasks.txt"
+    path.write_text("Summarize:\\n{text}\n\n")
+    assert read_tasks(str(path)) == ["Summarize:\n{text}"]
+    path.write_text("Summarize this\n")
+    with pytest.raises(RedrafterError, match="template 1 must hold {text} exactly once"):
+        read_tasks(str(path))
+    path.write_text("\n")
+    with pytest.raises(RedrafterError, match="no task templates"):
+        read_tasks(str(path))
+
+
+def test_cli_bad_tasks_file_is_one_line_and_no_folder(tmp_path, capsys):
+    from redrafter.cli import main
+
+    bad = tmp_path / "tasks.txt"
+    bad.write_text("{text} and {text}\n")
+    code = main(["distill", "--tasks", str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("redrafter: error") == 1 and "exactly once" in err
+    assert not (tmp_path / "out").exists()

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bundled list of task openers such as 'Write a poem', 'Solve', 'Imagine you are')",
     )
     dis.add_argument(
+        "--tasks",
+        help="make each conversation work over a long given input: the target's own answer to a prompt is "
+        "put into a task template drawn from this file (one per line, holding {text}; 'default': the bundled "
+        "summarize / translate / answer-from-a-passage / rewrite list), and the target answers that",
+    )
+    dis.add_argument(
         "--prompt-max-tokens",
         type=_positive,
         default=48,
@@ -492,7 +498,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from .distill import DistillConfig, distill, read_openers
+    from .distill import DistillConfig, distill, read_openers, read_tasks
 
     if args.temperature < 0:
         raise RedrafterError(f"--temperature must be at least 0, got {args.temperature}")
@@ -508,6 +514,7 @@ def run_distill(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
         openers=read_openers(args.openers) if args.openers else None,
+        tasks=read_tasks(args.tasks) if args.tasks else None,
     )
     corpus = distill(config, args.out, device=args.device)
     totals = corpus.meta()["totals"]

@@ -7,6 +7,13 @@ of task users ask for: writing, role-play, reasoning, maths, code, extraction, e
 Responses are the target's own greedy (or sampled) continuations, which is exactly what a drafter
 for greedy decoding must predict.
 
+With *tasks* (instruction templates holding ``{text}``: "Summarize the following text...",
+"Translate into German:...", "Passage: ... Question: ...") the conversations work over a long given
+input, as users' summarization, translation and passage-QA requests do: the target first answers
+each prompt greedily, and that answer, its own text, becomes the ``{text}`` of a template drawn per
+prompt; the stored conversation is the filled template and the target's answer to it. Nothing in
+it comes from a benchmark or from outside the target.
+
 Layout of ``DATA``:
 - ``meta.json``: the model, the settings, and the totals so far;
 - ``shard-00000.npz`` ...: ``np.savez_compressed`` arrays ``prompt_tokens``/``prompt_offsets``
@@ -35,6 +42,7 @@ from .prompts import BenchmarkGuard, read_prompts
 
 SENTINEL = "\u2063REDRAFTER\u2063"
 BUNDLED_OPENERS = Path(__file__).parent / "data" / "openers.txt"
+BUNDLED_TASKS = Path(__file__).parent / "data" / "tasks.txt"
 
 
 @dataclass
@@ -54,6 +62,7 @@ class DistillConfig:
     seed: int = 0
     dtype: str = "bfloat16"
     openers: list[str] | None = None
+    tasks: list[str] | None = None
 
 
 def read_openers(path: str) -> list[str]:
@@ -67,6 +76,23 @@ def read_openers(path: str) -> list[str]:
     if not openers:
         raise RedrafterError(f"--openers {path}: no openers (one per line)")
     return openers
+
+
+def read_tasks(path: str) -> list[str]:
+    """Task templates, one per line of ``path`` ('default': the bundled list); each holds ``{text}``
+    once, where the given input goes, and ``\\n`` for a line break."""
+    source = BUNDLED_TASKS if path == "default" else Path(path)
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RedrafterError(f"--tasks {path}: cannot read it ({error})") from None
+    tasks = [line.strip().replace("\\n", "\n") for line in lines if line.strip()]
+    if not tasks:
+        raise RedrafterError(f"--tasks {path}: no task templates (one per line)")
+    for number, task in enumerate(tasks, 1):
+        if task.count("{text}") != 1:
+            raise RedrafterError(f"--tasks {path}: template {number} must hold {{text}} exactly once: {task[:60]!r}")
+    return tasks
 
 
 def user_prefix(tokenizer) -> str:
@@ -290,6 +316,12 @@ def distill(
                 batch_users = batch_users[:need]
                 if not batch_users:
                     continue
+            if config.tasks:
+                batch_users = _over_given_inputs(
+                    model, tokenizer, batch_users, config, pad, eos, seed + 3, keep_all=file_prompts is not None
+                )
+                if not batch_users:
+                    continue
             batch_prompts = [templated(tokenizer, u) for u in batch_users]
             batch_responses = _generate(
                 model, batch_prompts, pad, eos, config.max_new_tokens, config.temperature, 1.0, seed + 7
@@ -308,6 +340,23 @@ def distill(
     bar.close()
     _write_meta(corpus.folder, config, stats)
     return corpus
+
+
+def _over_given_inputs(
+    model, tokenizer, users: list[str], config: DistillConfig, pad: int, eos: list[int], seed: int, keep_all: bool
+) -> list[str]:
+    """The target's greedy answers to ``users``, each made the ``{text}`` of a task template drawn
+    per row; a degenerate answer (empty, repetitive) is dropped unless ``keep_all``."""
+    prompts = [templated(tokenizer, u) for u in users]
+    answers = _generate(model, prompts, pad, eos, config.max_new_tokens, 0.0, 1.0, seed)
+    draw = random.Random(seed)
+    filled = []
+    for ids in answers:
+        text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True).strip()
+        task = config.tasks[draw.randrange(len(config.tasks))]
+        if keep_all or not is_degenerate(text):
+            filled.append(task.replace("{text}", text))
+    return filled
 
 
 def _write_meta(folder: Path, config: DistillConfig, totals: dict) -> None:
