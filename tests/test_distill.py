@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_target, word_tokenizer
 
-from redrafter.distill import Corpus, DistillConfig, distill, read_openers, read_tasks, templated
+from redrafter.distill import Corpus, DistillConfig, distill, is_looping, read_openers, read_tasks, templated
 from redrafter.errors import RedrafterError
 from redrafter.prompts import BenchmarkGuard, read_prompts
 
@@ -311,3 +311,11 @@ def test_cli_bad_tasks_file_is_one_line_and_no_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("redrafter: error") == 1 and "exactly once" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_looping_or_short_answers_are_not_given_inputs():
+    prose = " ".join(f"word{i} and more of word{i + 1}" for i in range(10))  # 50 words, few repeated 4-grams
+    assert not is_looping(prose)
+    assert is_looping("a short answer of five words")
+    assert is_looping("The cat sat on the mat. " * 8)  # a greedy loop
+    assert is_looping(prose + " the end." + " and so on" * 40)  # prose that falls into one

@@ -142,7 +142,7 @@ class ReDrafter:
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         proposer: Proposer = no_draft
         if drafter is not None:
-            drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
+            drafter.check_fits(target.config.hidden_size, target.config.vocab_size, target.config.num_hidden_layers)
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()

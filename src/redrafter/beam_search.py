@@ -33,7 +33,8 @@ def beam_search(
 
     Args:
         drafter: the drafter (its embedding table attached).
-        hidden: ``[B, d]`` target hidden state at the last accepted position.
+        hidden: ``[B, (1 + n) d]`` target features at the last accepted position (the final
+            hidden state, then the drafter's fused layers' outputs: :meth:`RecurrentDrafter.condition`).
         last_token: ``[B]`` the token the target produced there.
         num_beams: ``W``.
         draft_len: ``L`` (``L - 1`` drafted tokens per beam).
@@ -46,6 +47,7 @@ def beam_search(
     beams = last_token[:, None, None].expand(batch, num_beams, 1)
     if draft_len == 1:
         return beams.contiguous()
+    hidden = drafter.condition(hidden)  # [B, d]
     state = drafter.rnn_step(None, drafter.embed(last_token))  # [B, d]
     logprobs = drafter.head(hidden, state).float().log_softmax(dim=-1)  # [B, K]
     vocab = logprobs.shape[-1]

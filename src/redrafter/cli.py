@@ -249,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorRT-LLM runs: no SiLU, no bias at the first step); with --init it replaces the drafter's own",
     )
     tr.add_argument(
+        "--fused-layers",
+        type=int,
+        nargs="+",
+        metavar="LAYER",
+        help="also read these target decoder layers' outputs (0-based; EAGLE-3's multi-layer fusion, e.g. a low "
+        "and a middle layer); with --init the drafter is widened, starting as it was (not exportable to Apple's "
+        "or TensorRT-LLM's layout)",
+    )
+    tr.add_argument(
         "--tied-head",
         action="store_true",
         help="head = projection to the target's hidden size x the target's output embedding rows (fewer parameters)",
@@ -590,6 +599,7 @@ def run_train(args: argparse.Namespace) -> int:
         rnn=not args.no_rnn,
         tied_head=args.tied_head,
         rnn_cell=args.rnn_cell or "reference",
+        fused_layers=args.fused_layers,
         kd_weight=args.kd_weight,
         kd_temperature=args.kd_temperature,
         eval_every=args.eval_every,
@@ -612,7 +622,9 @@ def run_train(args: argparse.Namespace) -> int:
     if init is not None:
         if args.rnn_cell:
             init.config.rnn_cell = args.rnn_cell  # the same weights, fine-tuned for the other engine's cell
-        init.check_fits(target.config.hidden_size, target.config.vocab_size)
+        if args.fused_layers and init.config.fused_layers != args.fused_layers:
+            init = init.with_fused_layers(args.fused_layers)
+        init.check_fits(target.config.hidden_size, target.config.vocab_size, target.config.num_hidden_layers)
         init.ngrams = None  # a table of other corpora: OUT gets its own from redrafter ngrams
     trainer = Trainer(target, config, pairs, out, drafter=init, hidden_cache=args.hidden_cache)
     train = [pairs[i] for i in trainer.train_idx]
@@ -721,7 +733,7 @@ def run_export(args: argparse.Namespace) -> int:
     target = tokenizer = folder = None
     if args.model is not None:
         target, tokenizer = load_target(args.model, dtype=DTYPES["float32"])
-        drafter.check_fits(target.config.hidden_size, target.config.vocab_size)
+        drafter.check_fits(target.config.hidden_size, target.config.vocab_size, target.config.num_hidden_layers)
         folder = None if gguf_source(args.model) else resolve_model_path(args.model)
     shape = DEFAULT_SHAPES["float"]
     result = export_drafter(

@@ -2,7 +2,8 @@
 
 One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cached positions:
 
-1. the proposer drafts beams ``[B, W, L]`` from the hidden state ``[B, d]`` and last token ``[B]``;
+1. the proposer drafts beams ``[B, W, L]`` from the target's features ``[B, F]`` (the hidden state,
+   ``F = d``, or with it the outputs of the layers a drafter fuses) and last token ``[B]``;
    with ``lookup_len``, one context-lookup beam per row joins them, and with an n-gram table one
    beam drafted from the corpus's n-grams (:mod:`redrafter.lookup`, :mod:`redrafter.ngrams`);
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
@@ -38,7 +39,7 @@ from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
 from .lean_decoder import target_forward
 from .lookup import LookupBeams
-from .models import attention_windows, context_limit, decoder_of
+from .models import attention_windows, context_limit, decoder_features, decoder_of
 from .ngrams import NgramTable
 from .sampling import SamplingParams, TokenChooser
 from .tree import build_tree, layer_masks, tree_allowed
@@ -52,7 +53,9 @@ class Proposer(Protocol):
     """Anything that drafts beams: the recurrent drafter, or a test oracle."""
 
     def __call__(self, hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``hidden [B, d]``, ``last_token [B]``, ``positions [B]`` (of ``last_token``) -> ``[B, W, L]``."""
+        """``hidden [B, F]`` target features, ``last_token [B]``, ``positions [B]`` (of ``last_token``)
+        -> ``[B, W, L]``. A proposer may name ``target_layers``: the decoder layers whose outputs
+        follow the final hidden state in its features (:func:`redrafter.models.decoder_features`)."""
 
 
 class DrafterProposer:
@@ -62,6 +65,7 @@ class DrafterProposer:
     def __init__(self, drafter: RecurrentDrafter, num_beams: int, draft_len: int, tree_nodes: int = 0) -> None:
         self.drafter, self.num_beams, self.draft_len = drafter, num_beams, draft_len
         self.tree_nodes = tree_nodes
+        self.target_layers = drafter.target_layers
 
     def __call__(self, hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return beam_search(self.drafter, hidden, last_token, self.num_beams, self.draft_len, self.tree_nodes)
@@ -138,6 +142,8 @@ class SpeculativeDecoder:
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean)
         self.proposer = proposer
+        self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
+        self.hidden_size = target.config.hidden_size
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -156,7 +162,8 @@ class SpeculativeDecoder:
         allowed: torch.Tensor,
         context_valid: torch.Tensor,
     ) -> torch.Tensor:
-        """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, d]``.
+        """Target forward of ``input_ids [B, q]`` at ``positions [B, q]``; returns ``[B, q, F]``
+        features: the final hidden states ``[..., :d]``, then the proposer's target layers.
 
         ``allowed [B, q, K]``: which of the ``K`` keys (cached, then new) each query sees, at
         ``context_valid [B, C]``: which cached keys are real tokens. A real token's position is the
@@ -167,10 +174,10 @@ class SpeculativeDecoder:
         if self.windows.window is not None:
             key_positions = torch.cat([context_valid.long().cumsum(dim=1) - 1, positions], dim=1)
         mask = layer_masks(allowed, positions, key_positions, self.windows, self.target.dtype)
-        return self.forward(input_ids, positions, mask, cache)
+        return self.forward(input_ids, positions, mask, cache, self.layers)
 
     def _prefill(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[TreeKVCache, torch.Tensor, torch.Tensor]:
-        """Run the left-padded prompts; return the cache, the last hidden states ``[B, d]`` and
+        """Run the left-padded prompts; return the cache, the last features ``[B, F]`` and
         which cached entries are real tokens ``[B, P]`` (padding is masked out of every attention)."""
         device = self.target.device
         batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -234,7 +241,7 @@ class SpeculativeDecoder:
             return []
         device = self.target.device
         sequence = torch.tensor([prompt + output], device=device)  # [1, P + A]
-        hidden = self.decoder(input_ids=sequence, use_cache=False).last_hidden_state[0]  # [P + A, d]
+        hidden = decoder_features(self.decoder, self.layers, input_ids=sequence, use_cache=False)[0]  # [P + A, F]
         truth = torch.tensor(output + [UNKNOWN], device=device)  # the target's choice after each output token
         lookup = self._lookup([prompt])
         counts, done = [1], 1  # the prefill emits output[0]
@@ -266,7 +273,7 @@ class _Rows:
     Attributes:
         ids: each row's id (given by :meth:`RunningBatch.add`).
         cache: their keys and values ``[B, H, C, D]`` per layer.
-        hidden: ``[B, d]`` hidden state at each row's last accepted position.
+        hidden: ``[B, F]`` target features at each row's last accepted position.
         last_token: ``[B]`` the token the target produced there (the next tree's root).
         row_length: ``[B]`` real tokens cached per row (the root's position).
         context_valid: ``[B, C]`` which cached entries are the row's real tokens.
@@ -361,7 +368,7 @@ class RunningBatch:
         self.budget.update(zip(ids, max_new_tokens, strict=True))
         self.emitted.update(dict.fromkeys(ids, 0))
         cache, hidden, valid = d._prefill(prompts, max(max_new_tokens))
-        first = self.choose(hidden[:, None], ids)[:, 0]  # [B]
+        first = self.choose(hidden[:, None, : d.hidden_size], ids)[:, 0]  # [B]
         new = _Rows(
             ids=ids,
             cache=cache,
@@ -410,7 +417,7 @@ class RunningBatch:
         with d._stage("target: forward"):
             tree_hidden = d._forward(rows.cache, tree.tokens, tree_positions, allowed, rows.context_valid)
         with d._stage("target: head, argmax"):
-            target_choice = self.choose(tree_hidden, rows.ids, tree.num_nodes)  # [B, N]
+            target_choice = self.choose(tree_hidden[..., : d.hidden_size], rows.ids, tree.num_nodes)  # [B, N]
         # 4. Accept.
         with d._stage("verify"):
             verdict = verify(beams, tree.node_index, target_choice)

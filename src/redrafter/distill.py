@@ -120,6 +120,14 @@ def is_degenerate(text: str) -> bool:
     return len(words) < 3 or len(set(words)) < 0.4 * len(words)
 
 
+def is_looping(text: str, min_words: int = 20, min_unique: float = 0.7) -> bool:
+    """Too short to work over, or repeating itself: under ``min_unique`` of its word 4-grams are
+    distinct (a greedy answer that fell into a loop; :func:`is_degenerate` is for short prompts)."""
+    words = re.findall(r"\w+", text.lower())
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return len(words) < min_words or len(set(grams)) < min_unique * len(grams)
+
+
 def _left_padded(sequences: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=device)
@@ -281,6 +289,8 @@ def distill(
         prompts: list[list[int]] = []
         responses: list[list[int]] = []
         attempt = 0
+        requests: list[str] = []  # with tasks: self-written prompts gathered for the next batch,
+        given: list[str] = []  # and templates filled with the target's answers to them
         while len(users) < want:
             seed = config.seed * 1_000_003 + shard_index * 1009 + attempt
             attempt += 1
@@ -314,14 +324,20 @@ def distill(
                     seen.add(key)
                     batch_users.append(text)
                 batch_users = batch_users[:need]
+                if config.tasks:  # a full batch of requests before the long generations
+                    requests += batch_users
+                    if len(requests) < need:
+                        continue
+                    batch_users, requests = requests[:need], []
                 if not batch_users:
                     continue
-            if config.tasks:
-                batch_users = _over_given_inputs(
+            if config.tasks:  # and a full batch of given inputs: a looping answer is dropped
+                given += _over_given_inputs(
                     model, tokenizer, batch_users, config, pad, eos, seed + 3, keep_all=file_prompts is not None
                 )
-                if not batch_users:
+                if len(given) < need:
                     continue
+                batch_users, given = given[:need], given[need:]
             batch_prompts = [templated(tokenizer, u) for u in batch_users]
             batch_responses = _generate(
                 model, batch_prompts, pad, eos, config.max_new_tokens, config.temperature, 1.0, seed + 7
@@ -346,7 +362,7 @@ def _over_given_inputs(
     model, tokenizer, users: list[str], config: DistillConfig, pad: int, eos: list[int], seed: int, keep_all: bool
 ) -> list[str]:
     """The target's greedy answers to ``users``, each made the ``{text}`` of a task template drawn
-    per row; a degenerate answer (empty, repetitive) is dropped unless ``keep_all``."""
+    per row; a short or looping answer (:func:`is_looping`) is dropped unless ``keep_all``."""
     prompts = [templated(tokenizer, u) for u in users]
     answers = _generate(model, prompts, pad, eos, config.max_new_tokens, 0.0, 1.0, seed)
     draw = random.Random(seed)
@@ -354,7 +370,7 @@ def _over_given_inputs(
     for ids in answers:
         text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True).strip()
         task = config.tasks[draw.randrange(len(config.tasks))]
-        if keep_all or not is_degenerate(text):
+        if keep_all or not is_looping(text):
             filled.append(task.replace("{text}", text))
     return filled
 

@@ -58,6 +58,11 @@ class DrafterConfig:
             embeddings, as Apple's and TensorRT-LLM's code run a drafter without ``rnn_w``/``rnn_u``).
         draft_vocab_size: ``K`` rows of the vocabulary head (``V`` for the full vocabulary).
         tied_head: the head is a projection to ``d`` times the target's output embedding rows.
+        fused_layers: target decoder layers (0-based) whose outputs join the final hidden state
+            (EAGLE-3's multi-layer fusion): the head then reads ``fuse([h, norm(l_i), ...])``, a learned
+            ``(1 + n) d -> d`` projection of the final state and each layer's RMS-normalized output
+            (:meth:`RecurrentDrafter.condition`). None: the final hidden state alone (the reference
+            layout, which Apple's and TensorRT-LLM's code read).
         rnn_cell: the recurrence an engine runs (:data:`RNN_CELLS`): ``"reference"`` (Apple's code
             and ours: ``s_i = SiLU(W e_i + U s_{i-1} + b)`` from ``s_0 = 0``) or ``"trtllm"``
             (TensorRT-LLM's: ``s_1 = W e_1``, then ``s_i = W e_i + U s_{i-1} + b``, no SiLU). A
@@ -72,10 +77,15 @@ class DrafterConfig:
     draft_vocab_size: int | None = None
     tied_head: bool = False
     rnn_cell: str = "reference"
+    fused_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.rnn_cell not in RNN_CELLS:
             raise DrafterError(f"rnn_cell is {self.rnn_cell!r}; choose one of {', '.join(RNN_CELLS)}")
+        if self.fused_layers is not None:
+            if not self.fused_layers or any(not isinstance(i, int) or i < 0 for i in self.fused_layers):
+                raise DrafterError(f"fused_layers must be layer indices >= 0, got {self.fused_layers!r}")
+            self.fused_layers = list(self.fused_layers)
         if self.exit_dim is None:
             self.exit_dim = 2 * self.hidden_size
         if self.draft_vocab_size is None:
@@ -110,6 +120,12 @@ class RecurrentDrafter(nn.Module):
             self.rnn_w = nn.Linear(d, d, bias=False)
             self.rnn_u = nn.Linear(d, d, bias=True)
         self.input_proj = nn.Linear(2 * d, config.exit_dim) if config.exit_dim != 2 * d else None
+        self.fuse = None
+        if config.fused_layers:
+            # Starts as the final hidden state alone: [I, 0, ..., 0].
+            self.fuse = nn.Linear((1 + len(config.fused_layers)) * d, d, bias=False)
+            with torch.no_grad():
+                self.fuse.weight.zero_()[:, :d] = torch.eye(d)
         blocks: list[nn.Module] = [ResBlock(config.exit_dim) for _ in range(config.num_draft_layers)]
         head_rows = d if config.tied_head else config.draft_vocab_size
         blocks.append(nn.Linear(config.exit_dim, head_rows, bias=False))
@@ -147,6 +163,27 @@ class RecurrentDrafter(nn.Module):
             return self._embedding[0](token_ids).to(self.lm_head[-1].weight.dtype)
 
     # -- the equations ------------------------------------------------------------------------
+    @property
+    def target_layers(self) -> tuple[int, ...]:
+        """The target layers whose outputs the drafter reads besides the final hidden state."""
+        return tuple(self.config.fused_layers or ())
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features the drafter reads: ``(1 + n) d``."""
+        return (1 + len(self.target_layers)) * self.config.hidden_size
+
+    def condition(self, features: torch.Tensor) -> torch.Tensor:
+        """``[..., (1 + n) d]`` target features (:func:`redrafter.models.decoder_features`) ->
+        ``[..., d]``, the hidden state the head reads: the final state alone without fused layers,
+        else ``fuse([h, rms(l_1), ..., rms(l_n)])`` (each layer's output RMS-normalized, no weight)."""
+        if self.fuse is None:
+            return features
+        d = self.config.hidden_size
+        final, layers = features[..., :d], features[..., d:].unflatten(-1, (-1, d))
+        layers = F.rms_norm(layers.float(), (d,), eps=1e-6).to(final.dtype).flatten(-2)
+        return self.fuse(torch.cat([final, layers], dim=-1))
+
     def rnn_step(self, state: torch.Tensor | None, token_embedding: torch.Tensor) -> torch.Tensor:
         """The next RNN state from ``s_{i-1}`` (None at the first step) and ``E(g)``: ``[..., d] -> [..., d]``.
 
@@ -174,6 +211,18 @@ class RecurrentDrafter(nn.Module):
             raise DrafterError("a tied-head drafter needs the target's output embedding: call attach(...)")
         return self.lm_head(x) @ self.output_rows.T
 
+    def with_fused_layers(self, layers: list[int]) -> RecurrentDrafter:
+        """A copy of this drafter (without fused layers) that also reads the target's ``layers``; its
+        fusion starts as the final hidden state alone, so it drafts exactly as this one until trained."""
+        if self.fuse is not None:
+            raise DrafterError(f"this drafter already fuses target layers {self.config.fused_layers}")
+        config = DrafterConfig(**{**asdict(self.config), "fused_layers": list(layers)})
+        wider = RecurrentDrafter(config).to(device=self.lm_head[-1].weight.device, dtype=self.lm_head[-1].weight.dtype)
+        missing, unexpected = wider.load_state_dict(self.state_dict(), strict=False)
+        assert missing == ["fuse.weight"] and not unexpected, (missing, unexpected)
+        wider.ngrams, wider._embedding, wider.output_rows = self.ngrams, self._embedding, self.output_rows
+        return wider
+
     def reference_head(self) -> torch.Tensor:
         """The ``[K, exit_dim]`` vocabulary head of the reference layout (a product for a tied head)."""
         last = self.lm_head[-1].weight
@@ -183,13 +232,15 @@ class RecurrentDrafter(nn.Module):
         """Teacher-forced logits for training.
 
         Args:
-            hidden: ``[B, T, d]`` target hidden states (after the final norm).
+            hidden: ``[B, T, (1 + n) d]`` target features (the final hidden state, then the fused
+                layers' outputs; :meth:`condition`).
             next_tokens: ``[B, T, S]`` target token ids fed to draft steps ``0..S-1``
                 (at position ``t``: ``x_{t+1}, ..., x_{t+S}``).
         Returns:
             ``[B, T, S, K]`` logits of step ``i`` predicting ``x_{t+2+i}`` (in draft ids).
         """
         embeddings = self.embed(next_tokens)
+        hidden = self.condition(hidden)
         state = None
         logits = []
         for step in range(next_tokens.shape[-1]):
@@ -249,13 +300,18 @@ class RecurrentDrafter(nn.Module):
         drafter.ngrams = NgramTable.load(folder)
         return drafter if embedding is None else drafter.attach(embedding, output_embedding)
 
-    def check_fits(self, hidden_size: int, vocab_size: int) -> None:
+    def check_fits(self, hidden_size: int, vocab_size: int, num_layers: int | None = None) -> None:
         """Raise :class:`DrafterError` unless this drafter was made for such a target."""
         c = self.config
         if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
             raise DrafterError(
                 f"drafter is for hidden size {c.hidden_size} and vocabulary {c.vocab_size}, "
                 f"but the target has hidden size {hidden_size} and vocabulary {vocab_size}"
+            )
+        if num_layers is not None and any(i >= num_layers - 1 for i in self.target_layers):
+            raise DrafterError(
+                f"drafter fuses target layers {c.fused_layers}, but the target has {num_layers} layers "
+                f"(fused layers must be below the last, {num_layers - 1})"
             )
 
 

@@ -83,6 +83,11 @@ def check_export(
     if out.exists() and not force and not (out.is_dir() and not any(out.iterdir())):
         raise DrafterError(f"{out} exists and is not empty: choose another --out or pass --force")
     c = drafter.config
+    if c.fused_layers:
+        raise DrafterError(
+            f"this drafter fuses target layers {c.fused_layers}; the reference layout that Apple's code and "
+            "TensorRT-LLM read has only the final hidden state, so it cannot be exported"
+        )
     if c.rnn and c.rnn_cell != ENGINE_CELL[fmt] and not allow_cell_mismatch:
         raise DrafterError(
             f"this drafter was trained with the {c.rnn_cell} RNN cell but {ENGINE_NAME[fmt]} runs the "

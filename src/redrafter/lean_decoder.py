@@ -32,15 +32,17 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .kv_cache import TreeKVCache
-from .models import decoder_of
+from .models import decoder_features, decoder_of
 from .quant import INT4_FUSE_ROWS, Int4Linear, Int8Linear, fused_bias
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 Masks = torch.Tensor | dict[str, torch.Tensor]
-TargetForward = Callable[[torch.Tensor, torch.Tensor, Masks, TreeKVCache], torch.Tensor]
-"""``(input_ids [B, q], positions [B, q], masks, cache) -> [B, q, d]`` final hidden states.
-``masks``: additive ``[B, 1, q, K]``, or one per layer type (:func:`redrafter.tree.layer_masks`)."""
+TargetForward = Callable[[torch.Tensor, torch.Tensor, Masks, TreeKVCache, tuple[int, ...]], torch.Tensor]
+"""``(input_ids [B, q], positions [B, q], masks, cache, layers) -> [B, q, (1 + n) d]``: the final
+hidden states, then the outputs of the ``n`` decoder layers ``layers`` (the features a drafter with
+fused layers reads; ``()``: the final hidden states alone). ``masks``: additive ``[B, 1, q, K]``, or
+one per layer type (:func:`redrafter.tree.layer_masks`)."""
 
 
 def lean_support(target: PreTrainedModel) -> str | None:
@@ -166,11 +168,17 @@ class LeanDecoder(nn.Module):
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, masks: Masks, cache: TreeKVCache
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        masks: Masks,
+        cache: TreeKVCache,
+        layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """``input_ids`` ``[B, q]`` at ``positions`` ``[B, q]``, after what ``cache`` holds ->
-        ``[B, q, d]`` final hidden states (after the last norm). Appends the new keys and values
-        to ``cache``. ``masks``: additive ``[B, 1, q, K]``, or one per layer type."""
+        ``[B, q, (1 + n) d]``: the final hidden states (after the last norm), then the outputs of
+        decoder layers ``layers``. Appends the new keys and values to ``cache``. ``masks``: additive
+        ``[B, 1, q, K]``, or one per layer type."""
         batch, length = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -180,6 +188,7 @@ class LeanDecoder(nn.Module):
         # Each key/value head's queries go along the query axis: [B, KV, G q, hd], the mask with them.
         by_type = masks if isinstance(masks, dict) else {None: masks}
         packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
+        captured: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
             qkv = layer.qkv(h).view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
@@ -199,16 +208,21 @@ class LeanDecoder(nn.Module):
             x = x + layer.o_proj(attended)
             gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(self.intermediate, dim=-1)
             x = x + layer.down_proj(F.silu(gate) * up)
-        return self._norm(x, self.final_norm)
+            if index in layers:
+                captured[index] = x
+        final = self._norm(x, self.final_norm)
+        return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
 
 
 def transformers_forward(target: PreTrainedModel) -> TargetForward:
     """The target's own decoder as a :data:`TargetForward`."""
     decoder = decoder_of(target)
 
-    def forward(input_ids: torch.Tensor, positions: torch.Tensor, masks: Masks, cache: TreeKVCache) -> torch.Tensor:
-        out = decoder(input_ids=input_ids, attention_mask=masks, position_ids=positions, cache=cache, use_cache=True)
-        return out.last_hidden_state
+    def forward(
+        input_ids: torch.Tensor, positions: torch.Tensor, masks: Masks, cache: TreeKVCache, layers: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": masks, "position_ids": positions}
+        return decoder_features(decoder, layers, **inputs, cache=cache, use_cache=True)
 
     return forward
 

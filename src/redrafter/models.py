@@ -176,6 +176,27 @@ def decoder_of(target: PreTrainedModel) -> torch.nn.Module:
     return target.get_decoder() if hasattr(target, "get_decoder") else target.model
 
 
+def decoder_features(decoder: torch.nn.Module, layers: tuple[int, ...] = (), **inputs) -> torch.Tensor:
+    """Run ``decoder(**inputs)``: ``[B, T, (1 + n) d]``, its final hidden state (after the last norm),
+    then the outputs of its layers ``layers`` (``n`` of them, 0-based, the residual stream), the
+    features a drafter with fused layers reads (:attr:`redrafter.drafter.DrafterConfig.fused_layers`)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(module, args, output) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    hooks = [decoder.layers[i].register_forward_hook(keep(i)) for i in layers]
+    try:
+        final = decoder(**inputs).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
+
+
 def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
     """``[..., d]`` final hidden states -> ``[..., V]`` logits, as the target's own head does.
 

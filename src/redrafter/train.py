@@ -1,11 +1,12 @@
 """``redrafter train``: fit a drafter to a frozen target on a distilled corpus.
 
 At every response position ``t`` of a conversation ``x`` the drafter sees the target's hidden state
-``h_t`` (after the final norm); draft step ``i`` (``0 <= i < S``) is fed ``E(x_{t+1+i})`` and must
-predict ``x_{t+2+i}``. Loss: the sum over steps of the cross-entropy on the corpus tokens (the
-target's own greedy output), plus optionally ``kd_weight`` times the KL divergence from the
-target's own next-token distribution at temperature ``kd_temperature`` (restricted to the draft
-vocabulary). Hidden states are computed on the fly by the frozen target, so memory stays small.
+``h_t`` (after the final norm; with fused layers, also those layers' outputs there); draft step
+``i`` (``0 <= i < S``) is fed ``E(x_{t+1+i})`` and must predict ``x_{t+2+i}``. Loss: the sum over
+steps of the cross-entropy on the corpus tokens (the target's own greedy output), plus optionally
+``kd_weight`` times the KL divergence from the target's own next-token distribution at temperature
+``kd_temperature`` (restricted to the draft vocabulary). Hidden states are computed on the fly by
+the frozen target, so memory stays small.
 
 Runs as one CPU process by default and unchanged under ``accelerate launch`` (DDP): only the
 drafter is wrapped; each process runs the target on its share of the batch.
@@ -35,7 +36,7 @@ from .drafter import DrafterConfig, RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write
 from .hidden_cache import HiddenStates
-from .models import decoder_of
+from .models import decoder_features, decoder_of
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     rnn: bool = True
     tied_head: bool = False
     rnn_cell: str = "reference"
+    fused_layers: list[int] | None = None
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     eval_every: int = 200
@@ -136,10 +138,6 @@ class Trainer:
         self.pairs = pairs
         self.train_idx, self.heldout_idx = split_heldout(len(pairs), config.heldout_every)
         train_pairs = [pairs[i] for i in self.train_idx]
-        self.states = None
-        if hidden_cache is not None:
-            with self.accelerator.main_process_first():
-                self.states = HiddenStates(hidden_cache, self.pairs, self.target, config.batch_size, self.progress)
         if drafter is None:
             torch.manual_seed(config.seed)
             draft_vocab = choose_draft_vocab(train_pairs, target.config.vocab_size, config.draft_vocab)
@@ -152,10 +150,19 @@ class Trainer:
                     rnn=config.rnn,
                     tied_head=config.tied_head,
                     rnn_cell=config.rnn_cell,
+                    fused_layers=config.fused_layers,
                     draft_vocab_size=len(draft_vocab),
                 )
             )
             drafter.draft_vocab.copy_(draft_vocab)
+        drafter.check_fits(target.config.hidden_size, target.config.vocab_size, target.config.num_hidden_layers)
+        self.layers = drafter.target_layers  # whose outputs the drafter reads besides the final state
+        self.states = None
+        if hidden_cache is not None:
+            with self.accelerator.main_process_first():
+                self.states = HiddenStates(
+                    hidden_cache, self.pairs, self.target, config.batch_size, self.progress, self.layers
+                )
         drafter = drafter.float().attach(target.get_input_embeddings(), target.get_output_embeddings())
         # Target ids -> draft ids (-1 outside the draft vocabulary).
         self.to_draft = torch.full((target.config.vocab_size,), -1, dtype=torch.long)
@@ -191,12 +198,14 @@ class Trainer:
 
     @torch.no_grad()
     def target_states(self, indices: list[int], ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """``[B, T, d]`` hidden states of the frozen target (after its final norm)."""
+        """``[B, T, (1 + n) d]`` features of the frozen target: its hidden states after the final
+        norm, then the outputs of the layers the drafter fuses."""
         if self.states is not None:
             return self.states.batch(indices)
         device = self.target.device
-        out = self.decoder(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
-        return out.last_hidden_state
+        return decoder_features(
+            self.decoder, self.layers, input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
+        )
 
     # -- the loss ---------------------------------------------------------------------------
     def loss(self, indices: list[int], step: int = 0) -> tuple[torch.Tensor, dict]:
@@ -231,7 +240,7 @@ class Trainer:
         if config.kd_weight > 0:
             # The target's distribution for x_{t+2+i} is its output at position t+1+i.
             source = (positions[:, None] + 1 + torch.arange(config.draft_steps)).clamp(max=ids.shape[1] - 1)
-            teacher_hidden = hidden[rows[:, None], source]  # [P, S, d]
+            teacher_hidden = hidden[rows[:, None], source][..., : self.target.config.hidden_size]  # [P, S, d]
             head = self.target.get_output_embeddings().weight[self.unwrapped.draft_vocab]
             with torch.no_grad():
                 teacher = (teacher_hidden.float() @ head.float().T / config.kd_temperature).log_softmax(-1)
