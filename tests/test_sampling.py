@@ -242,3 +242,31 @@ def test_exact_argmax_breaks_bfloat16_ties_in_float32():
     logits = model.lm_head(hidden)
     assert logits[0, 0, 3] == logits[0, 0, 11] and logits.argmax(-1).item() == 3  # a bfloat16 tie
     assert exact_argmax(model, hidden).item() == 11
+
+
+@pytest.mark.parametrize("beams,draft_len,lookup_len,tree_nodes", [(3, 3, 0, 0), (4, 5, 6, 0), (6, 4, 12, 9)])
+def test_a_seeded_sample_is_the_same_with_and_without_speculation(beams, draft_len, lookup_len, tree_nodes):
+    """Draws keyed by position: speculative sampling emits the very tokens plain sampling with the
+    same seed emits (float64), whatever the tree, and a row's tokens do not depend on the batch."""
+    from conftest import tiny_target
+    from test_parity import random_drafter, random_prompt
+
+    model = tiny_target("llama", seed=21)
+    plain = SpeculativeDecoder(model, lambda h, t, p: t[:, None, None], [])
+    drafter = random_drafter(model, seed=22)
+    speculative = SpeculativeDecoder(model, DrafterProposer(drafter, beams, draft_len, tree_nodes), [], lookup_len)
+    prompts = [random_prompt(5, 1), random_prompt(11, 2), random_prompt(3, 3)]
+    for params in (SamplingParams(1.0, seed=5), SamplingParams(0.8, top_k=10, top_p=0.9, seed=6)):
+
+        def run(decoder, batch):
+            out = [[] for _ in batch]
+            for step in decoder.decode(batch, 30, params):
+                for row, tokens in zip(step.rows, step.tokens, strict=True):
+                    out[row] += tokens
+            return out
+
+        expected = run(plain, prompts)
+        steps = sum(1 for _ in speculative.decode(prompts, 30, params))
+        assert run(speculative, prompts) == expected and steps < 31  # drafts were accepted
+        assert run(speculative, prompts[:1]) == expected[:1]
+    assert run(plain, prompts) != run(plain, prompts[::-1])[::-1]  # a row's stream is its index in the batch

@@ -104,7 +104,7 @@ def run_serve_benchmark(
     max_tokens: int,
     out: Path,
     max_batch: int,
-    speculate_max_batch: int,
+    speculate_max_batch: int | None,
 ) -> dict:
     """Both modes at every concurrency (interleaved); writes ``serve.json`` and ``serve.png``."""
     servers = {}
@@ -119,9 +119,12 @@ def run_serve_benchmark(
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
         for n in concurrencies:
             for mode, (engine, server) in servers.items():
+                before = engine.tree_steps, engine.plain_steps
                 row = on_main_thread(
                     engine, lambda url=server.url, n=n: run_concurrency(url, texts, n, requests, max_tokens)
                 )
+                tree, plain = engine.tree_steps - before[0], engine.plain_steps - before[1]
+                row["tree_step_share"] = round(tree / max(1, tree + plain), 3)
                 table[mode][str(n)] = row
                 print(f"bench-serve: {mode:<11} N={n:<3} {row['tokens_per_second']:.1f} tokens/s")
     finally:
@@ -139,13 +142,14 @@ def run_serve_benchmark(
             "requests_per_concurrency": requests,
             "max_tokens": max_tokens,
             "max_batch": max_batch,
-            "speculate_max_batch": speculate_max_batch,
+            "speculate_max_batch": "measured" if speculate_max_batch is None else speculate_max_batch,
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "weights": rd.quantization.weights,
             "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
         },
         "results": table,
         "speculative_over_plain": ratio,
+        "measured_rates": servers["speculative"][0].policy.table(),  # what the adaptive choice saw, per batch size
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "serve.json", result)

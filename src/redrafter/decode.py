@@ -339,8 +339,9 @@ class RunningBatch:
     Args:
         decoder: the :class:`SpeculativeDecoder` (target, proposer, lookup settings).
         choose: the target's choice per tree node, ``(hidden [B, N, d], row ids, real slots per
-            row [B]) -> [B, N]``: :class:`~redrafter.sampling.TokenChooser` (one setting for all)
-            or :class:`~redrafter.sampling.RowChooser` (each row its own).
+            row [B] or None, positions [B, N] of the tokens chosen) -> [B, N]``:
+            :class:`~redrafter.sampling.TokenChooser` (one setting for all) or
+            :class:`~redrafter.sampling.RowChooser` (each row its own).
     """
 
     def __init__(self, decoder: SpeculativeDecoder, choose) -> None:
@@ -368,7 +369,8 @@ class RunningBatch:
         self.budget.update(zip(ids, max_new_tokens, strict=True))
         self.emitted.update(dict.fromkeys(ids, 0))
         cache, hidden, valid = d._prefill(prompts, max(max_new_tokens))
-        first = self.choose(hidden[:, None, : d.hidden_size], ids)[:, 0]  # [B]
+        chosen_at = valid.sum(dim=1, keepdim=True)  # [B, 1]: the first new token's position
+        first = self.choose(hidden[:, None, : d.hidden_size], ids, None, chosen_at)[:, 0]  # [B]
         new = _Rows(
             ids=ids,
             cache=cache,
@@ -417,7 +419,8 @@ class RunningBatch:
         with d._stage("target: forward"):
             tree_hidden = d._forward(rows.cache, tree.tokens, tree_positions, allowed, rows.context_valid)
         with d._stage("target: head, argmax"):
-            target_choice = self.choose(tree_hidden[..., : d.hidden_size], rows.ids, tree.num_nodes)  # [B, N]
+            tree_hidden_final = tree_hidden[..., : d.hidden_size]
+            target_choice = self.choose(tree_hidden_final, rows.ids, tree.num_nodes, tree_positions + 1)  # [B, N]
         # 4. Accept.
         with d._stage("verify"):
             verdict = verify(beams, tree.node_index, target_choice)

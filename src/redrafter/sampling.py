@@ -5,14 +5,23 @@ distribution ``p`` and drafted children ``c1, c2, ...``, accept ``c1`` with prob
 else zero it, renormalise and try ``c2``, ...; if every child is rejected, sample the bonus from
 what remains. The chance of emitting ``c_k`` works out to exactly ``p(c_k)``, and of any other
 token ``x`` to ``p(x)``: the rule is the same as drawing ``x ~ p`` once and descending into the
-child equal to ``x`` if there is one, else emitting ``x`` as the bonus token. So one independent
-draw per packed tree node, fed to the same longest-path acceptance as greedy decoding
+child equal to ``x`` if there is one, else emitting ``x`` as the bonus token. So one draw per
+packed tree node, fed to the same longest-path acceptance as greedy decoding
 (:func:`redrafter.verify.verify`), emits every token distributed exactly as the target's own
 sampling, whatever the drafter proposed.
+
+The draws are keyed by position: a node's draw is the Gumbel-max of its distribution with noise
+made from ``(seed, stream, position of the token it chooses)`` alone (:func:`gumbel_noise`). Nodes
+at one depth share their noise, and only one of them is on the accepted path, so every emitted
+token still gets noise of its own, independent of all before it: the output is exactly
+distributed. And it is the very sequence plain sampling with the same seed draws, whatever the
+tree, the drafter, the rows beside it, or whether a step speculated at all (a server switches
+between speculative and plain steps as load changes, and a seeded request still reproduces).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -83,29 +92,52 @@ def exact_argmax(target: PreTrainedModel, hidden: torch.Tensor, candidates: int 
     return top.gather(-1, exact.argmax(dim=-1, keepdim=True))[..., 0]
 
 
+def gumbel_noise(seed: int, stream: int, positions: list[int], vocab: int) -> torch.Tensor:
+    """``[len(positions), vocab]`` float64 Gumbel noise, each row a function of ``(seed, stream,
+    position)`` alone (a fresh generator seeded by their hash), so a position's draw is the same
+    whichever step, tree or batch it is made in."""
+    rows = []
+    for position in positions:
+        key = hashlib.blake2b(f"{seed}:{stream}:{position}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        uniform = torch.rand(vocab, dtype=torch.float64, generator=generator)
+        rows.append(-(-uniform.clamp(min=torch.finfo(torch.float64).tiny).log()).log())
+    return torch.stack(rows)
+
+
 class TokenChooser:
-    """Chooses the target's token at every node: argmax, or an independent draw per node."""
+    """Chooses the target's token at every node: argmax, or a position-keyed exact draw."""
 
     def __init__(self, target: PreTrainedModel, params: SamplingParams) -> None:
         self.target, self.params = target, params
-        self.generator = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=target.device)
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed)
-            else:
-                self.generator.seed()
+        # Without a seed, one drawn from torch's global generator (so torch.manual_seed fixes it).
+        self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
 
     def __call__(
-        self, hidden: torch.Tensor, rows: list[int] | None = None, nodes: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        rows: list[int],
+        nodes: torch.Tensor | None,
+        positions: torch.Tensor,
     ) -> torch.Tensor:
-        """``[B, N, d]`` final hidden states -> ``[B, N]`` token ids (``rows``, ``nodes``: unused,
-        one setting and one random stream for every row)."""
+        """``[B, N, d]`` final hidden states -> ``[B, N]`` token ids.
+
+        ``rows``: each row's random stream (a row id); ``nodes``: ``[B]`` real slots per row (the
+        first ones; None: all), the rest get -2, which no draft holds; ``positions``: ``[B, N]`` the
+        position of the token each slot chooses (its own position plus one)."""
         if self.params.greedy:
             return exact_argmax(self.target, hidden)
-        probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+        log_probs = probabilities(hidden_to_logits(self.target, hidden), self.params).double().log()
+        counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
+        host_positions = positions.tolist()
+        choice = torch.full(hidden.shape[:2], -2, dtype=torch.long)
+        for i, (stream, count) in enumerate(zip(rows, counts, strict=True)):
+            wanted = host_positions[i][:count]
+            distinct = sorted(set(wanted))
+            noise = gumbel_noise(self.seed, stream, distinct, log_probs.shape[-1])
+            slot_noise = noise[[distinct.index(p) for p in wanted]].to(log_probs.device)
+            choice[i, :count] = (log_probs[i, :count] + slot_noise).argmax(dim=-1).cpu()
+        return choice.to(hidden.device)
 
 
 class RowChooser:
@@ -123,12 +155,15 @@ class RowChooser:
     def remove(self, row: int) -> None:
         self.rows.pop(row, None)
 
-    def __call__(self, hidden: torch.Tensor, rows: list[int], nodes: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, rows: list[int], nodes: torch.Tensor | None, positions: torch.Tensor
+    ) -> torch.Tensor:
         """``[B, N, d]`` final hidden states of rows ``rows`` -> ``[B, N]`` token ids.
 
-        ``nodes``: ``[B]`` real tree slots per row (the first ones; the rest pad the batch). A
-        sampled row draws for its own slots only, so its random stream, and with a seed its
-        output, does not depend on the rows beside it. Padding slots get -2, which no draft holds.
+        ``nodes``: ``[B]`` real tree slots per row (the first ones; the rest pad the batch);
+        ``positions``: ``[B, N]`` the position each slot chooses. A sampled row's draws depend on
+        its seed and positions only (stream 0: a request's own), so with a seed its output does
+        not depend on the rows beside it. Padding slots get -2, which no draft holds.
         """
         choosers = [self.rows[row] for row in rows]
         if all(c.params.greedy for c in choosers):
@@ -136,5 +171,6 @@ class RowChooser:
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
         choice = torch.full(hidden.shape[:2], -2, dtype=torch.long, device=hidden.device)
         for i, (chooser, count) in enumerate(zip(choosers, counts, strict=True)):
-            choice[i, :count] = chooser(hidden[i : i + 1, :count])[0]
+            one = torch.tensor([count], device=hidden.device)
+            choice[i, :count] = chooser(hidden[i : i + 1, :count], [0], one, positions[i : i + 1, :count])[0]
         return choice

@@ -7,10 +7,9 @@ away), and runs one step for every running row; each row's new tokens go to its 
 the event loop, which detokenizes, cuts ``stop`` strings and streams them. Each row keeps its own
 sampling settings and random stream (:class:`~redrafter.sampling.RowChooser`).
 
-Speculation adapts to load: a step drafts and verifies a tree while at most ``speculate_max_batch``
-rows run, and is a plain one-token step above that. Verifying a tree costs more target work per
-row; on a 2-core CPU our batch curve (``redrafter bench --batch-size``) has speculation ahead at
-batch 1 and behind from batch 4, so the default switches above 2 rows.
+Speculation adapts to load: each step drafts and verifies trees or is a plain one-token step, as
+:class:`~redrafter.step_policy.SpeculationPolicy` chooses from the tokens per second it measured
+for both kinds of step at the current batch size (or a fixed threshold, ``speculate_max_batch``).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from .api import ReDrafter
 from .decode import RunningBatch
 from .errors import RedrafterError
 from .sampling import RowChooser, SamplingParams
+from .step_policy import SpeculationPolicy
 
 UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias", "audio", "modalities")
 
@@ -108,12 +108,19 @@ class Engine:
         rd: the loaded target and drafter.
         max_batch: rows decoding at once; more wait in the queue.
         max_queue: requests waiting beyond that; more are refused (HTTP 429).
-        speculate_max_batch: speculate while at most this many rows run; plain steps above.
+        speculate_max_batch: None: choose per step from measured throughput
+            (:class:`~redrafter.step_policy.SpeculationPolicy`); a number: speculate while at most
+            that many rows run, plain steps above (0: never speculate).
     """
 
-    def __init__(self, rd: ReDrafter, max_batch: int = 16, max_queue: int = 64, speculate_max_batch: int = 2) -> None:
+    def __init__(
+        self, rd: ReDrafter, max_batch: int = 16, max_queue: int = 64, speculate_max_batch: int | None = None
+    ) -> None:
         self.rd, self.max_batch, self.max_queue = rd, max_batch, max_queue
-        self.speculate_max_batch = speculate_max_batch
+        adaptive = speculate_max_batch is None and rd.drafter is not None
+        self.policy = SpeculationPolicy(
+            prior=2 if speculate_max_batch is None else speculate_max_batch, adaptive=adaptive
+        )
         self.chooser = RowChooser(rd.target)
         self.batch = RunningBatch(rd.decoder, self.chooser)
         self.metrics = Metrics()
@@ -123,6 +130,7 @@ class Engine:
         self.closing = False
         self.thread: threading.Thread | None = None
         self.emitted = self.row_steps = 0
+        self.tree_steps = self.plain_steps = 0  # decode steps of each kind
 
     def start(self) -> None:
         """Run the loop on a thread of its own until :meth:`close`."""
@@ -159,7 +167,12 @@ class Engine:
                 self.wake.wait(timeout=0.05)
                 self.wake.clear()
                 continue
-            speculate = self.batch.size <= self.speculate_max_batch
+            rows = self.batch.size
+            speculate = self.policy.choose(rows)
+            if speculate:
+                self.tree_steps += 1
+            else:
+                self.plain_steps += 1
             self.metrics.speculating.set(int(speculate))
             start = time.perf_counter()
             try:
@@ -171,8 +184,10 @@ class Engine:
                     self._finish(row)
                     job.loop.call_soon_threadsafe(job.events.put_nowait, error)
                 continue
+            seconds = time.perf_counter() - start
+            self.policy.record(rows, speculate, sum(len(tokens) for tokens in out.tokens), seconds)
             self._deliver(out)
-            self.metrics.step_seconds.observe(time.perf_counter() - start)
+            self.metrics.step_seconds.observe(seconds)
 
     def _admit(self) -> None:
         """Prefill waiting jobs (up to ``max_batch`` rows in all) and let them join."""
