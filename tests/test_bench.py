@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import HIDDEN, VOCAB
 from test_cli import run
 
 import redrafter.bench as bench
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.files import atomic_write
 
 CATEGORIES = ["writing", "math", "writing"]
@@ -49,6 +52,11 @@ ALL_METHODS = ("redrafter", "ar", "hf", "hf-pld", "redrafter-w1", "redrafter-nol
 
 def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     out = tmp_path / "out"
+    torch.manual_seed(4)  # another drafter side by side: one that fuses layer 0 of the 2-layer target
+    fused = RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB, fused_layers=[0]))
+    with torch.no_grad():
+        fused.fuse.weight.normal_(0, 0.2)
+    fused.save_pretrained(tmp_path / "fused")
     code, stdout, _ = run(
         capsys,
         *bench_args(
@@ -61,6 +69,9 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             "--variant",
             "w2l2",
             "beams=2,draft-len=2,lookup-len=0,ngram-len=0",
+            "--variant",
+            "fused",
+            f"drafter={tmp_path / 'fused'}",
         ),
     )
     assert code == 0 and "speedup" in stdout
@@ -79,7 +90,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "transformers",
     ]:
         assert key in results["config"]
-    assert set(results["methods"]) == {*ALL_METHODS, "w2l2"}
+    assert set(results["methods"]) == {*ALL_METHODS, "w2l2", "fused"}
     # The variant's settings took: two tokens a step at most (L = 2, no lookup beams), same output.
     for record in results["prompts"]:
         entry = record["methods"]["w2l2"]
@@ -98,7 +109,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     # drafts take exactly the steps the method took; methods without our drafter are not replayed.
     for record in results["prompts"]:
         for name, entry in record["methods"].items():
-            if name.startswith("redrafter") or name == "w2l2":
+            if name.startswith("redrafter") or name in ("w2l2", "fused"):
                 assert entry["replayed_steps"] == entry["steps"], (name, record["question_id"])
             else:
                 assert "replayed_steps" not in entry
@@ -191,6 +202,7 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
         (["--variant", "ar", "beams=2"], "--variant ar: the name of a method"),
         (["--variant", "w2", "beams=2", "--variant", "w2", "beams=3"], "each NAME once"),
         (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),
+        (["--variant", "d2", "drafter=/no/such/folder"], "drafter not found: /no/such/folder"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):

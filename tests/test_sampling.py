@@ -256,17 +256,18 @@ def test_a_seeded_sample_is_the_same_with_and_without_speculation(beams, draft_l
     drafter = random_drafter(model, seed=22)
     speculative = SpeculativeDecoder(model, DrafterProposer(drafter, beams, draft_len, tree_nodes), [], lookup_len)
     prompts = [random_prompt(5, 1), random_prompt(11, 2), random_prompt(3, 3)]
+
+    def run(decoder, batch, params):
+        out = [[] for _ in batch]
+        for step in decoder.decode(batch, 30, params):
+            for row, tokens in zip(step.rows, step.tokens, strict=True):
+                out[row] += tokens
+        return out
+
     for params in (SamplingParams(1.0, seed=5), SamplingParams(0.8, top_k=10, top_p=0.9, seed=6)):
-
-        def run(decoder, batch):
-            out = [[] for _ in batch]
-            for step in decoder.decode(batch, 30, params):
-                for row, tokens in zip(step.rows, step.tokens, strict=True):
-                    out[row] += tokens
-            return out
-
-        expected = run(plain, prompts)
+        expected = run(plain, prompts, params)
         steps = sum(1 for _ in speculative.decode(prompts, 30, params))
-        assert run(speculative, prompts) == expected and steps < 31  # drafts were accepted
-        assert run(speculative, prompts[:1]) == expected[:1]
-    assert run(plain, prompts) != run(plain, prompts[::-1])[::-1]  # a row's stream is its index in the batch
+        assert run(speculative, prompts, params) == expected and steps < 31  # drafts were accepted
+        assert run(speculative, prompts[:1], params) == expected[:1]
+        # A row's random stream is its index in the batch: reordered rows draw other samples.
+        assert run(plain, prompts, params) != run(plain, prompts[::-1], params)[::-1]

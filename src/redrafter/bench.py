@@ -173,19 +173,24 @@ VARIANT_SETTINGS = {
     "ngram-len": "ngram_len",
     "tree-nodes": "tree_nodes",
     "lean": "lean",
+    "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
 }
 
 
-def parse_variant(name: str, settings: str) -> dict[str, int]:
+def parse_variant(name: str, settings: str) -> dict[str, int | str]:
     """``"beams=4,draft-len=3"`` -> ``{"num_beams": 4, "draft_len": 3}`` (keyword arguments of
-    :class:`ReDrafter`) for the variant ``name``, or a clear error."""
-    changes = {}
+    :class:`ReDrafter`) for the variant ``name``, or a clear error. ``drafter=FOLDER`` stays a
+    string, for the caller to load."""
+    changes: dict[str, int | str] = {}
     for item in settings.split(","):
         key, sep, value = (part.strip() for part in item.partition("="))
         if key not in VARIANT_SETTINGS or not sep:
             raise RedrafterError(
                 f"--variant {name}: {item.strip()!r} is not SETTING=N with SETTING one of {', '.join(VARIANT_SETTINGS)}"
             )
+        if key == "drafter":
+            changes["drafter"] = value
+            continue
         try:
             changes[VARIANT_SETTINGS[key]] = int(value)
         except ValueError:

@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
-        "and lean=0 for transformers' forward instead of the lean one; repeatable)",
+        "lean=0 for transformers' forward instead of the lean one, and drafter=FOLDER for another drafter "
+        "side by side; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -696,6 +697,12 @@ def run_bench(args: argparse.Namespace) -> int:
         raise RedrafterError(f"--out {out} exists and is not a folder")
     drafter = resolve_drafter(args.drafter, args.model)
     ablation = resolve_drafter(args.ablation_drafter, args.model) if args.ablation_drafter else None
+    for name, changes in variants.items():
+        if "drafter" in changes:
+            other = resolve_drafter(changes["drafter"], args.model)
+            if other is None:
+                raise RedrafterError(f"--variant {name}: drafter={changes['drafter']} is no drafter")
+            changes["drafter"] = other
     rd = _load_engine(args, drafter)
     results = run_benchmark(
         rd,
