@@ -10,13 +10,14 @@ packed tree node, fed to the same longest-path acceptance as greedy decoding
 (:func:`redrafter.verify.verify`), emits every token distributed exactly as the target's own
 sampling, whatever the drafter proposed.
 
-The draws are keyed by position: a node's draw is the Gumbel-max of its distribution with noise
-made from ``(seed, stream, position of the token it chooses)`` alone (:func:`gumbel_noise`). Nodes
-at one depth share their noise, and only one of them is on the accepted path, so every emitted
-token still gets noise of its own, independent of all before it: the output is exactly
-distributed. And it is the very sequence plain sampling with the same seed draws, whatever the
-tree, the drafter, the rows beside it, or whether a step speculated at all (a server switches
-between speculative and plain steps as load changes, and a seeded request still reproduces).
+The draws are keyed by position: a node draws by inverting its distribution's CDF at a uniform
+number made from ``(seed, stream, position of the token it chooses)`` alone
+(:func:`position_uniform`, :func:`inverse_cdf`). Nodes at one depth share their uniform, and only
+one of them is on the accepted path, so every emitted token still gets a uniform of its own,
+independent of all before it: the output is exactly distributed. And it is the very sequence
+plain sampling with the same seed draws, whatever the tree, the drafter, the rows beside it, or
+whether a step speculated at all (a server switches between speculative and plain steps as load
+changes, and a seeded request still reproduces).
 """
 
 from __future__ import annotations
@@ -92,17 +93,19 @@ def exact_argmax(target: PreTrainedModel, hidden: torch.Tensor, candidates: int 
     return top.gather(-1, exact.argmax(dim=-1, keepdim=True))[..., 0]
 
 
-def gumbel_noise(seed: int, stream: int, positions: list[int], vocab: int) -> torch.Tensor:
-    """``[len(positions), vocab]`` float64 Gumbel noise, each row a function of ``(seed, stream,
-    position)`` alone (a fresh generator seeded by their hash), so a position's draw is the same
-    whichever step, tree or batch it is made in."""
-    rows = []
-    for position in positions:
-        key = hashlib.blake2b(f"{seed}:{stream}:{position}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
-        uniform = torch.rand(vocab, dtype=torch.float64, generator=generator)
-        rows.append(-(-uniform.clamp(min=torch.finfo(torch.float64).tiny).log()).log())
-    return torch.stack(rows)
+def position_uniform(seed: int, stream: int, position: int) -> float:
+    """A uniform number in [0, 1) that is a function of ``(seed, stream, position)`` alone (53 bits
+    of their hash), so a position's draw is the same whichever step, tree or batch makes it."""
+    key = hashlib.blake2b(f"{seed}:{stream}:{position}".encode(), digest_size=8).digest()
+    return (int.from_bytes(key, "little") >> 11) / 2**53
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` distributions and ``[...]`` uniforms -> ``[...]`` token ids: the first token whose
+    cumulative probability (float64) exceeds ``uniform`` times the total, an exact draw."""
+    cdf = probs.double().cumsum(dim=-1)
+    threshold = (uniform.double().to(cdf.device) * cdf[..., -1])[..., None]
+    return torch.searchsorted(cdf, threshold, right=True)[..., 0].clamp(max=probs.shape[-1] - 1)
 
 
 class TokenChooser:
@@ -127,17 +130,15 @@ class TokenChooser:
         position of the token each slot chooses (its own position plus one)."""
         if self.params.greedy:
             return exact_argmax(self.target, hidden)
-        log_probs = probabilities(hidden_to_logits(self.target, hidden), self.params).double().log()
+        probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
-        host_positions = positions.tolist()
-        choice = torch.full(hidden.shape[:2], -2, dtype=torch.long)
-        for i, (stream, count) in enumerate(zip(rows, counts, strict=True)):
-            wanted = host_positions[i][:count]
-            distinct = sorted(set(wanted))
-            noise = gumbel_noise(self.seed, stream, distinct, log_probs.shape[-1])
-            slot_noise = noise[[distinct.index(p) for p in wanted]].to(log_probs.device)
-            choice[i, :count] = (log_probs[i, :count] + slot_noise).argmax(dim=-1).cpu()
-        return choice.to(hidden.device)
+        uniform = [
+            [position_uniform(self.seed, stream, p) for p in row_positions]
+            for stream, row_positions in zip(rows, positions.tolist(), strict=True)
+        ]
+        choice = inverse_cdf(probs, torch.tensor(uniform, dtype=torch.float64))  # [B, N]
+        slots = torch.arange(choice.shape[1], device=choice.device)[None, :]
+        return choice.masked_fill(slots >= torch.tensor(counts, device=choice.device)[:, None], -2)
 
 
 class RowChooser:
