@@ -14,8 +14,8 @@ one, with
   recent steps (steady: a few steps suffice).
 
 It takes the faster kind. Every ``explore_every``-th step at a batch size takes the other kind, so
-its time stays measured (half as often while one kind is more than ``margin`` ahead: exploring a
-clear loser costs throughput); until both are measured at a batch size, the ``prior`` decides
+its time stays measured (a quarter as often while one kind is more than ``margin`` ahead: exploring
+a clear loser costs throughput); until both are measured at a batch size, the ``prior`` decides
 (speculate while at most that many rows run). A fixed threshold (``adaptive=False``) never
 measures: the override for a user who has measured it himself.
 """
@@ -50,8 +50,8 @@ class SpeculationPolicy:
         prior: speculate while at most this many rows run, until both kinds of step are measured
             at a batch size (and always, when not ``adaptive``).
         adaptive: measure and choose; False: the fixed threshold ``prior``.
-        explore_every: at a batch size, every this-many-th step takes the kind not chosen (half as
-            often while one kind is more than ``margin`` faster).
+        explore_every: at a batch size, every this-many-th step takes the kind not chosen (a quarter
+            as often while one kind is more than ``margin`` faster).
         margin: how much faster (a share) one kind must be for exploring the other less often.
         time_window: steps of one kind at one batch size a step time averages over.
         accept_window: tree steps the tokens per row per tree step averages over.
@@ -89,7 +89,7 @@ class SpeculationPolicy:
             best, interval = guess, self.explore_every
         else:
             far = max(tree, plain) > (1 + self.margin) * min(tree, plain)
-            best, interval = tree > plain, self.explore_every * (2 if far else 1)
+            best, interval = tree > plain, self.explore_every * (4 if far else 1)
         return not best if count % interval == interval - 1 else best
 
     def record(self, batch_size: int, speculate: bool, tokens: int, seconds: float) -> None:
