@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup demo test lint corpus corpus-more drafter ngrams gemma3
+.PHONY: setup demo test lint corpus corpus-more corpus-inputs drafter ngrams gemma3
 
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -55,6 +55,13 @@ corpus-more:
 	$(DISTILL) --out $(CORPUS)-openers-seed11 --seed 11 --num-prompts 1280 $(OPENERS) & \
 	$(DISTILL) --out $(CORPUS)-openers-seed12 --seed 12 --num-prompts 1280 $(OPENERS) & \
 	wait
+
+# Conversations over long given inputs (summarize, translate, answer from a passage: #16 lever 2),
+# the input being the target's own answer to a self-written prompt; one generator, stopped by the
+# session's time after four shards (57 minutes of generator time beside other jobs).
+corpus-inputs:
+	OMP_NUM_THREADS=1 redrafter distill --shard-size 64 --batch-size 32 --max-new-tokens 256 \
+		--out $(CORPUS)-inputs-seed20 --seed 20 --num-prompts 256 $(OPENERS) --tasks default
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
 # Stage 1 trains from random weights on the first nine folders; it ran on an H100 (TRAIN_DEVICE=cuda:
