@@ -63,3 +63,13 @@ def test_exploring_a_clear_loser_is_rarer():
     serve(close, 1, 640, tree_rate=90.0, plain_rate=80.0)  # within the margin: every 16th step explores
     serve(far, 1, 640, tree_rate=160.0, plain_rate=80.0)  # 2x apart: every 64th
     assert close.table()["1"]["plain_steps"] >= 40 and far.table()["1"]["plain_steps"] == 11
+
+
+def test_one_slow_step_does_not_turn_the_choice():
+    """A step slowed by something else on the machine (a 20x outlier) would hold a mean of step times
+    up for as long as only exploration refreshes it; the median ignores it."""
+    policy = SpeculationPolicy(prior=2)
+    serve(policy, 1, 100, tree_rate=60.0, plain_rate=30.0)
+    policy.record(1, True, 3, 20 * 3 / 60.0)  # one tree step 20 times slower than usual
+    share, _ = serve(policy, 1, 300, tree_rate=60.0, plain_rate=30.0, seed=2)
+    assert share > 0.95

@@ -10,8 +10,9 @@ one, with
 - ``a``: tokens a row emits per tree step, averaged over the recent tree steps at any batch size
   (a row's acceptance does not depend on the rows beside it; it varies a lot from step to step, so
   it needs many steps, and tree steps at few rows supply them);
-- ``t_tree(b)``, ``t_plain(b)``: seconds per step of each kind at ``b`` rows, averaged over its
-  recent steps (steady: a few steps suffice).
+- ``t_tree(b)``, ``t_plain(b)``: seconds per step of each kind at ``b`` rows, the median of its
+  recent steps (steady: a few steps suffice; a median, because one step slowed by something else
+  on the machine would otherwise hold a mean up until exploration refreshed it).
 
 It takes the faster kind. Every ``explore_every``-th step at a batch size takes the other kind, so
 its time stays measured (a quarter as often while one kind is more than ``margin`` ahead: exploring
@@ -22,12 +23,13 @@ measures: the override for a user who has measured it himself.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
 
-class Mean:
-    """The mean of the last ``window`` values added, and how many were added in all."""
+class Window:
+    """The last ``window`` values added (their mean and median), and how many were added in all."""
 
     def __init__(self, window: int) -> None:
         self.values: deque[float] = deque(maxlen=window)
@@ -41,6 +43,10 @@ class Mean:
     def mean(self) -> float | None:
         return sum(self.values) / len(self.values) if self.values else None
 
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
 
 @dataclass
 class SpeculationPolicy:
@@ -53,7 +59,7 @@ class SpeculationPolicy:
         explore_every: at a batch size, every this-many-th step takes the kind not chosen (a quarter
             as often while one kind is more than ``margin`` faster).
         margin: how much faster (a share) one kind must be for exploring the other less often.
-        time_window: steps of one kind at one batch size a step time averages over.
+        time_window: steps of one kind at one batch size whose median is its step time.
         accept_window: tree steps the tokens per row per tree step averages over.
     """
 
@@ -63,19 +69,19 @@ class SpeculationPolicy:
     margin: float = 0.4
     time_window: int = 8
     accept_window: int = 64
-    accepted: Mean = field(init=False)
-    seconds: dict[tuple[int, bool], Mean] = field(default_factory=dict)  # (batch size, speculate) -> step time
+    accepted: Window = field(init=False)
+    seconds: dict[tuple[int, bool], Window] = field(default_factory=dict)  # (batch size, speculate) -> times
     steps: dict[int, int] = field(default_factory=dict)  # batch size -> steps chosen at it
 
     def __post_init__(self) -> None:
-        self.accepted = Mean(self.accept_window)
+        self.accepted = Window(self.accept_window)
 
     def rates(self, batch_size: int) -> tuple[float | None, float | None]:
         """Estimated tokens per second of a tree step and of a plain step over ``batch_size`` rows."""
         tree, plain = (self.seconds.get((batch_size, kind)) for kind in (True, False))
         accepted = self.accepted.mean
-        tree_rate = None if tree is None or accepted is None else batch_size * accepted / max(tree.mean, 1e-9)
-        return tree_rate, None if plain is None else batch_size / max(plain.mean, 1e-9)
+        tree_rate = None if tree is None or accepted is None else batch_size * accepted / max(tree.median, 1e-9)
+        return tree_rate, None if plain is None else batch_size / max(plain.median, 1e-9)
 
     def choose(self, batch_size: int) -> bool:
         """Whether the next step, over ``batch_size`` rows, drafts and verifies trees."""
@@ -96,7 +102,7 @@ class SpeculationPolicy:
         """A step over ``batch_size`` rows emitted ``tokens`` in all in ``seconds``."""
         if not self.adaptive:
             return
-        self.seconds.setdefault((batch_size, speculate), Mean(self.time_window)).add(seconds)
+        self.seconds.setdefault((batch_size, speculate), Window(self.time_window)).add(seconds)
         if speculate:
             self.accepted.add(tokens / batch_size)
 
