@@ -218,14 +218,17 @@ def test_openers_file(tmp_path):
         read_openers(str(tmp_path / "missing.txt"))
 
 
-def test_cli_bad_openers_file_is_one_line_and_no_folder(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag,content,message", [("--openers", "\n", "no openers"), ("--tasks", "{text} and {text}\n", "exactly once")]
+)
+def test_cli_bad_openers_or_tasks_file_is_one_line_and_no_folder(tmp_path, capsys, flag, content, message):
     from redrafter.cli import main
 
-    empty = tmp_path / "openers.txt"
-    empty.write_text("\n")
-    code = main(["distill", "--openers", str(empty), "--out", str(tmp_path / "out")])
+    bad = tmp_path / "list.txt"
+    bad.write_text(content)
+    code = main(["distill", flag, str(bad), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("redrafter: error") == 1 and "no openers" in err
+    assert code == 2 and err.count("redrafter: error") == 1 and message in err
     assert not (tmp_path / "out").exists()
 
 
@@ -300,17 +303,6 @@ def test_tasks_file(tmp_path):
     path.write_text("\n")
     with pytest.raises(RedrafterError, match="no task templates"):
         read_tasks(str(path))
-
-
-def test_cli_bad_tasks_file_is_one_line_and_no_folder(tmp_path, capsys):
-    from redrafter.cli import main
-
-    bad = tmp_path / "tasks.txt"
-    bad.write_text("{text} and {text}\n")
-    code = main(["distill", "--tasks", str(bad), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("redrafter: error") == 1 and "exactly once" in err
-    assert not (tmp_path / "out").exists()
 
 
 def test_looping_or_short_answers_are_not_given_inputs():
