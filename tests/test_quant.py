@@ -8,6 +8,8 @@
   kernels give each row of a batch the same bits whatever the number of rows, checked here too), and
   exact sampling keeps the int4 target's distribution (chi-square).
 - Bad input: an unknown precision, a layer the kernel cannot pack, a device or dtype without kernels.
+- A quantized drafter (``--drafter-weights``): its draft logits stay close to the float drafter's,
+  greedy output stays plain greedy's, and it cannot be saved (nor made where no kernel runs).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from test_sampling import ROWS, chi_square_pvalue, exact_distribution, sampled_c
 
 from redrafter.cli import main
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
+from redrafter.drafter import DrafterError
 from redrafter.quant import (
     Int4Linear,
     Int8Linear,
     QuantizationError,
     _match_rows,
     gguf_int4,
+    quantize_drafter,
     quantize_int4,
     quantize_target,
 )
@@ -218,10 +222,10 @@ def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
 
 
 def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
-    from redrafter.api import DEFAULT_SHAPES, ReDrafter
+    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, ReDrafter
     from redrafter.quant import WEIGHTS
 
-    assert tuple(DEFAULT_SHAPES) == WEIGHTS  # one default tree for every precision quant.py offers
+    assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS)  # a default for every precision
     for weights, shape in DEFAULT_SHAPES.items():
         rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights=weights)
         assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (
@@ -231,6 +235,61 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
             shape.ngram_len,
             shape.tree_nodes,
         )
-        assert rd.quantization.weights == weights
+        assert rd.quantization.weights == weights and rd.drafter_weights == DEFAULT_DRAFTER_WEIGHTS[weights]
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
+    # No CPU kernel for float64: the drafter keeps its weights unless asked, and then it is refused.
+    assert ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float64").drafter_weights == "float"
+    with pytest.raises(QuantizationError, match="bfloat16, float16 or float32"):
+        ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float64", drafter_weights="int8")
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_a_quantized_drafter_changes_drafts_a_little_and_output_not_at_all(weights):
+    """A drafter with weight-only quantized layers and vocabulary rows: its draft logits stay close
+    to the float drafter's, it still gets drafts accepted, and greedy output is plain greedy's."""
+    model = tiny_target("llama", dtype=torch.float32)
+    drafter = random_drafter(model, seed=3, tied_head=True).float().attach(model.get_input_embeddings())
+    quantized = quantize_drafter(drafter, weights)
+    assert quantized is not drafter and quantized.vocab_head is not None
+    assert not any(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    hidden, state = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    exact, approx = drafter.head(hidden, state), quantized.head(hidden, state)
+    assert (approx - exact).norm() / exact.norm() < (0.02 if weights == "int8" else 0.2)
+    plain = SpeculativeDecoder(model, no_draft, [])
+    decoder = SpeculativeDecoder(model, DrafterProposer(quantized, 3, 4, tree_nodes=6), [], lookup_len=6)
+    prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (1, 6, 15)]
+    ids, per_step = speculative(decoder, prompts, 30)
+    assert ids == speculative(plain, prompts, 30)[0]
+    assert max(per_step) > 1
+    assert quantize_drafter(drafter, "float") is drafter
+
+
+def test_a_quantized_drafter_is_refused_where_it_cannot_run_or_be_saved(tmp_path):
+    model = tiny_target("llama", dtype=torch.float32)
+    drafter = random_drafter(model, seed=3).float()
+    with pytest.raises(QuantizationError, match="unknown weight precision"):
+        quantize_drafter(drafter, "int3")
+    with pytest.raises(QuantizationError, match="bfloat16, float16 or float32"):
+        quantize_drafter(random_drafter(model, seed=3), "int8")  # float64
+    with pytest.raises(DrafterError, match="for decoding only"):
+        quantize_drafter(drafter, "int8").save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_cli_drafts_with_a_quantized_drafter(model_dir, drafter_dir, capsys):
+    import json
+
+    outputs = {}
+    for weights in ("float", "int4"):
+        argv = ["generate", "w5 w6 w7", "--model", str(model_dir), "--drafter", str(drafter_dir), "--json"]
+        assert main([*argv, "--drafter-weights", weights, "--dtype", "float32", "--max-new-tokens", "12"]) == 0
+        outputs[weights] = json.loads(capsys.readouterr().out)
+    assert outputs["float"]["token_ids"] == outputs["int4"]["token_ids"]
+    code = None
+    try:
+        code = main(["generate", "w5", "--model", str(model_dir), "--drafter-weights", "int4", "--dtype", "float64"])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and "need --dtype bfloat16, float16 or float32" in err and "Traceback" not in err, err

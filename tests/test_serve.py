@@ -208,12 +208,13 @@ def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, d
     prompts.write_text("".join(json.dumps({"prompt": f"w{5 + k} w{9 + k}"}) + "\n" for k in range(3)))
     argv = ["bench-serve", "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float64"]
     argv += ["--prompts", str(prompts), "--concurrency", "1,3", "--requests", "2", "--max-new-tokens", "6"]
-    assert main(argv + ["--out", str(tmp_path / "out")]) == 0
+    assert main(argv + ["--rounds", "2", "--out", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "serve.json").read_text())
     for mode in ("speculative", "plain"):
         for n, requests in (("1", 2), ("3", 3)):
             row = result["results"][mode][n]
-            assert row["requests"] == requests and row["tokens"] == 6 * requests and row["tokens_per_second"] > 0
+            assert row["requests"] == 2 * requests and row["tokens"] == 12 * requests and row["tokens_per_second"] > 0
+            assert len(row["rounds_tokens_per_second"]) == 2
             # (chunks of one step can arrive together: a gap of 0.0 ms is possible on a tiny model)
             assert row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= row["itl_p50_ms"] >= 0
     assert set(result["speculative_over_plain"]) == {"1", "3"}

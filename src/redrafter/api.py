@@ -15,7 +15,14 @@ from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .models import context_limit, gguf_source, load_target
-from .quant import QuantizationReport, check_quantizable, quantize_target
+from .quant import (
+    WEIGHTS,
+    QuantizationReport,
+    check_quantizable,
+    drafter_packable,
+    quantize_drafter,
+    quantize_target,
+)
 from .sampling import SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -44,6 +51,12 @@ DEFAULT_SHAPES = {
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
+# The drafter's weights per target precision on a CPU (--drafter-weights), each measured on MT-Bench's
+# first 2 prompts per category (docs/drafter-weights/): with float weights the 6-beam tree drafts 6
+# rows at a time, where the int4 kernel gains (75.5 against 79.7 ms a step) and the int8 one does not;
+# the 1-beam int4 tree drafts one row, where int8 gained most (45.5 against 49.5 ms) and kept the
+# acceptance whole. int8 weights take int4's choice (their 2-beam tree is as narrow), unmeasured.
+DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8"}
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -111,6 +124,8 @@ class ReDrafter:
         quantization: how ``target``'s weights were quantized (:func:`redrafter.quant.quantize_target`).
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers the
             model (Llama, Mistral, Qwen2); False: through transformers' decoder.
+        drafter_weights: ``"float"``, or ``"int8"``/``"int4"`` to draft with a weight-only quantized
+            copy of the drafter (:func:`redrafter.quant.quantize_drafter`; CPU only).
     """
 
     def __init__(
@@ -125,6 +140,7 @@ class ReDrafter:
         tree_nodes: int = DEFAULT_SHAPES["float"].tree_nodes,
         quantization: QuantizationReport | None = None,
         lean: bool = True,
+        drafter_weights: str = "float",
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -136,6 +152,8 @@ class ReDrafter:
             raise RedrafterError(f"--ngram-len must be 0 or more, got {ngram_len}")
         if tree_nodes < 0:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
+        if drafter_weights not in WEIGHTS:
+            raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
@@ -146,7 +164,8 @@ class ReDrafter:
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()
-            proposer = DrafterProposer(drafter, num_beams, draft_len, tree_nodes)
+            proposer = DrafterProposer(quantize_drafter(drafter, drafter_weights), num_beams, draft_len, tree_nodes)
+        self.drafter_weights = drafter_weights if drafter is not None else "float"
         eos = target.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -169,6 +188,7 @@ class ReDrafter:
         lookup_len: int | None = None,
         ngram_len: int | None = None,
         tree_nodes: int | None = None,
+        drafter_weights: str | None = None,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -177,7 +197,9 @@ class ReDrafter:
         ``weights``: ``"float"`` (weights in ``dtype``), ``"int8"`` or ``"int4"``: the target's
         linear layers weight-only quantized (:mod:`redrafter.quant`; int4 from a Q4_0/Q4_1 GGUF
         runs the file's own 4-bit values). The tree settings left None take the defaults of
-        ``weights`` (:data:`DEFAULT_SHAPES`).
+        ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
+        ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
+        and ``"float"`` elsewhere.
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -185,16 +207,24 @@ class ReDrafter:
             dtype = DTYPES[dtype]
         if weights not in DEFAULT_SHAPES:
             raise RedrafterError(f"unknown weights {weights!r}; choose one of {', '.join(DEFAULT_SHAPES)}")
-        if weights != "float":  # refused before the model loads
-            check_quantizable(torch.device(device), dtype, weights)
+        default_drafter_weights = drafter_weights is None
+        if drafter_weights is None:
+            cpu = str(device).partition(":")[0] == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32)
+            drafter_weights = DEFAULT_DRAFTER_WEIGHTS[weights] if cpu else "float"
+        for precision in {weights, drafter_weights} - {"float"}:  # refused before the model loads
+            if precision not in WEIGHTS:
+                raise RedrafterError(f"unknown weights {precision!r}; choose one of {', '.join(WEIGHTS)}")
+            check_quantizable(device, dtype, precision)
         drafter = resolve_drafter(drafter, model)
+        if default_drafter_weights and drafter is not None and not drafter_packable(drafter):
+            drafter_weights = "float"  # a drafter of odd sizes keeps its float weights unless asked
         target, tokenizer = load_target(model, dtype=dtype, device=device)
         quantization = quantize_target(target, weights, gguf_source(model))
         given = dict(
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )
         shape = asdict(DEFAULT_SHAPES[weights]) | {k: v for k, v in given.items() if v is not None}
-        return cls(target, tokenizer, drafter, **shape, quantization=quantization)
+        return cls(target, tokenizer, drafter, **shape, quantization=quantization, drafter_weights=drafter_weights)
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

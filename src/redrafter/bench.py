@@ -161,6 +161,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         ngram_len=rd.ngram_len,
         tree_nodes=rd.tree_nodes,
         lean=rd.lean,
+        drafter_weights=rd.drafter_weights,
     )
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
@@ -174,6 +175,7 @@ VARIANT_SETTINGS = {
     "tree-nodes": "tree_nodes",
     "lean": "lean",
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
+    "drafter-weights": "drafter_weights",  # float, int8 or int4
 }
 
 
@@ -190,6 +192,11 @@ def parse_variant(name: str, settings: str) -> dict[str, int | str]:
             )
         if key == "drafter":
             changes["drafter"] = value
+            continue
+        if key == "drafter-weights":
+            if value not in WEIGHTS:
+                raise RedrafterError(f"--variant {name}: drafter-weights is one of {', '.join(WEIGHTS)}, not {value!r}")
+            changes["drafter_weights"] = value
             continue
         try:
             changes[VARIANT_SETTINGS[key]] = int(value)
@@ -501,6 +508,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "drafter": None if rd.drafter is None else rd.drafter.config.__dict__,
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "weights": rd.quantization.weights,
+            "drafter_weights": rd.drafter_weights,
             "quantization": rd.quantization.to_json(),
             "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,

@@ -63,18 +63,29 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
 
 
 def run_concurrency(url: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int) -> dict:
-    """``max(concurrency, requests)`` requests, ``concurrency`` in flight at a time."""
+    """``max(concurrency, requests)`` requests, ``concurrency`` in flight at a time: their count,
+    tokens, wall seconds, and every time to first token and chunk gap (ms)."""
     count = max(concurrency, requests)
     chosen = [prompts[i % len(prompts)] for i in range(count)]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(lambda p: stream_one(url, p, max_tokens), chosen))
-    wall = time.perf_counter() - start
-    tokens = sum(r["tokens"] for r in results)
-    first = [1000 * r["first_token_seconds"] for r in results if r["first_token_seconds"] is not None]
-    gaps = [1000 * g for r in results for g in r["gaps"]]
     return {
         "requests": count,
+        "tokens": sum(r["tokens"] for r in results),
+        "seconds": time.perf_counter() - start,
+        "first_ms": [1000 * r["first_token_seconds"] for r in results if r["first_token_seconds"] is not None],
+        "gaps_ms": [1000 * g for r in results for g in r["gaps"]],
+    }
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """One mode's rounds at one concurrency (:func:`run_concurrency`'s results) as one table row."""
+    tokens, wall = sum(r["tokens"] for r in rounds), sum(r["seconds"] for r in rounds)
+    first = [ms for r in rounds for ms in r["first_ms"]]
+    gaps = [ms for r in rounds for ms in r["gaps_ms"]]
+    return {
+        "requests": sum(r["requests"] for r in rounds),
         "tokens": tokens,
         "seconds": round(wall, 3),
         "tokens_per_second": round(tokens / wall, 2),
@@ -105,8 +116,11 @@ def run_serve_benchmark(
     out: Path,
     max_batch: int,
     speculate_max_batch: int | None,
+    rounds: int = 1,
 ) -> dict:
-    """Both modes at every concurrency (interleaved); writes ``serve.json`` and ``serve.png``."""
+    """Both modes at every concurrency, in ``rounds`` rounds of ``requests`` requests each, the modes'
+    order reversed every other round (so a machine that drifts slower or faster during a
+    concurrency weighs on both alike); writes ``serve.json`` and ``serve.png``."""
     servers = {}
     for mode, setting in MODES.items():
         limit = speculate_max_batch if setting is None else setting
@@ -118,15 +132,26 @@ def run_serve_benchmark(
         for engine, server in servers.values():  # warm-up: one short request each
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
         for n in concurrencies:
-            for mode, (engine, server) in servers.items():
-                before = engine.tree_steps, engine.plain_steps
-                row = on_main_thread(
-                    engine, lambda url=server.url, n=n: run_concurrency(url, texts, n, requests, max_tokens)
-                )
-                tree, plain = engine.tree_steps - before[0], engine.plain_steps - before[1]
-                row["tree_step_share"] = round(tree / max(1, tree + plain), 3)
+            measured: dict[str, list[dict]] = {mode: [] for mode in MODES}
+            steps = {mode: [0, 0] for mode in MODES}  # tree, plain
+            for round_ in range(rounds):
+                order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+                for mode in order:
+                    engine, server = servers[mode]
+                    before = engine.tree_steps, engine.plain_steps
+                    raw = on_main_thread(
+                        engine, lambda url=server.url, n=n: run_concurrency(url, texts, n, requests, max_tokens)
+                    )
+                    steps[mode][0] += engine.tree_steps - before[0]
+                    steps[mode][1] += engine.plain_steps - before[1]
+                    measured[mode].append(raw)
+                    rate = raw["tokens"] / raw["seconds"]
+                    print(f"bench-serve: {mode:<11} N={n:<3} round {round_ + 1}: {rate:.1f} tokens/s")
+            for mode in MODES:
+                row = summarize(measured[mode])
+                row["tree_step_share"] = round(steps[mode][0] / max(1, sum(steps[mode])), 3)
+                row["rounds_tokens_per_second"] = [round(r["tokens"] / r["seconds"], 2) for r in measured[mode]]
                 table[mode][str(n)] = row
-                print(f"bench-serve: {mode:<11} N={n:<3} {row['tokens_per_second']:.1f} tokens/s")
     finally:
         for _, server in servers.values():
             server.stop()
@@ -140,11 +165,13 @@ def run_serve_benchmark(
         "config": {
             "prompts": len(prompts),
             "requests_per_concurrency": requests,
+            "rounds": rounds,
             "max_tokens": max_tokens,
             "max_batch": max_batch,
             "speculate_max_batch": "measured" if speculate_max_batch is None else speculate_max_batch,
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "weights": rd.quantization.weights,
+            "drafter_weights": rd.drafter_weights,
             "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
         },
         "results": table,

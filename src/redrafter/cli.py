@@ -66,6 +66,13 @@ def _shape_defaults(setting: str) -> str:
     return ", ".join(f"{getattr(shape, setting)} ({weights})" for weights, shape in DEFAULT_SHAPES.items())
 
 
+def _drafter_weights_defaults() -> str:
+    """``"float (float), int8 (int8), ..."``: the drafter's default weights for each target precision."""
+    from .api import DEFAULT_DRAFTER_WEIGHTS
+
+    return ", ".join(f"{drafter} ({weights})" for weights, drafter in DEFAULT_DRAFTER_WEIGHTS.items())
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     from .api import DEFAULT_SHAPES, DTYPES
 
@@ -79,6 +86,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default="float",
         help="the target's linear layers: float (in --dtype, default), int8 (per-row scales) or int4 (groups of 32; "
         "a Q4_0/Q4_1 GGUF runs its own 4-bit values); weight-only, activations in --dtype, CPU only",
+    )
+    parser.add_argument(
+        "--drafter-weights",
+        choices=list(DEFAULT_SHAPES),
+        help="the drafter's linear layers and vocabulary rows: float, int8 or int4 (weight-only, as --weights; "
+        "output does not change, the target verifies every draft; default on a CPU by --weights: "
+        f"{_drafter_weights_defaults()}; float elsewhere)",
     )
     parser.add_argument(
         "--beams",
@@ -127,6 +141,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
         tree_nodes=args.tree_nodes,
+        drafter_weights=args.drafter_weights,
     )
     report = rd.quantization
     if report.weights != "float":
@@ -364,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
-        "lean=0 for transformers' forward instead of the lean one, and drafter=FOLDER for another drafter "
-        "side by side; repeatable)",
+        "lean=0 for transformers' forward instead of the lean one, drafter=FOLDER for another drafter "
+        "side by side, and drafter-weights=float|int8|int4; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -456,7 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--prompts", help="prompt JSONL (default: MT-Bench where present, as for bench)")
     bs.add_argument("--per-category", type=_positive, help="only the first N prompts of each category")
     bs.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 64], help="default 1,4,16,64")
-    bs.add_argument("--requests", type=_positive, default=16, help="requests per concurrency at least (default 16)")
+    bs.add_argument(
+        "--requests", type=_positive, default=16, help="requests per concurrency and round, at least (default 16)"
+    )
+    bs.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="rounds per concurrency, the two modes' order reversed every other round so that a machine "
+        "drifting slower or faster weighs on both alike (default %(default)s)",
+    )
     bs.add_argument("--max-new-tokens", type=_positive, default=128)
     bs.add_argument("--max-batch", type=_positive, default=16, help="the servers' --max-batch (default %(default)s)")
     bs.add_argument(
@@ -506,7 +530,8 @@ def run_generate(args: argparse.Namespace) -> int:
         result = rd.generate(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
         from .bench import peak_rss_mb, rss_mb
 
-        extra = {"weights": rd.quantization.weights, "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        extra = {"weights": rd.quantization.weights, "drafter_weights": rd.drafter_weights}
+        extra |= {"rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
         print(json.dumps(result.to_json() | extra, ensure_ascii=False))
         return 0
     stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)
@@ -819,7 +844,15 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         raise RedrafterError(f"--out {out} exists and is not a folder")
     rd = _load_engine(args, resolve_drafter(args.drafter, args.model))
     result = run_serve_benchmark(
-        rd, prompts, args.concurrency, args.requests, args.max_new_tokens, out, args.max_batch, args.speculate_max_batch
+        rd,
+        prompts,
+        args.concurrency,
+        args.requests,
+        args.max_new_tokens,
+        out,
+        args.max_batch,
+        args.speculate_max_batch,
+        args.rounds,
     )
     for n, ratio in result["speculative_over_plain"].items():
         print(f"N={n:<3} speculative/plain throughput: {ratio:.2f}x")

@@ -356,6 +356,11 @@ class RunningBatch:
         """Rows running."""
         return 0 if self.rows is None else len(self.rows.ids)
 
+    @property
+    def ids(self) -> list[int]:
+        """The running rows' ids, in batch order."""
+        return [] if self.rows is None else list(self.rows.ids)
+
     @torch.inference_mode()
     def add(self, prompts: list[list[int]], max_new_tokens: list[int]) -> StepOutput:
         """Prefill ``prompts`` (one forward over them alone) and let them join the batch.

@@ -19,6 +19,11 @@ Saved as a folder: ``config.json`` (``model_type`` "recurrent_drafting_drafter")
 ``lm_head.{N}.weight``, ``rnn_w.weight``, ``rnn_u.*``, ``input_proj.*``) plus ``draft_vocab``;
 optionally ``ngrams.safetensors``, the corpus n-gram table that travels with the drafter
 (:mod:`redrafter.ngrams`, held in :attr:`RecurrentDrafter.ngrams`).
+
+For decoding on a CPU, :func:`redrafter.quant.quantize_drafter` makes a copy whose linear layers
+and vocabulary rows run weight-only quantized (:attr:`RecurrentDrafter.vocab_head`): it drafts
+almost the same tokens from half or a quarter of the bytes, and output does not change, since the
+target verifies every drafted token.
 """
 
 from __future__ import annotations
@@ -137,6 +142,8 @@ class RecurrentDrafter(nn.Module):
         self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.long), persistent=True)
         # Tied head: the target's output embedding rows of the draft vocabulary, [K, d] (not saved).
         self.register_buffer("output_rows", None, persistent=False)
+        # A quantized copy's tied vocabulary head (redrafter.quant.quantize_drafter), else None.
+        self.vocab_head: nn.Module | None = None
         # Held in a tuple so it is neither a submodule (saved, trained) nor moved with .to().
         self._embedding: tuple[nn.Module, ...] = (embedding,) if embedding is not None else ()
         # The corpus n-gram table trained alongside (host-side counts, not a module), or None.
@@ -160,7 +167,12 @@ class RecurrentDrafter(nn.Module):
         if not self._embedding:
             raise DrafterError("the drafter has no embedding table: call attach(target embeddings)")
         with torch.no_grad():
-            return self._embedding[0](token_ids).to(self.lm_head[-1].weight.dtype)
+            return self._embedding[0](token_ids).to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the drafter computes in (its weights', or a quantized copy's scales')."""
+        return next(t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point())
 
     # -- the equations ------------------------------------------------------------------------
     @property
@@ -207,6 +219,8 @@ class RecurrentDrafter(nn.Module):
             x = self.input_proj(x)
         if not self.config.tied_head:
             return self.lm_head(x)
+        if self.vocab_head is not None:
+            return self.vocab_head(self.lm_head(x))
         if self.output_rows is None:
             raise DrafterError("a tied-head drafter needs the target's output embedding: call attach(...)")
         return self.lm_head(x) @ self.output_rows.T
@@ -255,6 +269,8 @@ class RecurrentDrafter(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``config.json``, ``model.safetensors`` (and ``ngrams.safetensors``) to ``folder`` atomically."""
+        if self.vocab_head is not None or not isinstance(self.lm_head[-1], nn.Linear):
+            raise DrafterError("a quantized drafter is for decoding only: save the drafter it was made from")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_type": MODEL_TYPE, **asdict(self.config)}

@@ -19,6 +19,10 @@ forward cheaper. Two of PyTorch's CPU kernels do the work:
 
 Only the linear layers inside the decoder are quantized. Embeddings, norms and the output head
 stay in the compute dtype: the head's rows are also what exact argmax and a tied drafter head read.
+
+The drafter can run quantized too (:func:`quantize_drafter`, ``--drafter-weights``), from its own
+weights in the same forms (its tied vocabulary rows included): a draft step reads its weights three
+times per tree, and what it drafts is verified by the target, so output never depends on it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 
 WEIGHTS = ("float", "int8", "int4")
@@ -109,9 +114,9 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
     return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
 
 
-def check_quantizable(device: torch.device, dtype: torch.dtype, what: str) -> None:
+def check_quantizable(device: torch.device | str, dtype: torch.dtype, what: str) -> None:
     """Raise :class:`QuantizationError` unless ``what`` (int8, int4) weights run on ``device`` in ``dtype``."""
-    if device.type != "cpu":
+    if str(device).partition(":")[0] != "cpu":
         raise QuantizationError(f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise QuantizationError(f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}")
@@ -164,7 +169,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
-        flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features).contiguous()  # an expanded input reshapes to a strided view
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group_size, self.scales_and_zeros)
         if self.bias is not None:
             y = y + self.bias
@@ -211,7 +216,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.codes, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.codes, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -291,6 +296,51 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+def quantized_linear(weights: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """An :class:`Int8Linear` or :class:`Int4Linear` (Q4_1-style groups) of ``weight [N, K]``."""
+    if weights == "int8":
+        return Int8Linear(weight, bias, dtype)
+    return Int4Linear(quantize_int4(weight), bias, dtype)
+
+
+def drafter_packable(drafter: RecurrentDrafter) -> bool:
+    """Whether every linear layer (and a tied head's ``[K, d]`` rows) of ``drafter`` fits the int4 and
+    int8 kernels: outputs a multiple of 16, inputs of :data:`GROUP_SIZE`."""
+    shapes = [(m.out_features, m.in_features) for m in drafter.modules() if isinstance(m, nn.Linear)]
+    if drafter.config.tied_head:
+        shapes.append((drafter.config.draft_vocab_size, drafter.config.hidden_size))
+    return all(rows % 16 == 0 and columns % GROUP_SIZE == 0 for rows, columns in shapes)
+
+
+def quantize_drafter(drafter: RecurrentDrafter, weights: str) -> RecurrentDrafter:
+    """A copy of ``drafter`` (attached to its target) for decoding, with every linear layer and a
+    tied head's vocabulary rows weight-only quantized (``"float"``: ``drafter`` itself).
+
+    The copy shares the target's embedding and the n-gram table; it cannot be saved or trained.
+    """
+    if weights not in WEIGHTS:
+        raise QuantizationError(f"unknown weight precision {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "float":
+        return drafter
+    device, dtype = drafter.lm_head[-1].weight.device, drafter.dtype
+    check_quantizable(device, dtype, weights)
+    if drafter.config.tied_head and drafter.output_rows is None:
+        raise QuantizationError("attach the drafter to its target before quantizing it")
+    if not drafter_packable(drafter):
+        raise QuantizationError(
+            f"{weights} weights cannot pack this drafter's layers: their outputs (and a tied head's draft "
+            f"vocabulary) must be a multiple of 16 and their inputs of {GROUP_SIZE}"
+        )
+    copy = RecurrentDrafter(drafter.config).to(device=device, dtype=dtype)
+    copy.load_state_dict(drafter.state_dict())
+    copy.ngrams, copy._embedding, copy.output_rows = drafter.ngrams, drafter._embedding, drafter.output_rows
+    for name, module in [(n, m) for n, m in copy.named_modules() if isinstance(m, nn.Linear)]:
+        _set_module(copy, name, quantized_linear(weights, module.weight.detach(), module.bias, dtype))
+    if drafter.config.tied_head:
+        copy.vocab_head = quantized_linear(weights, drafter.output_rows, None, dtype)
+    return copy.eval()
+
+
 def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLike | None = None) -> QuantizationReport:
     """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear` or :class:`Int8Linear`.
 
@@ -323,7 +373,7 @@ def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLik
     file_weights = _file_int4_weights(target, Path(gguf_file)) if weights == "int4" and gguf_file else {}
     for name, module in linears:
         if weights == "int8":
-            replacement: nn.Module = Int8Linear(module.weight, module.bias, target.dtype)
+            replacement: nn.Module = quantized_linear("int8", module.weight, module.bias, target.dtype)
             report.from_weights += 1
         else:
             matched = None

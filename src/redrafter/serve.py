@@ -167,7 +167,7 @@ class Engine:
                 self.wake.wait(timeout=0.05)
                 self.wake.clear()
                 continue
-            rows = self.batch.size
+            rows = self.batch.ids
             speculate = self.policy.choose(rows)
             if speculate:
                 self.tree_steps += 1
@@ -185,7 +185,7 @@ class Engine:
                     job.loop.call_soon_threadsafe(job.events.put_nowait, error)
                 continue
             seconds = time.perf_counter() - start
-            self.policy.record(rows, speculate, sum(len(tokens) for tokens in out.tokens), seconds)
+            self.policy.record(out.rows, speculate, [len(tokens) for tokens in out.tokens], seconds)
             self._deliver(out)
             self.metrics.step_seconds.observe(seconds)
 
@@ -235,6 +235,7 @@ class Engine:
     def _finish(self, row: int) -> None:
         self.jobs.pop(row, None)
         self.chooser.remove(row)
+        self.policy.forget(row)
 
 
 @dataclass
