@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -172,7 +173,7 @@ class RecurrentDrafter(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the drafter computes in (its weights', or a quantized copy's scales')."""
-        return next(t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point())
+        return next(t.dtype for t in chain(self.parameters(), self.buffers()) if t.is_floating_point())
 
     # -- the equations ------------------------------------------------------------------------
     @property
