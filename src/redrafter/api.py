@@ -20,6 +20,7 @@ from .quant import (
     QuantizationReport,
     check_quantizable,
     drafter_packable,
+    quantization_refusal,
     quantize_drafter,
     quantize_target,
 )
@@ -209,8 +210,8 @@ class ReDrafter:
             raise RedrafterError(f"unknown weights {weights!r}; choose one of {', '.join(DEFAULT_SHAPES)}")
         default_drafter_weights = drafter_weights is None
         if drafter_weights is None:
-            cpu = str(device).partition(":")[0] == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32)
-            drafter_weights = DEFAULT_DRAFTER_WEIGHTS[weights] if cpu else "float"
+            kernels_run = quantization_refusal(device, dtype, "int8") is None
+            drafter_weights = DEFAULT_DRAFTER_WEIGHTS[weights] if kernels_run else "float"
         for precision in {weights, drafter_weights} - {"float"}:  # refused before the model loads
             if precision not in WEIGHTS:
                 raise RedrafterError(f"unknown weights {precision!r}; choose one of {', '.join(WEIGHTS)}")

@@ -3,7 +3,8 @@
 For each concurrency ``N``, ``N`` client threads stream chat completions (greedy) from a server on
 this machine, each taking the next prompt until ``max(N, requests)`` requests are done; the server
 runs once with the adaptive policy (speculate up to ``--speculate-max-batch`` rows) and once with
-plain decoding (never speculate), the two interleaved per concurrency. Measured at the client:
+plain decoding (never speculate), the two interleaved per concurrency (in ``rounds`` rounds, the
+order reversed every other round, as this machine's speed drifts within minutes). Measured at the client:
 throughput (generated tokens over the wall time of the whole run), time to the first token and the
 gaps between later chunks (inter-token latency), p50 and p99. As in ``redrafter serve``, the
 decode loop runs on the main thread and HTTP on another; the clients are threads of this process

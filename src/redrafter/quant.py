@@ -114,12 +114,20 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
     return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
 
 
+def quantization_refusal(device: torch.device | str, dtype: torch.dtype, what: str) -> str | None:
+    """Why ``what`` (int8, int4) weights cannot run on ``device`` in ``dtype``, or None if they can."""
+    if str(device).partition(":")[0] != "cpu":
+        return f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported"
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}"
+    return None
+
+
 def check_quantizable(device: torch.device | str, dtype: torch.dtype, what: str) -> None:
     """Raise :class:`QuantizationError` unless ``what`` (int8, int4) weights run on ``device`` in ``dtype``."""
-    if str(device).partition(":")[0] != "cpu":
-        raise QuantizationError(f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported")
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise QuantizationError(f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}")
+    refusal = quantization_refusal(device, dtype, what)
+    if refusal is not None:
+        raise QuantizationError(refusal)
 
 
 class Int4Linear(nn.Module):

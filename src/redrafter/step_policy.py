@@ -143,12 +143,20 @@ class SpeculationPolicy:
         are not tried at a batch size above one where they lost: one tree step over 16 rows takes
         as long as 8 plain ones, and trying it at every batch size a server passes through cost
         a fifth of the throughput at 16 streams."""
-        accepted = self.accepted.mean
         below = [b for b in range(1, size) if (b, True) in self.seconds and (b, False) in self.seconds]
-        if accepted is None or not below:
+        if not below:
             return False
-        tree, plain = self.seconds[below[-1], True].median, self.seconds[below[-1], False].median
-        return accepted / max(tree, 1e-9) < 1 / max(plain, 1e-9)
+        tree, plain = self._mean_rates(below[-1])
+        return tree is not None and plain is not None and tree < plain
+
+    def _mean_rates(self, size: int) -> tuple[float | None, float | None]:
+        """Tokens per second of each kind of step at ``size`` rows, at the mean acceptance of recent
+        tree steps (None where not measured)."""
+        rates: list[float | None] = []
+        for kind, per_row in ((True, self.accepted.mean), (False, 1.0)):
+            times = self.seconds.get((size, kind))
+            rates.append(None if times is None or per_row is None else size * per_row / max(times.median, 1e-9))
+        return rates[0], rates[1]
 
     def record(self, rows: Sequence[int], speculate: bool, tokens: Sequence[int], seconds: float) -> None:
         """A step over ``rows`` (their ids) emitted ``tokens`` (one count per row) in ``seconds``."""
@@ -171,13 +179,10 @@ class SpeculationPolicy:
         """What was measured: per batch size, each kind's tokens per second (at the mean acceptance
         of recent rows) and steps."""
         out: dict[str, dict[str, float | int | None]] = {}
-        accepted = self.accepted.mean
         for size in sorted({size for size, _ in self.seconds}):
             entry = out.setdefault(str(size), {})
-            for kind in ("tree", "plain"):
+            for kind, rate in zip(("tree", "plain"), self._mean_rates(size), strict=True):
                 times = self.seconds.get((size, kind == "tree"))
-                per_row = 1.0 if kind == "plain" else accepted
-                rate = None if times is None or per_row is None else size * per_row / max(times.median, 1e-9)
                 entry[f"{kind}_tokens_per_second"] = None if rate is None else round(rate, 1)
                 entry[f"{kind}_steps"] = 0 if times is None else times.count
         return out
