@@ -72,11 +72,14 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             "--variant",
             "fused",
             f"drafter={tmp_path / 'fused'}",
+            "--speculation",  # a tree every step: what the replay below replays
+            "always",
         ),
     )
     assert code == 0 and "speedup" in stdout
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"config", "methods", "summary", "per_category", "prompts"}
+    assert results["config"]["adaptive"] is False and "policy" not in results["methods"]["redrafter"]
     for key in [
         "model",
         "drafter",
@@ -310,6 +313,9 @@ def test_latency_cpu_time_and_energy_in_the_results(capsys, model_dir, drafter_d
     assert code == 0 and "TTFT p50" in stdout and "CPU s/tok" in stdout
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["energy"].startswith("unavailable")  # no NVML device, no RAPL counter here
+    # By default our loop chooses tree or plain steps as it measures them, and says what it measured.
+    policy = results["methods"]["redrafter"]["policy"]
+    assert results["config"]["adaptive"] and policy["1"]["tree_steps"] + policy["1"]["plain_steps"] > 0
     for name, row in results["methods"].items():
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"], name
         assert 0 < row["tpot_p50_ms"] <= row["tpot_p99_ms"], name

@@ -227,7 +227,7 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
 
     assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS)  # a default for every precision
     for weights, shape in DEFAULT_SHAPES.items():
-        rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights=weights)
+        rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="bfloat16", weights=weights)
         assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (
             shape.num_beams,
             shape.draft_len,
@@ -238,6 +238,8 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
         assert rd.quantization.weights == weights and rd.drafter_weights == DEFAULT_DRAFTER_WEIGHTS[weights]
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
+    # The int kernels run float32 activations unvectorized: a float32 drafter stays float unless asked.
+    assert given.drafter_weights == "float"
     # No CPU kernel for float64: the drafter keeps its weights unless asked, and then it is refused.
     assert ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float64").drafter_weights == "float"
     with pytest.raises(QuantizationError, match="bfloat16, float16 or float32"):
@@ -293,3 +295,59 @@ def test_cli_drafts_with_a_quantized_drafter(model_dir, drafter_dir, capsys):
         code = exit_.code
     err = capsys.readouterr().err
     assert code == 2 and "need --dtype bfloat16, float16 or float32" in err and "Traceback" not in err, err
+
+
+def test_float32_gemms_round_what_the_layer_computes():
+    """Fewer rows than ``min_rows``: the bfloat16 layer itself; more: float32 GEMM of the same values,
+    rounded once to bfloat16."""
+    from redrafter.quant import Float32GemmLinear
+
+    generator = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 64, generator=generator))
+        linear.bias.copy_(torch.randn(48, generator=generator))
+    layer = Float32GemmLinear.wrap(linear, min_rows=4)
+    assert layer.weight is linear.weight and "weight32" not in layer.state_dict()
+    x = torch.randn(1, 5, 64, generator=generator).bfloat16()
+    assert torch.equal(layer(x[:, :3]), linear(x[:, :3]))
+    wide = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float()).bfloat16()
+    assert torch.equal(layer(x), wide)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_float32_gemms_are_wired_into_every_float_layer_and_the_head(lean):
+    """In float32 the float32 GEMM is the layer's own product, so decoding through the wrapped layers
+    (the lean forward's fused copies included) must give exactly the unwrapped model's output."""
+    from redrafter.lean_decoder import target_forward
+    from redrafter.quant import Float32GemmLinear
+
+    plain_model = tiny_target("llama", dtype=torch.float32)
+    model = tiny_target("llama", dtype=torch.float32)
+    head_weight = model.get_output_embeddings().weight
+    report = quantize_target(model, "float", float32_gemms=True)
+    layers = model.config.num_hidden_layers
+    assert report.float32_gemm_layers == 7 * layers + 1
+    head = model.get_output_embeddings()
+    assert isinstance(head, Float32GemmLinear) and head.weight is head_weight  # the same parameter (a tie holds)
+    assert quantize_target(tiny_target("llama", dtype=torch.float32), "float").float32_gemm_layers == 0  # not by itself
+    if lean:
+        fused = target_forward(model).layers[0].qkv
+        assert isinstance(fused, Float32GemmLinear)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert q_proj.weight32.untyped_storage().data_ptr() == fused.weight32.untyped_storage().data_ptr()
+    prompts = [random_prompt(n + 2, n) for n in (1, 14)]  # a prefill of 16 tokens runs the float32 GEMMs
+    drafter = random_drafter(model, seed=2).float()
+    outputs = []
+    for target in (plain_model, model):
+        decoder = SpeculativeDecoder(target, DrafterProposer(drafter, 4, 4, tree_nodes=12), [], lookup_len=6, lean=lean)
+        outputs.append(speculative(decoder, prompts, 24))
+    assert outputs[0] == outputs[1]
+
+
+def test_only_cpus_without_half_gemms_get_float32_gemms():
+    from redrafter.quant import lacks_half_gemm
+
+    assert not lacks_half_gemm("cpu", torch.float32) and not lacks_half_gemm("cpu", torch.float64)
+    assert not lacks_half_gemm("cuda:0", torch.bfloat16)
+    assert lacks_half_gemm("cpu", torch.bfloat16) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())

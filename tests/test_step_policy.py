@@ -1,11 +1,15 @@
-"""The server's choice between speculative and plain steps: a fixed threshold, or measured."""
+"""The choice between speculative and plain steps (the server's, and ``generate``'s by default): a fixed
+threshold, or measured; and that the decode loop stays lossless whichever it takes."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+from conftest import tiny_target
+from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 
+from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.step_policy import SpeculationPolicy
 
 
@@ -122,3 +126,51 @@ def test_trees_are_not_tried_above_a_batch_size_where_they_lost():
         assert share == 0.0, size
     share, _, _ = serve(policy, [0, 1, 2], 50, tree_rate=100.0, plain_rate=60.0)  # below: still measured
     assert share > 0.5
+
+
+class Alternating(SpeculationPolicy):
+    """A policy that takes a tree every other step, and notes what it was told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: list[bool] = []
+
+    def choose(self, rows) -> bool:
+        self.choices.append(len(self.choices) % 2 == 0)
+        return self.choices[-1]
+
+
+@pytest.mark.parametrize("policy", [Alternating, SpeculationPolicy])
+def test_decoding_with_a_policy_stays_plain_greedy(family, policy):
+    """Tree and plain steps mixed in one decode (a batch of mixed lengths) give plain greedy's tokens
+    (float64); each call forgets its rows, so none carries its acceptance into the next call."""
+    model = tiny_target(family)
+    chooser = policy()
+    proposer = DrafterProposer(random_drafter(model, seed=4), 3, 4, tree_nodes=6)
+    decoder = SpeculativeDecoder(model, proposer, [], lookup_len=5, policy=chooser)
+    prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (2, 9)]
+    ids, _ = speculative(decoder, prompts, 40)
+    assert ids == [hf_greedy(model, p, 40) for p in prompts]
+    assert not chooser.rows_accepted
+    assert sum(window.count for window in chooser.seconds.values()) >= 5  # every step was recorded
+    if policy is Alternating:
+        assert True in chooser.choices and False in chooser.choices
+    steps = decoder.decode(prompts, 40)
+    next(steps), next(steps)  # stopped early: the rows still leave the policy
+    steps.close()
+    assert not chooser.rows_accepted
+
+
+def test_generate_adapts_by_default(model_dir, drafter_dir):
+    from redrafter.api import ReDrafter
+    from redrafter.cli import main
+
+    assert ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32").decoder.policy is not None
+    fixed = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", adaptive=False)
+    assert fixed.decoder.policy is None and not fixed.adaptive
+    assert ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32").decoder.policy is None
+    argv = ["generate", "the cat", "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float32"]
+    assert main([*argv, "--speculation", "always", "--max-new-tokens", "8"]) == 0
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--speculation", "sometimes"])
+    assert refused.value.code == 2

@@ -25,6 +25,7 @@ from .quant import (
     quantize_target,
 )
 from .sampling import SamplingParams
+from .step_policy import SpeculationPolicy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 
@@ -57,6 +58,7 @@ DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 # rows at a time, where the int4 kernel gains (75.5 against 79.7 ms a step) and the int8 one does not;
 # the 1-beam int4 tree drafts one row, where int8 gained most (45.5 against 49.5 ms) and kept the
 # acceptance whole. int8 weights take int4's choice (their 2-beam tree is as narrow), unmeasured.
+# In float32 the drafter stays float (from_pretrained).
 DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8"}
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
@@ -127,6 +129,8 @@ class ReDrafter:
             model (Llama, Mistral, Qwen2); False: through transformers' decoder.
         drafter_weights: ``"float"``, or ``"int8"``/``"int4"`` to draft with a weight-only quantized
             copy of the drafter (:func:`redrafter.quant.quantize_drafter`; CPU only).
+        adaptive: choose per step between a tree and a plain step from measured tokens per second
+            (:class:`~redrafter.step_policy.SpeculationPolicy`); False: a tree every step.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class ReDrafter:
         quantization: QuantizationReport | None = None,
         lean: bool = True,
         drafter_weights: str = "float",
+        adaptive: bool = True,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -172,8 +177,9 @@ class ReDrafter:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
-        self.lean = lean
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean)
+        self.lean, self.adaptive = lean, adaptive
+        policy = SpeculationPolicy() if adaptive and drafter is not None else None
+        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy)
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
     @classmethod
@@ -190,6 +196,7 @@ class ReDrafter:
         ngram_len: int | None = None,
         tree_nodes: int | None = None,
         drafter_weights: str | None = None,
+        adaptive: bool = True,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -210,7 +217,9 @@ class ReDrafter:
             raise RedrafterError(f"unknown weights {weights!r}; choose one of {', '.join(DEFAULT_SHAPES)}")
         default_drafter_weights = drafter_weights is None
         if drafter_weights is None:
-            kernels_run = quantization_refusal(device, dtype, "int8") is None
+            # The int kernels run float32 activations unvectorized (an int8 head of 49k rows: 25 ms
+            # against 4.7 in bfloat16 on an AVX2 machine), so a float32 drafter stays float.
+            kernels_run = quantization_refusal(device, dtype, "int8") is None and dtype != torch.float32
             drafter_weights = DEFAULT_DRAFTER_WEIGHTS[weights] if kernels_run else "float"
         for precision in {weights, drafter_weights} - {"float"}:  # refused before the model loads
             if precision not in WEIGHTS:
@@ -225,7 +234,15 @@ class ReDrafter:
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )
         shape = asdict(DEFAULT_SHAPES[weights]) | {k: v for k, v in given.items() if v is not None}
-        return cls(target, tokenizer, drafter, **shape, quantization=quantization, drafter_weights=drafter_weights)
+        return cls(
+            target,
+            tokenizer,
+            drafter,
+            **shape,
+            quantization=quantization,
+            drafter_weights=drafter_weights,
+            adaptive=adaptive,
+        )
 
     # -- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, raw: bool = False) -> list[int]:

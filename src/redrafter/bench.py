@@ -162,6 +162,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         tree_nodes=rd.tree_nodes,
         lean=rd.lean,
         drafter_weights=rd.drafter_weights,
+        adaptive=rd.adaptive,
     )
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
@@ -174,6 +175,7 @@ VARIANT_SETTINGS = {
     "ngram-len": "ngram_len",
     "tree-nodes": "tree_nodes",
     "lean": "lean",
+    "adaptive": "adaptive",  # 0: a tree every step
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
     "drafter-weights": "drafter_weights",  # float, int8 or int4
 }
@@ -366,6 +368,9 @@ def run_benchmark(
         counter.close()
     results = summarize(rd, methods, records, max_new_tokens)
     results["config"]["energy"] = meter.source
+    for name, runner in runners.items():  # what an adaptive method measured: tree and plain steps' rates, counts
+        if runner.engine is not None and runner.engine.decoder.policy is not None:
+            results["methods"][name]["policy"] = runner.engine.decoder.policy.table()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     plot_speedup(results, out / "speedup.png")
@@ -509,6 +514,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "weights": rd.quantization.weights,
             "drafter_weights": rd.drafter_weights,
+            "adaptive": rd.adaptive,
             "quantization": rd.quantization.to_json(),
             "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,

@@ -91,8 +91,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--drafter-weights",
         choices=list(DEFAULT_SHAPES),
         help="the drafter's linear layers and vocabulary rows: float, int8 or int4 (weight-only, as --weights; "
-        "output does not change, the target verifies every draft; default on a CPU by --weights: "
-        f"{_drafter_weights_defaults()}; float elsewhere)",
+        "output does not change, the target verifies every draft; default on a CPU in bfloat16 or float16 by "
+        f"--weights: {_drafter_weights_defaults()}; float elsewhere)",
     )
     parser.add_argument(
         "--beams",
@@ -126,6 +126,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
 
 
+def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
+    """``--speculation`` for generate and bench (the server has its own ``--speculate-max-batch``)."""
+    parser.add_argument(
+        "--speculation",
+        choices=["adaptive", "always"],
+        default="adaptive",
+        help="adaptive (default): each step drafts and verifies a tree, or takes a plain one-token step, "
+        "whichever gave more tokens per second lately (measured as it decodes); always: a tree every step",
+    )
+
+
 def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> ReDrafter:
     """The :class:`~redrafter.api.ReDrafter` that :func:`_add_model_options`'s options describe."""
     from .api import ReDrafter
@@ -142,6 +153,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         ngram_len=args.ngram_len,
         tree_nodes=args.tree_nodes,
         drafter_weights=args.drafter_weights,
+        adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
     )
     report = rd.quantization
     if report.weights != "float":
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, default=8, help="with --prompts: rows decoded together (default 8)"
     )
     _add_model_options(gen)
+    _add_speculation_option(gen)
     gen.add_argument(
         "--max-new-tokens", type=_positive, default=256, help="at most this many new tokens (default %(default)s)"
     )
@@ -379,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
-        "lean=0 for transformers' forward instead of the lean one, drafter=FOLDER for another drafter "
+        "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
+        "drafter=FOLDER for another drafter "
         "side by side, and drafter-weights=float|int8|int4; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
@@ -399,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "precision, interleaved: cost_curve.json and cost_curve.png",
     )
     _add_model_options(be)
+    _add_speculation_option(be)
     be.set_defaults(run=run_bench)
 
     ex = commands.add_parser(

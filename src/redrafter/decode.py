@@ -42,6 +42,7 @@ from .lookup import LookupBeams
 from .models import attention_windows, context_limit, decoder_features, decoder_of
 from .ngrams import NgramTable
 from .sampling import SamplingParams, TokenChooser
+from .step_policy import SpeculationPolicy
 from .tree import build_tree, layer_masks, tree_allowed
 from .verify import verify
 
@@ -126,6 +127,11 @@ class SpeculativeDecoder:
             ``ngram_len`` tokens (its root included; below 2: none), or None.
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
             the model (False: always transformers' decoder).
+        policy: chooses per step of :meth:`decode` between a tree and a plain one-token step from
+            measured tokens per second (:class:`~redrafter.step_policy.SpeculationPolicy`), so that
+            where a tree forward costs more than it gains (a CPU without fast wide products, a
+            prompt the drafter cannot follow) decoding is not slower than plain; None: a tree every
+            step. It keeps what it measured from one call to the next.
     """
 
     def __init__(
@@ -137,8 +143,10 @@ class SpeculativeDecoder:
         ngrams: NgramTable | None = None,
         ngram_len: int = 0,
         lean: bool = True,
+        policy: SpeculationPolicy | None = None,
     ) -> None:
         self.target = target
+        self.policy = policy
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean)
         self.proposer = proposer
@@ -208,8 +216,22 @@ class SpeculativeDecoder:
             return
         batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams()))
         yield batch.add(prompts, [max_new_tokens] * len(prompts))
-        while batch.size:
-            yield batch.step()
+        policy = self.policy
+        try:
+            while batch.size:
+                speculate = policy is None or policy.choose(batch.ids)
+                start = time.perf_counter()
+                out = batch.step(speculate)
+                if policy is not None:
+                    policy.record(out.rows, speculate, [len(t) for t in out.tokens], time.perf_counter() - start)
+                    for row, done in zip(out.rows, out.finished, strict=True):
+                        if done:
+                            policy.forget(row)
+                yield out
+        finally:  # rows are numbered from 0 in every call: none may carry its acceptance into the next
+            for row in batch.ids:
+                if policy is not None:
+                    policy.forget(row)
 
     def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
         """The rows' context-lookup and n-gram beams, or None when both are off."""

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 
 from .kv_cache import TreeKVCache
 from .models import decoder_features, decoder_of
-from .quant import INT4_FUSE_ROWS, Int4Linear, Int8Linear, fused_bias
+from .quant import INT4_FUSE_ROWS, Float32GemmLinear, Int4Linear, Int8Linear, fused_bias
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -61,9 +61,10 @@ def lean_support(target: PreTrainedModel) -> str | None:
 def fuse_linears(parts: list[nn.Module]) -> nn.Module:
     """One linear layer whose outputs are ``parts``' outputs side by side.
 
-    ``parts``: :class:`torch.nn.Linear`, :class:`Int4Linear` or :class:`Int8Linear` of one kind,
-    with the same inputs. Afterwards each part holds a view of the fused weights (float and int8
-    weights, int4 codes); only int4's small scale tables and the biases are copied. Int4 layers whose outputs do
+    ``parts``: :class:`torch.nn.Linear`, :class:`Float32GemmLinear`, :class:`Int4Linear` or
+    :class:`Int8Linear` of one kind, with the same inputs. Afterwards each part holds a view of the
+    fused weights (float weights and their float32 copies, int8 weights, int4 codes); only int4's
+    small scale tables and the biases are copied. Int4 layers whose outputs do
     not fill whole packing blocks are not fused but run :class:`SideBySide`.
     """
     kind = type(parts[0])
@@ -76,6 +77,8 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module:
         return Int4Linear.fused(parts)
     if kind is Int8Linear:
         return Int8Linear.fused(parts)
+    if kind is Float32GemmLinear:
+        return Float32GemmLinear.fused(parts)
     weight = torch.cat([part.weight.detach() for part in parts])
     bias = fused_bias(parts)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)

@@ -20,6 +20,19 @@ forward cheaper. Two of PyTorch's CPU kernels do the work:
 Only the linear layers inside the decoder are quantized. Embeddings, norms and the output head
 stay in the compute dtype: the head's rows are also what exact argmax and a tied drafter head read.
 
+**Float32 GEMMs for bfloat16 weights on CPUs without bfloat16 instructions.** Where oneDNN has no
+native bfloat16 (float16) matrix instructions (x86 without AVX-512 BF16 or AMX: most laptops and
+AMD Zen 2 and 3), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8 GFLOP/s on a 2-core
+AVX2 machine, against 100 for float32: a 17-token tree forward of the default model took 8x a
+one-token one, and a 256-token prefill 5 s. A one-token product is bound by reading the weights and
+stays in bfloat16 (half the bytes); a product over at least :data:`FLOAT32_GEMM_MIN_ROWS` rows (a
+tree, a prompt's prefill, many batch rows) runs as float32 GEMM on a float32 copy of the weights, its
+output rounded back to bfloat16 (:class:`Float32GemmLinear`). The arithmetic is the bfloat16 layer's
+(float32 products and sums of the same bfloat16 values, rounded once), up to summation order; the
+copy costs twice the bfloat16 weights' memory. :func:`quantize_target` does this by itself where it
+pays (:func:`lacks_half_gemm`): the decoder's linear layers with float weights, and the output head
+with any weights.
+
 The drafter can run quantized too (:func:`quantize_drafter`, ``--drafter-weights``), from its own
 weights in the same forms (its tied vocabulary rows included): a draft step reads its weights three
 times per tree, and what it drafts is verified by the target, so output never depends on it.
@@ -46,6 +59,9 @@ GROUP_SIZE = 32
 INT4_FUSE_ROWS = 64
 # GGUF types whose blocks are exactly int4 groups of 32 (a scale, and a minimum for Q4_1).
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+# Products over at least this many rows run as float32 GEMMs where the CPU lacks bfloat16 ones: on a
+# 2-core AVX2 machine a forward of the default model cost the same both ways at about 10 tokens.
+FLOAT32_GEMM_MIN_ROWS = 12
 
 
 class QuantizationError(RedrafterError):
@@ -233,6 +249,66 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def lacks_half_gemm(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` (bfloat16 or float16) matrix products on ``device`` lack native CPU
+    instructions (oneDNN's check), so that :class:`Float32GemmLinear` pays."""
+    if str(device).partition(":")[0] != "cpu":
+        return False
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+class Float32GemmLinear(nn.Linear):
+    """A bfloat16 (or float16) linear layer whose products over many rows run in float32.
+
+    ``x [..., K]`` with fewer than ``min_rows`` rows: the layer's own product. With more: float32
+    GEMM of ``x`` on a float32 copy of the weights (``weight32``, not saved), rounded back to
+    ``x``'s dtype. ``weight`` stays the same parameter (a tied head stays tied).
+    """
+
+    weight32: torch.Tensor
+    bias32: torch.Tensor | None
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear, min_rows: int = FLOAT32_GEMM_MIN_ROWS) -> Float32GemmLinear:
+        """A layer with ``linear``'s parameters (the same tensors) and their float32 copies."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.min_rows = linear.in_features, linear.out_features, min_rows
+        layer.weight, layer.bias = linear.weight, linear.bias
+        layer.register_buffer("weight32", linear.weight.detach().float(), persistent=False)
+        bias32 = None if linear.bias is None else linear.bias.detach().float()
+        layer.register_buffer("bias32", bias32, persistent=False)
+        return layer
+
+    @classmethod
+    def fused(cls, parts: list[Float32GemmLinear]) -> Float32GemmLinear:
+        """One layer computing ``parts``' outputs side by side; the parts then hold views of its
+        weights and float32 copies."""
+        weight = torch.cat([part.weight.detach() for part in parts])
+        bias = fused_bias(parts)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        fused = cls.wrap(linear, parts[0].min_rows)
+        sizes = [part.out_features for part in parts]
+        for part, view, view32 in zip(parts, weight.split(sizes), fused.weight32.split(sizes), strict=True):
+            part.weight, part.weight32 = nn.Parameter(view, requires_grad=False), view32
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``."""
+        if x.numel() < self.min_rows * self.in_features:
+            return super().forward(x)
+        return nn.functional.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, float32 GEMMs from {self.min_rows} rows"
+
+
 def fused_bias(parts: list[nn.Module]) -> torch.Tensor | None:
     """Linear layers' biases side by side (zeros for a layer without one), or None if none has one."""
     if all(part.bias is None for part in parts):
@@ -249,6 +325,7 @@ class QuantizationReport:
     from_file: int = 0
     from_weights: int = 0
     linear_bytes: int = 0
+    float32_gemm_layers: int = 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -349,23 +426,47 @@ def quantize_drafter(drafter: RecurrentDrafter, weights: str) -> RecurrentDrafte
     return copy.eval()
 
 
-def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLike | None = None) -> QuantizationReport:
-    """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear` or :class:`Int8Linear`.
+def quantize_target(
+    target: nn.Module,
+    weights: str,
+    gguf_file: str | os.PathLike | None = None,
+    float32_gemms: bool | None = None,
+) -> QuantizationReport:
+    """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear` or :class:`Int8Linear`,
+    and where bfloat16 GEMMs lack CPU instructions, the float ones (and the head) by
+    :class:`Float32GemmLinear`.
 
     Args:
-        target: a causal LM on the CPU in bfloat16, float16 or float32.
-        weights: ``"float"`` (nothing changes), ``"int8"`` or ``"int4"``.
+        target: a causal LM (int8 and int4: on the CPU in bfloat16, float16 or float32).
+        weights: ``"float"`` (the decoder's layers stay), ``"int8"`` or ``"int4"``.
         gguf_file: the GGUF file the target was loaded from, if any: with ``"int4"``, its Q4_0 and
             Q4_1 tensors give the codes, scales and zeros as stored (checked against the loaded
             weights); every other layer is quantized from its weights.
+        float32_gemms: run products over many rows of the remaining float layers in float32
+            (:class:`Float32GemmLinear`); None: where :func:`lacks_half_gemm`.
     Returns:
         a :class:`QuantizationReport`.
     """
     if weights not in WEIGHTS:
         raise QuantizationError(f"unknown weight precision {weights!r}; choose one of {', '.join(WEIGHTS)}")
     report = QuantizationReport(weights)
-    if weights == "float":
-        return report
+    if weights != "float":
+        _quantize_decoder(target, weights, gguf_file, report)
+    if float32_gemms is None:
+        float32_gemms = lacks_half_gemm(target.device, target.dtype)
+    if float32_gemms:
+        head = target.get_output_embeddings()
+        for name, module in list(target.named_modules()):
+            if type(module) is nn.Linear and (weights == "float" or module is head):
+                _set_module(target, name, Float32GemmLinear.wrap(module))
+                report.float32_gemm_layers += 1
+    return report
+
+
+def _quantize_decoder(
+    target: nn.Module, weights: str, gguf_file: str | os.PathLike | None, report: QuantizationReport
+) -> None:
+    """Quantize the linear layers of ``target``'s decoder to ``weights`` (int8, int4) in place."""
     check_quantizable(target.device, target.dtype, weights)
     decoder = target.get_decoder() if hasattr(target, "get_decoder") else target.model
     prefix = next(name for name, module in target.named_modules() if module is decoder)
@@ -394,7 +495,6 @@ def quantize_target(target: nn.Module, weights: str, gguf_file: str | os.PathLik
         report.linear_bytes += sum(b.numel() * b.element_size() for b in replacement.buffers())
         _set_module(target, name, replacement)
     _release_freed_memory()
-    return report
 
 
 def _release_freed_memory() -> None:
