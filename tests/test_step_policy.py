@@ -3,6 +3,7 @@ threshold, or measured; and that the decode loop stays lossless whichever it tak
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -161,7 +162,7 @@ def test_decoding_with_a_policy_stays_plain_greedy(family, policy):
     assert not chooser.rows_accepted
 
 
-def test_generate_adapts_by_default(model_dir, drafter_dir):
+def test_generate_adapts_by_default(model_dir, drafter_dir, capsys):
     from redrafter.api import ReDrafter
     from redrafter.cli import main
 
@@ -171,6 +172,10 @@ def test_generate_adapts_by_default(model_dir, drafter_dir):
     assert ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32").decoder.policy is None
     argv = ["generate", "the cat", "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float32"]
     assert main([*argv, "--speculation", "always", "--max-new-tokens", "8"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--json", "--max-new-tokens", "8"]) == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]["1"]  # what the choice measured, for one row
+    assert policy["tree_steps"] + policy["plain_steps"] > 0
     with pytest.raises(SystemExit) as refused:
         main([*argv, "--speculation", "sometimes"])
     assert refused.value.code == 2

@@ -766,11 +766,12 @@ def run_profile(rd: ReDrafter, encoded: list[list[int]], max_new_tokens: int, ou
 
     The device is synchronised around every stage (see :class:`redrafter.decode.StageClock`);
     ``prefill and other`` is the rest of the wall-clock time (prompt prefill, API overhead).
-    Writes ``profile.json``.
+    ``redrafter`` verifies a tree every step here (an adaptive engine's plain steps would blur the
+    tree step's stages). Writes ``profile.json``.
     """
     engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
     if rd.drafter is not None:
-        engines["redrafter"] = rd
+        engines["redrafter"] = variant(rd, adaptive=False)
     table = {}
     for name, engine in engines.items():
         engine.generate_ids([encoded[0][:64]], 8)  # warm-up

@@ -547,6 +547,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
         extra = {"weights": rd.quantization.weights, "drafter_weights": rd.drafter_weights}
         extra |= {"rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb()}
+        # What the adaptive choice measured (tree and plain steps, tokens/s); None: a tree every step.
+        extra["policy"] = None if rd.decoder.policy is None else rd.decoder.policy.table()
         print(json.dumps(result.to_json() | extra, ensure_ascii=False))
         return 0
     stream = rd.stream(prompt, max_new_tokens=args.max_new_tokens, raw=args.raw, sampling=sampling)

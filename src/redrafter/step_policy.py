@@ -1,4 +1,5 @@
-"""When the server speculates: per step, a tree (draft and verify) or a plain one-token step.
+"""When to speculate: per step, a tree (draft and verify) or a plain one-token step (the server's
+choice, and by default that of ``generate`` and ``bench``: :class:`~redrafter.decode.SpeculativeDecoder`).
 
 Verifying a tree makes every row's share of the target's forward bigger. With few rows the forward
 is cheap next to what the tree gains; with many, the target is busy anyway and plain steps give
