@@ -24,7 +24,7 @@ stay in the compute dtype: the head's rows are also what exact argmax and a tied
 native bfloat16 (float16) matrix instructions (x86 without AVX-512 BF16 or AMX: most laptops and
 AMD Zen 2 and 3), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8 GFLOP/s on a 2-core
 AVX2 machine, against 100 for float32: a 17-token tree forward of the default model took 8x a
-one-token one, and a 256-token prefill 5 s. A one-token product is bound by reading the weights and
+one-token one, and a 256-token prefill 3.7 to 5 s. A one-token product is bound by reading the weights and
 stays in bfloat16 (half the bytes); a product over at least :data:`FLOAT32_GEMM_MIN_ROWS` rows (a
 tree, a prompt's prefill, many batch rows) runs as float32 GEMM on a float32 copy of the weights, its
 output rounded back to bfloat16 (:class:`Float32GemmLinear`). The arithmetic is the bfloat16 layer's
