@@ -229,8 +229,8 @@ class SpeculativeDecoder:
                             policy.forget(row)
                 yield out
         finally:  # rows are numbered from 0 in every call: none may carry its acceptance into the next
-            for row in batch.ids:
-                if policy is not None:
+            if policy is not None:
+                for row in batch.ids:
                     policy.forget(row)
 
     def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:

@@ -130,9 +130,13 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
     return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
 
 
+def _on_cpu(device: torch.device | str) -> bool:
+    return str(device).partition(":")[0] == "cpu"
+
+
 def quantization_refusal(device: torch.device | str, dtype: torch.dtype, what: str) -> str | None:
     """Why ``what`` (int8, int4) weights cannot run on ``device`` in ``dtype``, or None if they can."""
-    if str(device).partition(":")[0] != "cpu":
+    if not _on_cpu(device):
         return f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}"
@@ -252,7 +256,7 @@ class Int8Linear(nn.Module):
 def lacks_half_gemm(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bfloat16 or float16) matrix products on ``device`` lack native CPU
     instructions (oneDNN's check), so that :class:`Float32GemmLinear` pays."""
-    if str(device).partition(":")[0] != "cpu":
+    if not _on_cpu(device):
         return False
     if dtype == torch.bfloat16:
         return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
