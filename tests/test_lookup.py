@@ -125,3 +125,17 @@ def test_an_ngram_beam_alone_and_capped_by_the_context():
     # No context beam; the root sits at position 2, so three drafts reach the last position, 5.
     assert beams.tolist() == [[[1, 7, PAD, PAD], [1, 2, 3, 4]]]
     assert LookupBeams([[1]], length=3, ngrams=table, ngram_length=1).extra_beams == 1  # too short: off
+
+
+def test_a_small_tree_cuts_both_beams_and_a_cut_beam_leaves_the_length_alone():
+    table = build_table([[9, 4, 7, 1]], min_n=1, max_n=1, min_count=1)
+    lookup = LookupBeams([[1, 2, 3, 4, 5, 6, 1]], length=3, max_length=8, ngrams=table, ngram_length=4)
+    lookup.extend(0, [2, 3, 4])  # no lookup beam proposed yet: nothing judged
+    lookup.lengths = [6]  # as after a wholly accepted beam
+    drafted = torch.tensor([[[4, 0]]])
+    cut = lookup.beams(drafted, lookup_len=2, ngram_len=2)
+    assert cut.tolist() == [[[4, 0], [4, 5], [4, 7]]]  # "4" -> "5" from the context, "4" -> "7" from the table
+    lookup.extend(0, [5, 6])  # the cut beam was wholly accepted: the length stays
+    assert lookup.lengths == [6]
+    assert lookup.beams(torch.tensor([[[6, 0]]]), lookup_len=1, ngram_len=1).tolist() == [[[6, 0]] * 3]  # none
+    assert lookup.beams(torch.tensor([[[6, 0]]]))[0, 1].tolist() == [6, 1, 2, 3, 4, 5]  # uncut: its own length

@@ -222,10 +222,11 @@ def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
 
 
 def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
-    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, ReDrafter
+    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, DEFAULT_SMALL_TREE, ReDrafter
     from redrafter.quant import WEIGHTS
 
-    assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS)  # a default for every precision
+    # a default for every precision
+    assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS) == tuple(DEFAULT_SMALL_TREE)
     for weights, shape in DEFAULT_SHAPES.items():
         rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="bfloat16", weights=weights)
         assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (
@@ -236,6 +237,7 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
             shape.tree_nodes,
         )
         assert rd.quantization.weights == weights and rd.drafter_weights == DEFAULT_DRAFTER_WEIGHTS[weights]
+        assert ("small_tree" in rd.decoder.kinds) == DEFAULT_SMALL_TREE[weights] == (weights == "int4")
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
     # The int kernels run float32 activations unvectorized: a float32 drafter stays float unless asked.

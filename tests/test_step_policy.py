@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_target
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 
-from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
+from redrafter.sampling import SamplingParams, TokenChooser
 from redrafter.step_policy import SpeculationPolicy
 
 
@@ -129,53 +130,155 @@ def test_trees_are_not_tried_above_a_batch_size_where_they_lost():
     assert share > 0.5
 
 
-class Alternating(SpeculationPolicy):
-    """A policy that takes a tree every other step, and notes what it was told."""
+def serve_kinds(policy: SpeculationPolicy, rows: list[int], steps: int, kinds: dict[int, tuple[float, tuple]]):
+    """Run ``steps`` steps over ``rows`` where a step of kind ``k`` takes ``kinds[k][0]`` seconds and
+    each row emits a number of tokens drawn from ``kinds[k][1]``. Returns the seconds spent on each
+    kind and the tokens per second the steps gave."""
+    draw = random.Random(0)
+    spent, tokens = dict.fromkeys(kinds, 0.0), 0
+    for _ in range(steps):
+        kind = policy.choose(rows)
+        took, accepts = kinds[kind]
+        emitted = [draw.randint(*accepts) for _ in rows]
+        policy.record(rows, kind, emitted, took)
+        spent[kind], tokens = spent[kind] + took, tokens + sum(emitted)
+    return spent, tokens / sum(spent.values())
+
+
+@pytest.mark.parametrize(
+    "kinds,fastest",
+    [
+        # where a wide forward is dear (no bfloat16 instructions, int4): the small tree wins (31 tokens/s
+        # against 20 plain and 12 for the tree)
+        ({0: (0.05, (1, 1)), 1: (0.25, (2, 4)), 2: (0.065, (1, 3))}, 2),
+        # where it is cheap: the tree (40 against 20 plain and 25 for the small tree)
+        ({0: (0.05, (1, 1)), 1: (0.1, (3, 5)), 2: (0.06, (1, 2))}, 1),
+        # a prompt no draft follows: plain steps
+        ({0: (0.05, (1, 1)), 1: (0.1, (1, 1)), 2: (0.06, (1, 1))}, 0),
+    ],
+)
+def test_the_choice_among_a_tree_a_small_tree_and_plain_steps_settles_on_the_fastest(kinds, fastest):
+    policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree"))
+    spent, rate = serve_kinds(policy, [0], 1500, kinds)
+    assert spent[fastest] > 0.9 * sum(spent.values()), spent
+    best_rate = max(sum(accepts) / 2 / took for took, accepts in kinds.values())
+    assert rate > 0.9 * best_rate
+    measured = policy.table()["1"]
+    assert all(measured[f"{name}_steps"] > 0 for name in policy.kinds)  # every kind kept measured
+
+
+def test_a_kind_measured_while_the_machine_was_busy_is_taken_again():
+    """Tree steps measured 4x slower while something else ran would, explored 1/64 of the time by
+    the time their slow median sets, wait ~400 steps for a retry and several for their median to
+    fall; every 128 steps a kind is retried, and a retry faster than the median counts at once."""
+    policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree"))
+    busy = {0: (0.05, (1, 1)), 1: (0.25, (2, 4)), 2: (0.06, (1, 2))}
+    serve_kinds(policy, [0], 60, busy)
+    quiet = {0: (0.04, (1, 1)), 1: (0.06, (2, 4)), 2: (0.041, (1, 2))}  # 25, 50 and 37 tokens/s
+    choices = []
+    for _ in range(300):
+        choices.append(policy.choose([0]))
+        took, accepts = quiet[choices[-1]]
+        policy.record([0], choices[-1], [sum(accepts) // 2], took)
+    assert choices.index(1) <= 128 and choices[-100:].count(1) > 90, choices
+
+
+class Cycling(SpeculationPolicy):
+    """A policy that takes the tree, a plain step and the small tree in turn, and notes its choices."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.choices: list[bool] = []
+        super().__init__(kinds=("plain", "tree", "small_tree"))
+        self.choices: list[int] = []
 
-    def choose(self, rows) -> bool:
-        self.choices.append(len(self.choices) % 2 == 0)
+    def choose(self, rows) -> int:
+        self.choices.append((1, 0, 2)[len(self.choices) % 3])
         return self.choices[-1]
 
 
-@pytest.mark.parametrize("policy", [Alternating, SpeculationPolicy])
+@pytest.mark.parametrize("policy", [Cycling, SpeculationPolicy])
 def test_decoding_with_a_policy_stays_plain_greedy(family, policy):
-    """Tree and plain steps mixed in one decode (a batch of mixed lengths) give plain greedy's tokens
-    (float64); each call forgets its rows, so none carries its acceptance into the next call."""
+    """Tree, small-tree and plain steps mixed in one decode (a batch of mixed lengths) give plain
+    greedy's tokens (float64); each call forgets its rows, so none carries its acceptance into the next call."""
     model = tiny_target(family)
-    chooser = policy()
-    proposer = DrafterProposer(random_drafter(model, seed=4), 3, 4, tree_nodes=6)
-    decoder = SpeculativeDecoder(model, proposer, [], lookup_len=5, policy=chooser)
+    chooser = policy() if policy is Cycling else policy(kinds=("plain", "tree", "small_tree"))
+    drafter = random_drafter(model, seed=4)
+    proposer = DrafterProposer(drafter, 3, 4, tree_nodes=6)
+    small = TreeKind(DrafterProposer(drafter, 1, 2), lookup_len=2, ngram_len=0)
+    decoder = SpeculativeDecoder(model, proposer, [], lookup_len=5, policy=chooser, small_tree=small)
     prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (2, 9)]
     ids, _ = speculative(decoder, prompts, 40)
     assert ids == [hf_greedy(model, p, 40) for p in prompts]
     assert not chooser.rows_accepted
     assert sum(window.count for window in chooser.seconds.values()) >= 5  # every step was recorded
-    if policy is Alternating:
-        assert True in chooser.choices and False in chooser.choices
+    if policy is Cycling:
+        assert {0, 1, 2} <= set(chooser.choices)
+        assert {kind for _, kind in chooser.seconds} == {0, 1, 2}
     steps = decoder.decode(prompts, 40)
     next(steps), next(steps)  # stopped early: the rows still leave the policy
     steps.close()
     assert not chooser.rows_accepted
 
 
+def test_only_the_small_tree_cuts_the_lookup_beams():
+    """The tree keeps each row's own lookup length (it doubles while a span is copied); the small
+    tree cuts both lookup beams to its own; a plain step drafts none."""
+    model = tiny_target("llama")
+    drafter = random_drafter(model, seed=4)
+    small = TreeKind(DrafterProposer(drafter, 1, 2), lookup_len=2, ngram_len=0)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 2, 3), [], lookup_len=3, small_tree=small)
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    batch.add([random_prompt(3, 12) * 2], [20])
+    lookup, calls = batch.rows.lookup, []
+    beams = lookup.beams
+    lookup.beams = lambda drafted, lookup_len=None, ngram_len=None: (
+        calls.append((lookup_len, ngram_len)) or beams(drafted, lookup_len, ngram_len)
+    )
+    for kind in (1, 2, 0, True):
+        batch.step(kind)
+    assert calls == [(None, None), (2, 0), (None, None)]
+
+
+def test_a_policy_of_more_kinds_than_the_decoder_takes_is_refused():
+    model = tiny_target("llama")
+    proposer = DrafterProposer(random_drafter(model, seed=4), 2, 3)
+    with pytest.raises(ValueError, match="small_tree"):
+        SpeculativeDecoder(model, proposer, [], policy=SpeculationPolicy(kinds=("plain", "tree", "small_tree")))
+
+
 def test_generate_adapts_by_default(model_dir, drafter_dir, capsys):
     from redrafter.api import ReDrafter
     from redrafter.cli import main
 
-    assert ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32").decoder.policy is not None
+    two = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32")  # float weights: no small tree
+    assert two.decoder.policy.kinds == two.decoder.kinds == ("plain", "tree")
+    adaptive = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", small_tree=True)
+    assert adaptive.decoder.policy.kinds == adaptive.decoder.kinds == ("plain", "tree", "small_tree")
+    small = adaptive.decoder.trees[1]
+    assert (small.proposer.num_beams, small.proposer.draft_len, small.lookup_len, small.ngram_len) == (1, 2, 2, 2)
+    assert small.proposer.drafter is adaptive.decoder.proposer.drafter  # one drafter, two shapes
+    tiny = ReDrafter.from_pretrained(  # a tree no larger than the small one: nothing smaller to choose
+        model_dir,
+        drafter=drafter_dir,
+        dtype="float32",
+        num_beams=1,
+        draft_len=2,
+        lookup_len=0,
+        ngram_len=0,
+        tree_nodes=0,
+    )
+    assert tiny.decoder.kinds == ("plain", "tree")
     fixed = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", adaptive=False)
-    assert fixed.decoder.policy is None and not fixed.adaptive
+    assert fixed.decoder.policy is None and not fixed.adaptive and fixed.decoder.kinds == ("plain", "tree")
     assert ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32").decoder.policy is None
     argv = ["generate", "the cat", "--model", str(model_dir), "--drafter", str(drafter_dir), "--dtype", "float32"]
     assert main([*argv, "--speculation", "always", "--max-new-tokens", "8"]) == 0
     capsys.readouterr()
     assert main([*argv, "--json", "--max-new-tokens", "8"]) == 0
     policy = json.loads(capsys.readouterr().out)["policy"]["1"]  # what the choice measured, for one row
-    assert policy["tree_steps"] + policy["plain_steps"] > 0
+    assert policy["tree_steps"] + policy["plain_steps"] > 0 and "small_tree_steps" not in policy
+    assert main([*argv, "--json", "--max-new-tokens", "24", "--small-tree"]) == 0
+    policy = json.loads(capsys.readouterr().out)["policy"]["1"]
+    assert policy["tree_steps"] + policy["plain_steps"] + policy["small_tree_steps"] > 0
     with pytest.raises(SystemExit) as refused:
         main([*argv, "--speculation", "sometimes"])
     assert refused.value.code == 2

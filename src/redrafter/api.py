@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from .decode import DrafterProposer, Proposer, SpeculativeDecoder, no_draft
+from .decode import DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .models import context_limit, gguf_source, load_target
@@ -53,6 +53,15 @@ DEFAULT_SHAPES = {
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
+# The small tree an adaptive engine may also choose (--speculation adaptive): one drafter beam of one
+# token and one token from each lookup beam, cut from the engine's own settings (never larger). Where a
+# wide forward is dear it beats the tree: with int4 weights on Zen 4, Spec-Bench 1.25x over int4 ar with
+# it against 1.07x without, MT-Bench 1.24x against 1.14x (docs/small-tree/); on an AVX2 CPU the small
+# shape gave 1.20x against the int4 tree's 0.92x (docs/avx2/). With float weights there it tied on
+# Spec-Bench (1.65x against 1.67x) and lost on MT-Bench (39.7 against 47.2 tokens/s), so it is on by
+# default for int4 only (int8: not measured).
+DEFAULT_SMALL_TREE = {"float": False, "int8": False, "int4": True}
+SMALL_SHAPE = TreeShape(num_beams=1, draft_len=2, lookup_len=2, ngram_len=2, tree_nodes=0)
 # The drafter's weights per target precision on a CPU (--drafter-weights), each measured on MT-Bench's
 # first 2 prompts per category (docs/drafter-weights/): with float weights the 6-beam tree drafts 6
 # rows at a time, where the int4 kernel gains (75.5 against 79.7 ms a step) and the int8 one does not;
@@ -129,8 +138,11 @@ class ReDrafter:
             model (Llama, Mistral, Qwen2); False: through transformers' decoder.
         drafter_weights: ``"float"``, or ``"int8"``/``"int4"`` to draft with a weight-only quantized
             copy of the drafter (:func:`redrafter.quant.quantize_drafter`; CPU only).
-        adaptive: choose per step between a tree and a plain step from measured tokens per second
-            (:class:`~redrafter.step_policy.SpeculationPolicy`); False: a tree every step.
+        adaptive: choose per step between the tree, a small tree (:data:`SMALL_SHAPE`, with
+            ``small_tree``) and a plain step from measured tokens per second
+            (:class:`~redrafter.step_policy.SpeculationPolicy`); False: the tree every step.
+        small_tree: with ``adaptive``, let the choice include the small tree (:data:`SMALL_SHAPE`,
+            where it is smaller than the tree).
     """
 
     def __init__(
@@ -147,6 +159,7 @@ class ReDrafter:
         lean: bool = True,
         drafter_weights: str = "float",
         adaptive: bool = True,
+        small_tree: bool = False,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -165,21 +178,32 @@ class ReDrafter:
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
         proposer: Proposer = no_draft
+        small: TreeKind | None = None
         if drafter is not None:
             drafter.check_fits(target.config.hidden_size, target.config.vocab_size, target.config.num_hidden_layers)
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()
-            proposer = DrafterProposer(quantize_drafter(drafter, drafter_weights), num_beams, draft_len, tree_nodes)
+            drafting = quantize_drafter(drafter, drafter_weights)
+            proposer = DrafterProposer(drafting, num_beams, draft_len, tree_nodes)
+            shape = TreeShape(num_beams, draft_len, self.lookup_len, ngram_len, tree_nodes)
+            small_shape = TreeShape(*(min(a, b) for a, b in zip(astuple(shape), astuple(SMALL_SHAPE), strict=True)))
+            if adaptive and small_tree and small_shape != shape:
+                small_proposer = DrafterProposer(drafting, small_shape.num_beams, small_shape.draft_len)
+                small = TreeKind(small_proposer, small_shape.lookup_len, small_shape.ngram_len)
         self.drafter_weights = drafter_weights if drafter is not None else "float"
         eos = target.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
-        self.lean, self.adaptive = lean, adaptive
-        policy = SpeculationPolicy() if adaptive and drafter is not None else None
-        self.decoder = SpeculativeDecoder(target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy)
+        self.lean, self.adaptive, self.small_tree = lean, adaptive, small_tree
+        policy = None
+        if adaptive and drafter is not None:
+            policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree") if small else ("plain", "tree"))
+        self.decoder = SpeculativeDecoder(
+            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small
+        )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
     @classmethod
@@ -197,6 +221,7 @@ class ReDrafter:
         tree_nodes: int | None = None,
         drafter_weights: str | None = None,
         adaptive: bool = True,
+        small_tree: bool | None = None,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -207,7 +232,7 @@ class ReDrafter:
         runs the file's own 4-bit values). The tree settings left None take the defaults of
         ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
         ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
-        and ``"float"`` elsewhere.
+        and ``"float"`` elsewhere; ``small_tree`` left None takes :data:`DEFAULT_SMALL_TREE`.
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -242,6 +267,7 @@ class ReDrafter:
             quantization=quantization,
             drafter_weights=drafter_weights,
             adaptive=adaptive,
+            small_tree=DEFAULT_SMALL_TREE[weights] if small_tree is None else small_tree,
         )
 
     # -- prompts ------------------------------------------------------------------------------

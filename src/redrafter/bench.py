@@ -163,6 +163,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         lean=rd.lean,
         drafter_weights=rd.drafter_weights,
         adaptive=rd.adaptive,
+        small_tree=rd.small_tree,
     )
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
@@ -176,6 +177,7 @@ VARIANT_SETTINGS = {
     "tree-nodes": "tree_nodes",
     "lean": "lean",
     "adaptive": "adaptive",  # 0: a tree every step
+    "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
     "drafter-weights": "drafter_weights",  # float, int8 or int4
 }
@@ -515,6 +517,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "weights": rd.quantization.weights,
             "drafter_weights": rd.drafter_weights,
             "adaptive": rd.adaptive,
+            "step_kinds": list(rd.decoder.kinds) if rd.decoder.policy is not None else ["tree"],
             "quantization": rd.quantization.to_json(),
             "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,

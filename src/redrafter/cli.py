@@ -132,8 +132,16 @@ def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
         "--speculation",
         choices=["adaptive", "always"],
         default="adaptive",
-        help="adaptive (default): each step drafts and verifies a tree, or takes a plain one-token step, "
-        "whichever gave more tokens per second lately (measured as it decodes); always: a tree every step",
+        help="adaptive (default): each step verifies the tree (or, with --small-tree, a small tree) or takes a "
+        "plain one-token step, whichever gave more tokens per second lately (measured as it decodes); always: "
+        "the tree every step",
+    )
+    parser.add_argument(
+        "--small-tree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with adaptive speculation, also consider a small tree (one drafted token and one from each lookup "
+        "beam); default: on for int4 weights, off otherwise (measured, README)",
     )
 
 
@@ -154,6 +162,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         tree_nodes=args.tree_nodes,
         drafter_weights=args.drafter_weights,
         adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
+        small_tree=getattr(args, "small_tree", None),
     )
     report = rd.quantization
     if report.weights != "float":
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
-        "drafter=FOLDER for another drafter "
+        "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
         "side by side, and drafter-weights=float|int8|int4; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")

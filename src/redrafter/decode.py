@@ -72,6 +72,17 @@ class DrafterProposer:
         return beam_search(self.drafter, hidden, last_token, self.num_beams, self.draft_len, self.tree_nodes)
 
 
+@dataclass(frozen=True)
+class TreeKind:
+    """What a tree step verifies: the proposer's beams, and each row's lookup beams cut to
+    ``lookup_len`` and ``ngram_len`` tokens (their root included; below 2: none; None: uncut,
+    the rows' own lookup lengths and the decoder's ``ngram_len``)."""
+
+    proposer: Proposer
+    lookup_len: int | None = None
+    ngram_len: int | None = None
+
+
 def no_draft(hidden: torch.Tensor, last_token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The empty draft: ``[B, 1, 1]``, the last token only (autoregressive decoding)."""
     return last_token[:, None, None]
@@ -127,11 +138,14 @@ class SpeculativeDecoder:
             ``ngram_len`` tokens (its root included; below 2: none), or None.
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
             the model (False: always transformers' decoder).
-        policy: chooses per step of :meth:`decode` between a tree and a plain one-token step from
-            measured tokens per second (:class:`~redrafter.step_policy.SpeculationPolicy`), so that
-            where a tree forward costs more than it gains (a CPU without fast wide products, a
-            prompt the drafter cannot follow) decoding is not slower than plain; None: a tree every
-            step. It keeps what it measured from one call to the next.
+        policy: chooses per step of :meth:`decode` between a tree, a smaller tree
+            (``small_tree``) and a plain one-token step from measured tokens per second
+            (:class:`~redrafter.step_policy.SpeculationPolicy`, with :attr:`kinds`), so that where
+            a tree forward costs more than it gains (a CPU without fast wide products, a prompt the
+            drafter cannot follow) decoding is not slower than plain; None: a tree every step. It
+            keeps what it measured from one call to the next.
+        small_tree: a second, smaller tree the policy may choose (its proposer's beams, and the
+            lookup beams cut shorter: at most ``lookup_len`` and ``ngram_len``), or None.
     """
 
     def __init__(
@@ -144,9 +158,9 @@ class SpeculativeDecoder:
         ngram_len: int = 0,
         lean: bool = True,
         policy: SpeculationPolicy | None = None,
+        small_tree: TreeKind | None = None,
     ) -> None:
         self.target = target
-        self.policy = policy
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean)
         self.proposer = proposer
@@ -154,6 +168,11 @@ class SpeculativeDecoder:
         self.hidden_size = target.config.hidden_size
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
+        self.trees = [TreeKind(proposer)] + ([small_tree] if small_tree else [])
+        self.kinds = ("plain", "tree", "small_tree")[: len(self.trees) + 1]
+        if policy is not None and len(policy.kinds) > len(self.kinds):
+            raise ValueError(f"the policy chooses among {policy.kinds}; this decoder takes {self.kinds}")
+        self.policy = policy
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_positions = context_limit(target.config)
         self.windows = attention_windows(target.config)
@@ -219,11 +238,11 @@ class SpeculativeDecoder:
         policy = self.policy
         try:
             while batch.size:
-                speculate = policy is None or policy.choose(batch.ids)
+                kind = 1 if policy is None else policy.choose(batch.ids)
                 start = time.perf_counter()
-                out = batch.step(speculate)
+                out = batch.step(kind)
                 if policy is not None:
-                    policy.record(out.rows, speculate, [len(t) for t in out.tokens], time.perf_counter() - start)
+                    policy.record(out.rows, kind, [len(t) for t in out.tokens], time.perf_counter() - start)
                     for row, done in zip(out.rows, out.finished, strict=True):
                         if done:
                             policy.forget(row)
@@ -418,11 +437,12 @@ class RunningBatch:
         return out
 
     @torch.inference_mode()
-    def step(self, speculate: bool = True) -> StepOutput:
+    def step(self, kind: int = 1) -> StepOutput:
         """One target forward for every running row; returns what each emitted.
 
-        ``speculate=False``: a plain one-token step (no draft, no lookup beams), cheaper per
-        forward when the batch is large enough that verifying trees costs more than it gains.
+        ``kind``: 1 (or True) the decoder's tree, 2 its small tree (``decoder.trees[kind - 1]``);
+        0 (or False) a plain one-token step (no draft, no lookup beams), cheaper per forward when
+        verifying a tree costs more than it gains (a large batch, a CPU slow at wide products).
         """
         d, rows = self.decoder, self.rows
         if rows is None:
@@ -431,12 +451,13 @@ class RunningBatch:
         if d.clock is not None:
             d.clock.steps += 1
         # 1-2. Draft and pack the tree.
+        tree_kind = d.trees[kind - 1] if kind else None
         with d._stage("draft: beam search"):
-            proposer = d.proposer if speculate else no_draft
+            proposer = no_draft if tree_kind is None else tree_kind.proposer
             beams = proposer(rows.hidden, rows.last_token, rows.row_length)  # [B, W, L]
-        if rows.lookup is not None and speculate:
-            with d._stage("draft: lookup"):
-                beams = rows.lookup.beams(beams)  # [B, W + E, M], M >= L: shorter beams end in PAD
+        if rows.lookup is not None and tree_kind is not None:
+            with d._stage("draft: lookup"):  # [B, W + E, M], M >= L: shorter beams end in PAD
+                beams = rows.lookup.beams(beams, tree_kind.lookup_len, tree_kind.ngram_len)
         with d._stage("tree: pack, mask"):
             tree = build_tree(beams)
             allowed = tree_allowed(tree.ancestors, rows.context_valid)  # [B, N, C + N]

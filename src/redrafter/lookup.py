@@ -122,28 +122,34 @@ class LookupBeams:
         """``count`` capped so the deepest node (at position ``len(history) - 1 + count``) fits the context."""
         return count if self.max_positions is None else min(count, self.max_positions - len(self.histories[row]))
 
-    def beams(self, drafted: torch.Tensor) -> torch.Tensor:
+    def beams(self, drafted: torch.Tensor, lookup_len: int | None = None, ngram_len: int | None = None) -> torch.Tensor:
         """Add each row's lookup beams to ``drafted`` beams.
 
         Args:
             drafted: ``[B, W, L]`` beams (token 0 of each row is the last token of its history).
+            lookup_len: cut the context-lookup beam to this many tokens, its root included (a
+                smaller tree's; None: the row's own length).
+            ngram_len: cut the n-gram beam likewise (None: ``ngram_length``).
         Returns:
             ``[B, W + E, M]`` (``E`` = :attr:`extra_beams`) with ``M`` the longest of ``L`` and the
             rows' lookup lengths, shorter beams ending in ``PAD``: the context-lookup beam, then the
-            n-gram beam; a copy of beam 0 for a row without a match.
+            n-gram beam; a copy of beam 0 for a row without a match (or a beam cut below 2 tokens).
         """
         batch, width, draft_len = drafted.shape
+        ngram_len = self.ngram_length if ngram_len is None else min(ngram_len, self.ngram_length)
         found: dict[tuple[int, int], list[int]] = {}  # (row, beam) -> tokens
         for row in range(batch):
             history, beam = self.histories[row], width
             if self.length > 1:
-                copied = self.continuation(row, self._room(row, self.lengths[row] - 1))
+                length = self.lengths[row] if lookup_len is None else min(lookup_len, self.lengths[row])
+                copied = self.continuation(row, self._room(row, length - 1)) if length > 1 else None
                 if copied:
-                    self.proposed[row] = copied
+                    if length == self.lengths[row]:  # a cut beam neither grows nor resets the length
+                        self.proposed[row] = copied
                     found[row, beam] = [history[-1], *copied]
                 beam += 1
-            if self.ngrams is not None:
-                drafted_ngrams = self.ngrams.draft(history, self._room(row, self.ngram_length - 1))
+            if self.ngrams is not None and ngram_len > 1:
+                drafted_ngrams = self.ngrams.draft(history, self._room(row, ngram_len - 1))
                 if drafted_ngrams:
                     found[row, beam] = [history[-1], *drafted_ngrams]
         length = max([draft_len] + [len(tokens) for tokens in found.values()])

@@ -7,9 +7,10 @@ away), and runs one step for every running row; each row's new tokens go to its 
 the event loop, which detokenizes, cuts ``stop`` strings and streams them. Each row keeps its own
 sampling settings and random stream (:class:`~redrafter.sampling.RowChooser`).
 
-Speculation adapts to load: each step drafts and verifies trees or is a plain one-token step, as
-:class:`~redrafter.step_policy.SpeculationPolicy` chooses from the tokens per second it measured
-for both kinds of step at the current batch size (or a fixed threshold, ``speculate_max_batch``).
+Speculation adapts to load: each step verifies the tree, a small tree or is a plain one-token step,
+as :class:`~redrafter.step_policy.SpeculationPolicy` chooses from the tokens per second it measured
+for each kind of step at the current batch size (or a fixed threshold, ``speculate_max_batch``:
+the tree or plain steps).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ class Metrics:
         )
         self.batch_size = Gauge("redrafter_batch_size", "Rows running", registry=r)
         self.queue_length = Gauge("redrafter_queue_length", "Requests waiting to join", registry=r)
-        self.speculating = Gauge("redrafter_speculating", "1 while steps draft and verify trees", registry=r)
+        self.speculating = Gauge(
+            "redrafter_speculating", "the last step's kind: 0 plain, 1 the tree, 2 the small tree", registry=r
+        )
         self.tokens_per_forward = Gauge(
             "redrafter_tokens_per_forward", "Tokens emitted per row-step, over the server's life", registry=r
         )
@@ -119,7 +122,9 @@ class Engine:
         self.rd, self.max_batch, self.max_queue = rd, max_batch, max_queue
         adaptive = speculate_max_batch is None and rd.drafter is not None
         self.policy = SpeculationPolicy(
-            prior=2 if speculate_max_batch is None else speculate_max_batch, adaptive=adaptive
+            prior=2 if speculate_max_batch is None else speculate_max_batch,
+            adaptive=adaptive,
+            kinds=rd.decoder.kinds if adaptive else ("plain", "tree"),
         )
         self.chooser = RowChooser(rd.target)
         self.batch = RunningBatch(rd.decoder, self.chooser)
@@ -168,15 +173,15 @@ class Engine:
                 self.wake.clear()
                 continue
             rows = self.batch.ids
-            speculate = self.policy.choose(rows)
-            if speculate:
+            kind = self.policy.choose(rows)
+            if kind:
                 self.tree_steps += 1
             else:
                 self.plain_steps += 1
-            self.metrics.speculating.set(int(speculate))
+            self.metrics.speculating.set(kind)
             start = time.perf_counter()
             try:
-                out = self.batch.step(speculate)
+                out = self.batch.step(kind)
             except Exception as error:  # a failed step fails its rows, not the server
                 for row in list(self.jobs):
                     job = self.jobs[row]
@@ -185,7 +190,7 @@ class Engine:
                     job.loop.call_soon_threadsafe(job.events.put_nowait, error)
                 continue
             seconds = time.perf_counter() - start
-            self.policy.record(out.rows, speculate, [len(tokens) for tokens in out.tokens], seconds)
+            self.policy.record(out.rows, kind, [len(tokens) for tokens in out.tokens], seconds)
             self._deliver(out)
             self.metrics.step_seconds.observe(seconds)
 

@@ -1,34 +1,40 @@
-"""When to speculate: per step, a tree (draft and verify) or a plain one-token step (the server's
-choice, and by default that of ``generate`` and ``bench``: :class:`~redrafter.decode.SpeculativeDecoder`).
+"""When to speculate, and how much: per step, a tree, a small tree or a plain one-token step (the
+server's choice, and by default that of ``generate`` and ``bench``:
+:class:`~redrafter.decode.SpeculativeDecoder`).
 
 Verifying a tree makes every row's share of the target's forward bigger. With few rows the forward
 is cheap next to what the tree gains; with many, the target is busy anyway and plain steps give
-more tokens per second. Where the two cross depends on the machine, the weights' precision, the
-tree and the prompts, so :class:`SpeculationPolicy` measures it while serving. A step over rows
-``r_1..r_b`` gives ``(a_1 + ... + a_b) / t_tree(b)`` tokens per second as a tree step and
-``b / t_plain(b)`` as a plain one, with
+more tokens per second. Where they cross depends on the machine, the weights' precision, the tree
+and the prompts, and where a wide forward is dear (a CPU without bfloat16 instructions, int4
+kernels) a small tree can beat both the full tree and plain steps. So :class:`SpeculationPolicy`
+measures every kind of step it is offered while serving. A step of kind ``k`` over rows
+``r_1..r_b`` gives ``(a_1 + ... + a_b) / t_k(b)`` tokens per second, with
 
-- ``a_i``: tokens row ``r_i`` emits per tree step (a row's acceptance does not depend on the rows
-  beside it, but on its prompt: see the end);
-- ``t_tree(b)``, ``t_plain(b)``: seconds per step of each kind at ``b`` rows, the median of its
-  recent steps (steady: a few steps suffice; a median, because one step slowed by something else
-  on the machine would otherwise hold a mean up until exploration refreshed it).
+- ``a_i``: tokens row ``r_i`` emits per step of that kind (1 for a plain step; a row's acceptance
+  does not depend on the rows beside it, but on its prompt: see the end);
+- ``t_k(b)``: seconds per step of kind ``k`` at ``b`` rows, the median of its recent steps, or
+  its latest step when faster (steady: a few steps suffice; a median, because one step slowed by
+  something else on the machine would otherwise hold a mean up; the latest when faster, because
+  a kind measured while the machine was busy would otherwise keep its slow median until several
+  explorations had refreshed it).
 
-It takes the faster kind. The other kind is still taken now and then, so its time (and, for
-trees, the rows' acceptance) stays measured: once the time spent at that batch size since it was
-last taken reaches what makes one more of its steps ``explore_share`` of the time (a quarter of
-that while one kind is more than ``margin`` ahead: exploring a clear loser costs throughput).
-Counting time, not steps, matters: at four rows a tree step takes about five plain ones, so
-exploring one step in 16 would spend a quarter of the time on the slower kind. Until both kinds
-are measured at a batch size, the ``prior`` decides (speculate while at most that many rows run),
-and the other kind gets ``warmup_share`` of the time; trees are not tried at all above a batch
-size where they lost. A fixed threshold (``adaptive=False``) never measures: the override for a
-user who has measured it himself.
+It takes the fastest kind. The others are still taken now and then, so their time (and, for
+trees, the rows' acceptance) stays measured: each once the time spent at that batch size since it
+was last taken reaches what makes one more of its steps ``explore_share`` of the time (a quarter of
+that while the chosen kind is more than ``margin`` ahead: exploring a clear loser costs
+throughput). Counting time, not steps, matters: at four rows a tree step takes about five plain
+ones, so exploring one step in 16 would spend a quarter of the time on the slower kind. Until every
+kind is measured at a batch size, the ``prior`` decides (the tree while at most that many rows run),
+and each other kind gets ``warmup_share`` of the time; a tree is not tried at all above a batch
+size where it lost to plain steps. A fixed threshold (``adaptive=False``) never measures: the
+override for a user who has measured it himself.
 
-Acceptance is estimated per row: ``a_i`` is the mean of the row's own recent tree steps, shrunk
-toward the mean of all rows' recent tree steps by ``prior_steps`` steps of it. A newly joined row
-starts at that mean, and a row that drafts badly (a hard prompt) turns a lone row to plain steps
-within a few steps instead of after the many a shared mean needs.
+Acceptance is estimated per row and kind: ``a_i`` is the mean of the row's own recent steps of
+that kind, shrunk toward the mean of all rows' recent steps of it by ``prior_steps`` steps. A newly
+joined row starts at that mean, and a row that drafts badly (a hard prompt) turns a lone row to
+plain steps within a few steps instead of after the many a shared mean needs. Between two tree
+shapes, though, the choice follows all rows' recent steps, not each row's
+(:meth:`SpeculationPolicy._contenders`).
 """
 
 from __future__ import annotations
@@ -58,119 +64,163 @@ class Window:
     def median(self) -> float | None:
         return statistics.median(self.values) if self.values else None
 
+    @property
+    def typical(self) -> float | None:
+        """The median, or the latest value when smaller (a step time: see the module's docstring)."""
+        return min(statistics.median(self.values), self.values[-1]) if self.values else None
+
 
 @dataclass
 class SpeculationPolicy:
-    """Chooses per step whether to speculate, from the running rows and what was measured.
+    """Chooses per step which kind of step to take, from the running rows and what was measured.
+
+    Kind 0 is a plain one-token step; kinds 1, 2, ... are tree steps of the shapes the decode loop
+    offers, largest first (:attr:`kinds` names them: the loop's tree, and a small tree when it has
+    one). A bool is a kind too (True: the tree, False: a plain step).
 
     Attributes:
-        prior: speculate while at most this many rows run, until both kinds of step are measured
+        prior: speculate (kind 1) while at most this many rows run, until every kind is measured
             at a batch size (and always, when not ``adaptive``).
         adaptive: measure and choose; False: the fixed threshold ``prior``.
-        explore_share: the least share of the recent time at a batch size spent on the kind not
-            chosen (a quarter of it while one kind is more than ``margin`` faster).
+        kinds: the kinds' names, plain first (what :meth:`table` reports them as).
+        explore_share: the least share of the recent time at a batch size spent on each kind not
+            chosen (a quarter of it while the chosen one is more than ``margin`` faster).
         margin: how much faster (a share) one kind must be for exploring the other less.
         time_window: steps of one kind at one batch size whose median is its step time.
-        accept_window: tree steps (of all rows) whose mean tokens per row is the prior of a row.
-        row_window: a row's own recent tree steps its estimate averages.
+        explore_steps: steps at a batch size after which a kind not taken in them is taken
+            whatever its time (a kind measured slow while the machine was busy would otherwise wait
+            for the time that slow measurement sets).
+        accept_window: steps of a tree kind (of all rows) whose mean tokens per row is a row's prior.
+        row_window: a row's own recent steps of a tree kind its estimate averages.
         prior_steps: how many steps of the prior a row's estimate adds to its own.
-        warmup_steps: tree steps measured before acceptance is estimated at all (a few steps'
-            mean is noise: one unlucky first step would read as a clear loser).
-        warmup_share: the share of the time the kind not guessed gets until both are measured.
+        warmup_steps: steps of a tree kind measured before its acceptance is estimated at all (a
+            few steps' mean is noise: one unlucky first step would read as a clear loser).
+        warmup_share: the share of the time each kind not guessed gets until all are measured.
     """
 
     prior: int = 2
     adaptive: bool = True
+    kinds: tuple[str, ...] = ("plain", "tree")
     explore_share: float = 1 / 16
     margin: float = 0.4
     time_window: int = 8
+    explore_steps: int = 128
     accept_window: int = 64
     row_window: int = 64
     prior_steps: int = 8
     warmup_steps: int = 8
     warmup_share: float = 1 / 4
-    accepted: Window = field(init=False)
-    seconds: dict[tuple[int, bool], Window] = field(default_factory=dict)  # (batch size, speculate) -> times
-    waited: dict[tuple[int, bool], float] = field(default_factory=dict)  # (batch size, kind) -> seconds since taken
-    rows_accepted: dict[int, Window] = field(default_factory=dict)  # row id -> its tokens per tree step
+    accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
+    seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
+    waited: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch size, kind) -> seconds since taken
+    skipped: dict[tuple[int, int], int] = field(default_factory=dict)  # (batch size, kind) -> steps since taken
+    rows_accepted: dict[int, dict[int, Window]] = field(default_factory=dict)  # row -> tree kind -> its tokens
 
-    def __post_init__(self) -> None:
-        self.accepted = Window(self.accept_window)
-
-    def row_estimate(self, row: int) -> float | None:
-        """Tokens ``row`` is expected to emit in a tree step (None until ``warmup_steps`` tree steps)."""
-        prior = self.accepted.mean
-        if prior is None or self.accepted.count < self.warmup_steps:
+    def row_estimate(self, row: int, kind: int = 1) -> float | None:
+        """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_steps``
+        such steps): its own recent steps of that kind and ``prior_steps`` steps of all rows' mean."""
+        steps = self.accepted.get(kind)
+        if steps is None or steps.count < self.warmup_steps or steps.mean is None:
             return None
-        own = self.rows_accepted.get(row)
+        own = self.rows_accepted.get(row, {}).get(kind)
         if own is None or not own.values:
-            return prior
-        return (sum(own.values) + self.prior_steps * prior) / (len(own.values) + self.prior_steps)
+            return steps.mean
+        return (sum(own.values) + self.prior_steps * steps.mean) / (len(own.values) + self.prior_steps)
 
-    def rates(self, rows: Sequence[int]) -> tuple[float | None, float | None]:
-        """Estimated tokens per second of a tree step and of a plain step over ``rows``."""
-        size = len(rows)
-        tree, plain = (self.seconds.get((size, kind)) for kind in (True, False))
-        estimates = [self.row_estimate(row) for row in rows]
-        tree_rate = None
-        if tree is not None and None not in estimates:
-            tree_rate = sum(estimates) / max(tree.median, 1e-9)  # type: ignore[arg-type]
-        return tree_rate, None if plain is None else size / max(plain.median, 1e-9)
+    def rates(self, rows: Sequence[int]) -> list[float | None]:
+        """Estimated tokens per second of a step of each kind over ``rows`` (None: not measured)."""
+        size, rates = len(rows), []
+        for kind in range(len(self.kinds)):
+            times = self.seconds.get((size, kind))
+            estimates = [1.0] * size if kind == 0 else [self.row_estimate(row, kind) for row in rows]
+            if times is None or None in estimates:
+                rates.append(None)
+            else:
+                rates.append(sum(estimates) / max(times.typical, 1e-9))  # type: ignore[arg-type]
+        return rates
 
-    def choose(self, rows: Sequence[int]) -> bool:
-        """Whether the next step, over the running ``rows`` (their ids), drafts and verifies trees."""
+    def choose(self, rows: Sequence[int]) -> int:
+        """The kind of the next step over the running ``rows`` (their ids): 0 plain, else a tree."""
         size = len(rows)
-        guess = size <= self.prior
+        guess = int(size <= self.prior)
         if not self.adaptive:
             return guess
-        if (size, True) not in self.seconds and self._trees_lost_below(size):
-            return False
-        tree, plain = self.rates(rows)
-        if tree is None or plain is None:  # still measuring: the guess, and the other kind often
-            best, share = guess, self.warmup_share
-        else:
-            far = max(tree, plain) > (1 + self.margin) * min(tree, plain)
-            best, share = tree > plain, self.explore_share / (4 if far else 1)
-        other = self.seconds.get((size, not best))
-        waited = self.waited.get((size, not best))  # None: not a step at this size yet
-        if waited is None:
-            return best
-        explore = other is None or waited >= other.median * (1 - share) / share
-        return not best if explore else best
+        kinds = [k for k in range(len(self.kinds)) if (size, k) in self.seconds or not self._lost_below(size, k)]
+        rates = self.rates(rows)
+        measured = all(rates[k] is not None for k in kinds)
+        if measured:
+            best = max(self._contenders(size, kinds), key=lambda k: rates[k])  # type: ignore[arg-type, return-value]
+        else:  # still measuring: the guess, and the other kinds often
+            best = guess if guess in kinds else 0
+        overdue: list[tuple[float, int]] = []  # (how overdue, kind) of the kinds due for exploring
+        for kind in kinds:
+            waited = self.waited.get((size, kind))
+            if kind == best or waited is None:  # None: not a step at this size yet
+                continue
+            times = self.seconds.get((size, kind))
+            if times is None:
+                return kind
+            share = self.warmup_share
+            if measured:
+                far = rates[best] > (1 + self.margin) * rates[kind]  # type: ignore[operator]
+                share = self.explore_share / (4 if far else 1)
+            due = waited / (times.typical * (1 - share) / share)  # type: ignore[operator]
+            if self.skipped.get((size, kind), 0) >= self.explore_steps:
+                due = max(due, 1.0)
+            if due >= 1:
+                overdue.append((due, kind))
+        return max(overdue)[1] if overdue else best
 
-    def _trees_lost_below(self, size: int) -> bool:
-        """Whether plain steps were faster at the largest smaller batch size where both kinds were
-        measured. A tree step's cost grows with the rows while a plain step's barely does, so trees
-        are not tried at a batch size above one where they lost: one tree step over 16 rows takes
-        as long as 8 plain ones, and trying it at every batch size a server passes through cost
-        a fifth of the throughput at 16 streams."""
-        below = [b for b in range(1, size) if (b, True) in self.seconds and (b, False) in self.seconds]
+    def _contenders(self, size: int, kinds: list[int]) -> list[int]:
+        """Of ``kinds`` (all measured), plain steps and the tree shape that gave most tokens per second
+        over all rows lately. Between shapes the choice is not made per row: a tree step's acceptance
+        depends on the steps before it (a row's lookup beam grows while it copies a span, in the
+        tree's steps only), and rows switching shape step by step measured slower than either shape
+        alone (Spec-Bench, docs/small-tree/)."""
+        trees = [kind for kind in kinds if kind]
+        if len(trees) < 2:
+            return kinds
+        pooled = self._mean_rates(size)
+        shape = max(trees, key=lambda kind: pooled[kind] or 0.0)
+        return [kind for kind in kinds if kind in (0, shape)]
+
+    def _lost_below(self, size: int, kind: int) -> bool:
+        """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where
+        both were measured. A tree step's cost grows with the rows while a plain step's barely does,
+        so a tree is not tried at a batch size above one where it lost: one tree step over 16 rows
+        takes as long as 8 plain ones, and trying it at every batch size a server passes through
+        cost a fifth of the throughput at 16 streams."""
+        if kind == 0:
+            return False
+        below = [b for b in range(1, size) if (b, kind) in self.seconds and (b, 0) in self.seconds]
         if not below:
             return False
-        tree, plain = self._mean_rates(below[-1])
-        return tree is not None and plain is not None and tree < plain
+        rates = self._mean_rates(below[-1])
+        return rates[kind] is not None and rates[0] is not None and rates[kind] < rates[0]
 
-    def _mean_rates(self, size: int) -> tuple[float | None, float | None]:
+    def _mean_rates(self, size: int) -> list[float | None]:
         """Tokens per second of each kind of step at ``size`` rows, at the mean acceptance of recent
-        tree steps (None where not measured)."""
+        steps of its kind (None where not measured)."""
         rates: list[float | None] = []
-        for kind, per_row in ((True, self.accepted.mean), (False, 1.0)):
+        for kind in range(len(self.kinds)):
             times = self.seconds.get((size, kind))
-            rates.append(None if times is None or per_row is None else size * per_row / max(times.median, 1e-9))
-        return rates[0], rates[1]
+            per_row = 1.0 if kind == 0 else (self.accepted[kind].mean if kind in self.accepted else None)
+            rates.append(None if times is None or per_row is None else size * per_row / max(times.typical, 1e-9))  # type: ignore[arg-type]
+        return rates
 
-    def record(self, rows: Sequence[int], speculate: bool, tokens: Sequence[int], seconds: float) -> None:
-        """A step over ``rows`` (their ids) emitted ``tokens`` (one count per row) in ``seconds``."""
+    def record(self, rows: Sequence[int], kind: int, tokens: Sequence[int], seconds: float) -> None:
+        """A step of ``kind`` over ``rows`` (their ids) emitted ``tokens`` (one count per row) in ``seconds``."""
         if not self.adaptive:
             return
-        size = len(rows)
-        self.seconds.setdefault((size, speculate), Window(self.time_window)).add(seconds)
-        self.waited[size, speculate] = 0.0
-        self.waited[size, not speculate] = self.waited.get((size, not speculate), 0.0) + seconds
-        if speculate:
-            self.accepted.add(sum(tokens) / size)
+        size, kind = len(rows), int(kind)
+        self.seconds.setdefault((size, kind), Window(self.time_window)).add(seconds)
+        for other in range(len(self.kinds)):
+            self.waited[size, other] = 0.0 if other == kind else self.waited.get((size, other), 0.0) + seconds
+            self.skipped[size, other] = 0 if other == kind else self.skipped.get((size, other), 0) + 1
+        if kind:
+            self.accepted.setdefault(kind, Window(self.accept_window)).add(sum(tokens) / size)
             for row, count in zip(rows, tokens, strict=True):
-                self.rows_accepted.setdefault(row, Window(self.row_window)).add(count)
+                self.rows_accepted.setdefault(row, {}).setdefault(kind, Window(self.row_window)).add(count)
 
     def forget(self, row: int) -> None:
         """``row`` finished or was cancelled."""
@@ -178,12 +228,12 @@ class SpeculationPolicy:
 
     def table(self) -> dict[str, dict[str, float | int | None]]:
         """What was measured: per batch size, each kind's tokens per second (at the mean acceptance
-        of recent rows) and steps."""
+        of its recent steps) and steps."""
         out: dict[str, dict[str, float | int | None]] = {}
         for size in sorted({size for size, _ in self.seconds}):
             entry = out.setdefault(str(size), {})
-            for kind, rate in zip(("tree", "plain"), self._mean_rates(size), strict=True):
-                times = self.seconds.get((size, kind == "tree"))
-                entry[f"{kind}_tokens_per_second"] = None if rate is None else round(rate, 1)
-                entry[f"{kind}_steps"] = 0 if times is None else times.count
+            for kind, (name, rate) in enumerate(zip(self.kinds, self._mean_rates(size), strict=True)):
+                times = self.seconds.get((size, kind))
+                entry[f"{name}_tokens_per_second"] = None if rate is None else round(rate, 1)
+                entry[f"{name}_steps"] = 0 if times is None else times.count
         return out
