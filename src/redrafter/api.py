@@ -46,11 +46,13 @@ class TreeShape:
 # forward of n tokens costs far more per token with the int8 and int4 kernels than with float
 # weights (a 12-token forward is 2.1 single ones with int4, 1.3 with bfloat16), so they take small trees.
 # With int4 and the lean forward one drafter beam beat two (74.8 against 71.0 tokens/s on the bundled
-# prompts, docs/lean/; it had tied before, 52.6 against 52.2).
+# prompts, docs/lean/; it had tied before, 52.6 against 52.2). On a Zen 4 machine the int4 lookup beam
+# went from 6 to 3 tokens: chosen on MT-Bench (16 prompts, 82.1 against 71.4 tokens/s every step),
+# reported on Spec-Bench (1.24x int4 ar against 1.22x, adaptive), docs/small-tree/.
 DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
-    "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
+    "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 # The small tree an adaptive engine may also choose (--speculation adaptive): one drafter beam of one
