@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from .decode import DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
+from .decode import STEP_KINDS, DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .models import context_limit, gguf_source, load_target
@@ -202,7 +202,7 @@ class ReDrafter:
         self.lean, self.adaptive, self.small_tree = lean, adaptive, small_tree
         policy = None
         if adaptive and drafter is not None:
-            policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree") if small else ("plain", "tree"))
+            policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2])
         self.decoder = SpeculativeDecoder(
             target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small
         )

@@ -46,6 +46,8 @@ from .step_policy import SpeculationPolicy
 from .tree import build_tree, layer_masks, tree_allowed
 from .verify import verify
 
+# The kinds of step, by number (RunningBatch.step): a plain step, the tree, the small tree.
+STEP_KINDS = ("plain", "tree", "small_tree")
 # A token id no draft holds (drafts are ids >= 0 or PAD = -1): the target's choice past a known output.
 UNKNOWN = -2
 
@@ -169,7 +171,7 @@ class SpeculativeDecoder:
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.trees = [TreeKind(proposer)] + ([small_tree] if small_tree else [])
-        self.kinds = ("plain", "tree", "small_tree")[: len(self.trees) + 1]
+        self.kinds = STEP_KINDS[: len(self.trees) + 1]
         if policy is not None and len(policy.kinds) > len(self.kinds):
             raise ValueError(f"the policy chooses among {policy.kinds}; this decoder takes {self.kinds}")
         self.policy = policy

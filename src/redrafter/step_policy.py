@@ -67,7 +67,7 @@ class Window:
     @property
     def typical(self) -> float | None:
         """The median, or the latest value when smaller (a step time: see the module's docstring)."""
-        return min(statistics.median(self.values), self.values[-1]) if self.values else None
+        return None if self.median is None else min(self.median, self.values[-1])
 
 
 @dataclass
@@ -173,10 +173,10 @@ class SpeculationPolicy:
 
     def _contenders(self, size: int, kinds: list[int]) -> list[int]:
         """Of ``kinds`` (all measured), plain steps and the tree shape that gave most tokens per second
-        over all rows lately. Between shapes the choice is not made per row: a tree step's acceptance
-        depends on the steps before it (a row's lookup beam grows while it copies a span, in the
-        tree's steps only), and rows switching shape step by step measured slower than either shape
-        alone (Spec-Bench, docs/small-tree/)."""
+        over all rows lately. Between shapes the choice is not made per row: a row's estimate for the
+        shape it is not on is learned only from exploration, too rarely to matter before its answer
+        ends, and rows choosing their shape measured slower than either shape alone (Spec-Bench,
+        docs/small-tree/)."""
         trees = [kind for kind in kinds if kind]
         if len(trees) < 2:
             return kinds
