@@ -57,11 +57,15 @@ corpus-more:
 	wait
 
 # Conversations over long given inputs (summarize, translate, answer from a passage: #16 lever 2),
-# the input being the target's own answer to a self-written prompt; one generator, stopped by the
-# session's time after four shards (57 minutes of generator time beside other jobs).
+# the input being the target's own answer to a self-written prompt. Seed 20: one generator, 57 minutes
+# beside other jobs; seeds 21 and 22: two generators side by side, ~40 minutes on a Zen 4 CPU.
+INPUTS = OMP_NUM_THREADS=1 redrafter distill --shard-size 64 --batch-size 32 --max-new-tokens 256 \
+	--num-prompts 256 $(OPENERS) --tasks default
 corpus-inputs:
-	OMP_NUM_THREADS=1 redrafter distill --shard-size 64 --batch-size 32 --max-new-tokens 256 \
-		--out $(CORPUS)-inputs-seed20 --seed 20 --num-prompts 256 $(OPENERS) --tasks default
+	$(INPUTS) --out $(CORPUS)-inputs-seed20 --seed 20
+	$(INPUTS) --out $(CORPUS)-inputs-seed21 --seed 21 & \
+	$(INPUTS) --out $(CORPUS)-inputs-seed22 --seed 22 & \
+	wait
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).
 # Stage 1 trains from random weights on the first nine folders; it ran on an H100 (TRAIN_DEVICE=cuda:
