@@ -260,6 +260,7 @@ def test_generate_adapts_by_default(model_dir, drafter_dir, capsys):
         model_dir,
         drafter=drafter_dir,
         dtype="float32",
+        small_tree=True,
         num_beams=1,
         draft_len=2,
         lookup_len=0,
