@@ -11,6 +11,7 @@ from conftest import HIDDEN, VOCAB
 from test_cli import run
 
 import redrafter.bench as bench
+from redrafter import ReDrafter
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.files import atomic_write
 
@@ -370,3 +371,28 @@ def test_energy_meter_reads_rapl_and_nvml(monkeypatch, tmp_path):
     assert gpu.source == "nvml" and gpu.since(gpu.read()) == pytest.approx(3.5)
     monkeypatch.setattr(bench, "RAPL_ENERGY", tmp_path / "missing")
     assert bench.EnergyMeter(torch.device("cpu")).read() is None
+
+
+def test_a_variant_can_leave_out_the_quick_argmax_head(model_dir):
+    from redrafter.bench import parse_variant, variant
+
+    rd = ReDrafter.from_pretrained(model_dir, drafter=None, dtype="float64")
+    rd.argmax_head = torch.nn.Identity()  # a stand-in: only which engine holds it is checked here
+    assert parse_variant("q", "quick-argmax=0") == {"argmax_head": 0}
+    assert variant(rd, **parse_variant("q", "quick-argmax=0")).decoder.argmax_head is None
+    assert variant(rd, **parse_variant("q", "quick-argmax=1")).decoder.argmax_head is rd.argmax_head
+    assert variant(rd).decoder.argmax_head is rd.argmax_head
+
+
+def test_a_llama_cpp_that_crashes_is_skipped_with_the_reason(monkeypatch, tmp_path):
+    """The llama.cpp method is probed in a child process first: a build that crashes (as a native
+    build's AMX kernels do on some CPUs) is named, with how to rebuild it, instead of killing the run."""
+    gguf = tmp_path / "model.gguf"
+    monkeypatch.setattr(bench, "LLAMA_CPP_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(bench, "_llama_cpp_system_info", lambda: "AVX512 = 1 | AMX_INT8 = 1 |")
+    why = bench.llama_cpp_failure(gguf)
+    assert "model.gguf" in why and "crashed (signal 11)" in why and "-DGGML_NATIVE=OFF" in why
+    monkeypatch.setattr(bench, "LLAMA_CPP_PROBE", "raise SystemExit('no such file')")
+    assert bench.llama_cpp_failure(gguf).endswith("no such file")
+    monkeypatch.setattr(bench, "LLAMA_CPP_PROBE", "pass")
+    assert bench.llama_cpp_failure(gguf) is None

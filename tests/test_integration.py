@@ -167,3 +167,16 @@ def test_served_default_model_answers_as_generate(shipped):
     finally:
         server.stop()
     assert answer.choices[0].message.content == rd.generate(prompt, max_new_tokens=NEW_TOKENS).text
+
+
+def test_the_quick_argmax_head_leaves_greedy_output_unchanged():
+    """The default GGUF stores its head as Q8_0; ``from_pretrained`` reads it through the int4 kernel
+    (half the bytes of the bfloat16 head) for the greedy argmax's candidates, and the winner is still
+    recomputed in float32 from the bfloat16 head: the same tokens as with the bfloat16 head's candidates."""
+    rd = ReDrafter.from_pretrained("default", drafter="none", dtype="bfloat16", weights="int4")
+    assert rd.argmax_head is not None and rd.argmax_head.doubled
+    plain = ReDrafter(rd.target, rd.tokenizer, None)
+    texts = PROMPTS.read_text().splitlines()
+    for line in (0, 7, 14):
+        ids = rd.encode(json.loads(texts[line])["prompt"])
+        assert rd.generate_ids([ids], NEW_TOKENS)[0].token_ids == plain.generate_ids([ids], NEW_TOKENS)[0].token_ids

@@ -2,7 +2,9 @@
 
 - GGUF Q4_0/Q4_1 blocks become int4 codes, scales and zeros that dequantize to what the GGUF
   dequantizer gives (synthetic blocks with edge values, and a real tensor of the default model), and
-  the CPU kernel applies those weights.
+  the CPU kernel applies those weights. Q8_0 blocks (the default model's head) become int4 codes over
+  the input written twice that sum to the file's weights, and the quick argmax head built from them
+  only proposes candidates: the greedy choice stays the float head's.
 - Lossless per precision: on tiny float32 targets of every family, greedy speculative decoding with
   int8 or int4 weights equals plain greedy decoding with the same weights, token for token (the
   kernels give each row of a batch the same bits whatever the number of rows, checked here too), and
@@ -27,16 +29,18 @@ from redrafter.cli import main
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterError
 from redrafter.quant import (
+    ArgmaxHead,
     Int4Linear,
     Int8Linear,
     QuantizationError,
     _match_rows,
     gguf_int4,
+    gguf_q8_0_as_int4,
     quantize_drafter,
     quantize_int4,
     quantize_target,
 )
-from redrafter.sampling import SamplingParams
+from redrafter.sampling import SamplingParams, exact_argmax
 
 
 def q4_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -107,6 +111,73 @@ def test_a_real_q4_1_tensor_of_the_default_model():
     weight = gguf_int4(tensor.data, "Q4_1", (rows, cols))
     theirs = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(rows, cols).copy())
     assert torch.all((weight.dequantize() - theirs).abs() <= 2**-21 * block_bound(weight))
+
+
+def q8_0_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Raw GGUF Q8_0 blocks ``[rows, cols / 32 * 34]`` with edge values: zero, subnormal, negative and
+    large scales; values -128, 127, 0 and random."""
+    rng = np.random.default_rng(seed)
+    groups = rows * cols // 32
+    d = rng.normal(0, 0.01, groups).astype(np.float16)
+    edges = np.array([0.0, 6e-8, -0.5, 1e-3, 300.0], dtype=np.float16)
+    d[: len(edges)] = edges
+    values = rng.integers(-128, 128, (groups, 32), dtype=np.int16).astype(np.int8)
+    values[0], values[1], values[2] = -128, 127, 0
+    return np.concatenate([d.view(np.uint8).reshape(groups, 2), values.view(np.uint8)], axis=1).reshape(rows, -1)
+
+
+def test_q8_0_blocks_become_int4_codes_that_sum_to_the_files_weights():
+    rows, cols = 32, 128
+    raw = q8_0_blocks(rows, cols, seed=4)
+    pair = gguf_q8_0_as_int4(raw, (rows, cols))
+    theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q8_0).reshape(rows, cols).copy())
+    halves = pair.dequantize()
+    assert pair.codes.shape == (rows, 2 * cols) and pair.codes.max() <= 15
+    assert torch.equal(halves[:, :cols] + halves[:, cols:], theirs)  # 16 d (h - 8) + d l = d q, exact in float32
+    # The kernel over the input written twice applies them (float32 scales: d exact, sums reordered).
+    head = ArgmaxHead(pair, True, None, torch.float32)
+    applied = head(torch.eye(cols)).T
+    assert torch.allclose(applied, theirs, rtol=2**-20, atol=2**-20 * float(theirs.abs().max()))
+
+
+class NoisyHead(torch.nn.Module):
+    """A stand-in quick head: the float head's logits plus noise of ``scale``, over few rows only."""
+
+    def __init__(self, weight: torch.Tensor, scale: float, max_rows: int = 4) -> None:
+        super().__init__()
+        self.weight, self.scale, self.max_rows, self.calls = weight, scale, max_rows, 0
+
+    def covers(self, hidden: torch.Tensor) -> bool:
+        return hidden.numel() <= self.max_rows * hidden.shape[-1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = hidden.float() @ self.weight.float().T
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(self.calls))
+        return (logits + self.scale * noise).to(hidden.dtype)
+
+
+def test_the_quick_head_proposes_candidates_and_the_float_head_chooses():
+    """Candidate logits a little off (noise that reorders near-ties) leave the argmax the float32
+    one; over more rows than the quick head covers, the float head gives the candidates."""
+    model = tiny_target("llama", seed=0, dtype=torch.bfloat16)
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(1, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    hidden[0, 1] = hidden[0, 0]  # a tie broken only by the noise of the quick head
+    exact = (hidden.float() @ weight.float().T).argmax(dim=-1)
+    quick = NoisyHead(weight, scale=0.05)
+    assert torch.equal(exact_argmax(model, hidden, argmax_head=quick), exact) and quick.calls == 1
+    wide = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    exact_argmax(model, wide, argmax_head=quick)  # 6 rows > 4: not called
+    assert quick.calls == 1
+    # The float32 choice is what decides: a quick head that ranks the winner second still loses it.
+    logits = hidden.float() @ weight.float().T
+    top2 = logits.topk(2).values
+    demoted = logits - 1.01 * (top2[..., :1] - top2[..., 1:]) * torch.nn.functional.one_hot(exact, weight.shape[0])
+    assert not torch.equal(demoted.argmax(dim=-1), exact)
+    wrong = NoisyHead(weight, scale=0.0)
+    wrong.forward = lambda h: demoted
+    assert torch.equal(exact_argmax(model, hidden, argmax_head=wrong), exact)
 
 
 def test_rows_permuted_by_the_converter_are_matched_and_others_refused():

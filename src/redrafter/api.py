@@ -17,9 +17,11 @@ from .errors import RedrafterError
 from .models import context_limit, gguf_source, load_target
 from .quant import (
     WEIGHTS,
+    ArgmaxHead,
     QuantizationReport,
     check_quantizable,
     drafter_packable,
+    gguf_argmax_head,
     quantization_refusal,
     quantize_drafter,
     quantize_target,
@@ -145,6 +147,8 @@ class ReDrafter:
             (:class:`~redrafter.step_policy.SpeculationPolicy`); False: the tree every step.
         small_tree: with ``adaptive``, let the choice include the small tree (:data:`SMALL_SHAPE`,
             where it is smaller than the tree).
+        argmax_head: a cheaper head for the greedy argmax's candidates
+            (:class:`redrafter.quant.ArgmaxHead`, :func:`redrafter.quant.gguf_argmax_head`), or None.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class ReDrafter:
         drafter_weights: str = "float",
         adaptive: bool = True,
         small_tree: bool = False,
+        argmax_head: ArgmaxHead | None = None,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -199,12 +204,12 @@ class ReDrafter:
             eos = tokenizer.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
-        self.lean, self.adaptive, self.small_tree = lean, adaptive, small_tree
+        self.lean, self.adaptive, self.small_tree, self.argmax_head = lean, adaptive, small_tree, argmax_head
         policy = None
         if adaptive and drafter is not None:
             policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2])
         self.decoder = SpeculativeDecoder(
-            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small
+            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small, argmax_head
         )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
@@ -224,6 +229,7 @@ class ReDrafter:
         drafter_weights: str | None = None,
         adaptive: bool = True,
         small_tree: bool | None = None,
+        quick_argmax: bool = True,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -235,6 +241,9 @@ class ReDrafter:
         ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
         ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
         and ``"float"`` elsewhere; ``small_tree`` left None takes :data:`DEFAULT_SMALL_TREE`.
+        ``quick_argmax``: greedy candidates from the file's own Q8_0 or 4-bit head where a GGUF holds
+        one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
+        float head, :func:`redrafter.sampling.exact_argmax`).
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -257,6 +266,7 @@ class ReDrafter:
             drafter_weights = "float"  # a drafter of odd sizes keeps its float weights unless asked
         target, tokenizer = load_target(model, dtype=dtype, device=device)
         quantization = quantize_target(target, weights, gguf_source(model))
+        argmax_head = gguf_argmax_head(target, gguf_source(model)) if quick_argmax else None
         given = dict(
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )
@@ -270,6 +280,7 @@ class ReDrafter:
             drafter_weights=drafter_weights,
             adaptive=adaptive,
             small_tree=DEFAULT_SMALL_TREE[weights] if small_tree is None else small_tree,
+            argmax_head=argmax_head,
         )
 
     # -- prompts ------------------------------------------------------------------------------

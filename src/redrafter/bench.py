@@ -32,7 +32,7 @@ from .kv_cache import TreeKVCache
 from .lean_decoder import target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
-from .quant import WEIGHTS, quantize_target
+from .quant import WEIGHTS, gguf_argmax_head, quantize_target
 from .sampling import exact_argmax
 from .tree import additive_mask
 
@@ -164,7 +164,10 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         drafter_weights=rd.drafter_weights,
         adaptive=rd.adaptive,
         small_tree=rd.small_tree,
+        argmax_head=rd.argmax_head,
     )
+    if "argmax_head" in changes and not isinstance(changes["argmax_head"], torch.nn.Module | None):
+        changes["argmax_head"] = rd.argmax_head if changes["argmax_head"] else None  # a variant's 1 or 0
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
 
@@ -180,6 +183,7 @@ VARIANT_SETTINGS = {
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
     "drafter-weights": "drafter_weights",  # float, int8 or int4
+    "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
 }
 
 
@@ -283,8 +287,8 @@ def make_methods(
 
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
-        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None)),
-        "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False)),
+        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head)),
+        "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False, argmax_head=rd.argmax_head)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
         "redrafter-w1": lambda: ours(variant(rd, num_beams=1)),
@@ -305,14 +309,66 @@ def make_methods(
         raise RedrafterError("the redrafter methods and variants need a drafter (--drafter FOLDER)")
     if "redrafter-nornn" in names and ablation_drafter is None:
         raise RedrafterError("redrafter-nornn needs --ablation-drafter FOLDER (a drafter trained with --no-rnn)")
-    if "llama.cpp" in names and (gguf is None or importlib.util.find_spec("llama_cpp") is None):
-        why = "the model is not a .gguf file" if gguf is None else "llama-cpp-python is not installed"
-        print(f"redrafter: bench: skipping llama.cpp: {why}", file=sys.stderr)
-        names = [n for n in names if n != "llama.cpp"]
+    if "llama.cpp" in names:
+        if gguf is None or importlib.util.find_spec("llama_cpp") is None:
+            why = "the model is not a .gguf file" if gguf is None else "llama-cpp-python is not installed"
+        else:
+            why = llama_cpp_failure(gguf)
+        if why is not None:
+            print(f"redrafter: bench: skipping llama.cpp: {why}", file=sys.stderr)
+            names = [n for n in names if n != "llama.cpp"]
     methods = {name: available[name]() for name in names}
     for name, changes in variants.items():
         methods[name] = ours(variant(rd, **changes))
     return methods
+
+
+LLAMA_CPP_PROBE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"Hello, world"))
+"""
+
+
+def llama_cpp_failure(gguf: Path) -> str | None:
+    """Why llama-cpp-python cannot decode ``gguf`` here (None: it can), from a few tokens evaluated in
+    a child process. A native build of llama.cpp on a CPU with AMX runs ggml's AMX matrix kernels,
+    which crash some such machines (ggml-org/llama.cpp#20824): the benchmark would die with it."""
+    import subprocess
+
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", LLAMA_CPP_PROBE, str(gguf)], capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python did not evaluate 3 tokens in 300 s"
+    if probe.returncode == 0:
+        return None
+    crashed = probe.returncode < 0
+    lines = probe.stderr.strip().splitlines()
+    detail = f"exit {probe.returncode}" if not lines else lines[-1]
+    if crashed:
+        detail = f"it crashed (signal {-probe.returncode})"
+    hint = ""
+    if crashed and "AMX_INT8 = 1" in _llama_cpp_system_info():
+        hint = (
+            "; this build runs ggml's AMX kernels (ggml-org/llama.cpp#20824): rebuild without them, "
+            "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+            "-DGGML_AVX512_BF16=ON' pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python"
+        )
+    return f"llama-cpp-python failed on {gguf.name}: {detail}{hint}"
+
+
+def _llama_cpp_system_info() -> str:
+    """llama.cpp's build features (``AVX512 = 1 | AMX_INT8 = 1 | ...``), read in a child process."""
+    import subprocess
+
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:
+        return ""
 
 
 def peak_rss_mb() -> float:
@@ -518,6 +574,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "drafter_weights": rd.drafter_weights,
             "adaptive": rd.adaptive,
             "step_kinds": list(rd.decoder.kinds) if rd.decoder.policy is not None else ["tree"],
+            "quick_argmax": rd.argmax_head is not None,
             "quantization": rd.quantization.to_json(),
             "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,
@@ -856,15 +913,16 @@ def run_cost_curve(
     repeats: int = 15,
 ) -> dict:
     """Milliseconds of one target forward of ``n`` tokens (after ``context`` cached ones, fewer if the
-    model's context is short; the head
-    and exact argmax included, as a decode step runs them) for every ``n`` in ``sizes`` and every
-    weight precision; the precisions and sizes are interleaved, medians reported.
+    model's context is short; the head and exact argmax included, as a decode step runs them, with
+    the file's quick argmax head where :func:`~redrafter.quant.gguf_argmax_head` makes one) for every
+    ``n`` in ``sizes`` and every weight precision; the precisions and sizes are interleaved, medians
+    reported.
     Writes ``cost_curve.json`` and ``cost_curve.png``."""
-    targets = {}
+    targets, heads = {}, {}
     for weights in WEIGHTS:
         target, _ = load_target(model, dtype=dtype, device=device)
         quantize_target(target, weights, gguf_source(model))
-        targets[weights] = target
+        targets[weights], heads[weights] = target, gguf_argmax_head(target, gguf_source(model))
     config = next(iter(targets.values())).config
     context = min(context, context_limit(config) - max(sizes) - 1)  # a short-context model: fewer cached
     if context < 1:
@@ -878,27 +936,47 @@ def run_cost_curve(
         causal = torch.ones(context, context, dtype=torch.bool, device=device).tril()[None]
         target_forward(target)(prompt[:, :context], positions, additive_mask(causal, dtype), caches[weights])
     times: dict[str, dict[int, list[float]]] = {w: {n: [] for n in sizes} for w in targets}
+    argmax_times: dict[str, dict[int, list[float]]] = {h: {n: [] for n in sizes} for h in ("quick", "float")}
+
+    def clock(device: torch.device) -> float:
+        """Milliseconds on the wall clock once ``device``'s queued work is done."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return 1000 * time.perf_counter()
+
     for repeat in range(repeats + 2):  # the first two rounds warm up
         for n in sizes:
             tokens = prompt[:, context : context + n]
             positions = torch.arange(context, context + n, device=device)[None]
             mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
             for weights, target in targets.items():
-                start = time.perf_counter()
+                start = clock(target.device)
                 hidden = target_forward(target)(tokens, positions, mask, caches[weights])
-                exact_argmax(target, hidden)
-                if target.device.type == "cuda":
-                    torch.cuda.synchronize(target.device)
+                middle = clock(target.device)
+                exact_argmax(target, hidden, argmax_head=heads[weights])
+                end = clock(target.device)
                 if repeat >= 2:
-                    times[weights][n].append(1000 * (time.perf_counter() - start))
+                    times[weights][n].append(end - start)
+                    if weights == "float" and heads[weights] is not None:  # the head alone, both ways
+                        argmax_times["quick"][n].append(end - middle)
+                        exact_argmax(target, hidden)
+                        argmax_times["float"][n].append(clock(target.device) - end)
                 caches[weights].crop(-n)
-    curve = {w: {str(n): round(sorted(t)[len(t) // 2], 3) for n, t in rows.items()} for w, rows in times.items()}
+
+    def medians(table: dict[str, dict[int, list[float]]]) -> dict[str, dict[str, float]]:
+        return {k: {str(n): round(sorted(t)[len(t) // 2], 3) for n, t in row.items() if t} for k, row in table.items()}
+
+    curve = medians(times)
     result = {
         "context": context,
         "repeats": repeats,
         "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "quick_argmax": {w: head is not None for w, head in heads.items()},
         "ms_per_forward": curve,
+        # The head and exact argmax alone (float weights' hidden states), through the quick head and
+        # the float head: {} where the file has no quick head.
+        "ms_argmax": {k: v for k, v in medians(argmax_times).items() if v},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "cost_curve.json", result)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
@@ -148,6 +149,8 @@ class SpeculativeDecoder:
             keeps what it measured from one call to the next.
         small_tree: a second, smaller tree the policy may choose (its proposer's beams, and the
             lookup beams cut shorter: at most ``lookup_len`` and ``ngram_len``), or None.
+        argmax_head: a cheaper head for the greedy argmax's candidates
+            (:class:`redrafter.quant.ArgmaxHead`), or None: the target's own.
     """
 
     def __init__(
@@ -161,8 +164,10 @@ class SpeculativeDecoder:
         lean: bool = True,
         policy: SpeculationPolicy | None = None,
         small_tree: TreeKind | None = None,
+        argmax_head: nn.Module | None = None,
     ) -> None:
         self.target = target
+        self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean)
         self.proposer = proposer
@@ -235,7 +240,7 @@ class SpeculativeDecoder:
         """
         if max_new_tokens <= 0:
             return
-        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams()))
+        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams(), self.argmax_head))
         yield batch.add(prompts, [max_new_tokens] * len(prompts))
         policy = self.policy
         try:

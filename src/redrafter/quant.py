@@ -20,6 +20,17 @@ forward cheaper. Two of PyTorch's CPU kernels do the work:
 Only the linear layers inside the decoder are quantized. Embeddings, norms and the output head
 stay in the compute dtype: the head's rows are also what exact argmax and a tied drafter head read.
 
+**The head for the argmax's candidates** (:class:`ArgmaxHead`). Greedy decoding picks the best of a
+few candidate tokens recomputed in float32 (:func:`redrafter.sampling.exact_argmax`); the candidates
+only need logits about as close as bfloat16's. Over one to a few rows a bfloat16 head is bound by
+reading its ``[V, d]`` weights (56 MiB for the default model, a third of an int4 step). Where the
+GGUF file stores the head (or the tied embedding) as Q8_0, ``w = d q`` with ``q`` int8 per block of
+32, the int4 kernel reads it at half the bytes: ``q + 128 = 16 h + l`` with ``h, l`` in 0..15, so
+``w = 16 d (h - 8) + d l``: the codes ``h`` (scale ``16 d``, zero 0) and ``l`` (scale ``d``, zero
+``8 d``) over the input written twice, one product. The one rounding is ``d`` to the activations'
+dtype (8 significant bits in bfloat16; the bfloat16 head rounds each ``d q`` instead). A Q4_0 or Q4_1
+head is read as its own int4 codes. Sampling and the float32 recomputation keep the float head.
+
 **Float32 GEMMs for bfloat16 weights on CPUs without bfloat16 instructions.** Where oneDNN has no
 native bfloat16 (float16) matrix instructions (x86 without AVX-512 BF16 or AMX: most laptops and
 AMD Zen 2 and 3), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8 GFLOP/s on a 2-core
@@ -59,6 +70,10 @@ GROUP_SIZE = 32
 INT4_FUSE_ROWS = 64
 # GGUF types whose blocks are exactly int4 groups of 32 (a scale, and a minimum for Q4_1).
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
+# Rows (batch rows x tree tokens) up to which :class:`ArgmaxHead` reads the int4 head; over more, the
+# float head's GEMM is faster (Intel Xeon with AMX, 2 threads: 3.9 against 9.6 ms at one row, 5.5
+# against 8.3 at four, 10.4 against 8.2 at eight, for the default model's Q8_0 head).
+ARGMAX_HEAD_MAX_ROWS = 4
 # Products over at least this many rows run as float32 GEMMs where the CPU lacks bfloat16 ones: on a
 # 2-core AVX2 machine a forward of the default model cost the same both ways at about 10 tokens.
 FLOAT32_GEMM_MIN_ROWS = 12
@@ -127,6 +142,23 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
         zero = minimum + 8 * scale
     else:
         zero = torch.zeros_like(scale)
+    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
+
+
+def gguf_q8_0_as_int4(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
+    """A GGUF Q8_0 tensor's raw blocks (``[N, K / 32 * 34]`` uint8) -> int4 codes over the input
+    written twice, ``[N, 2 K]``: the high nibbles of ``q + 128`` (scale ``16 d``), then the low ones
+    (scale ``d``, zero ``8 d``), so that ``x W^T = [x, x] W2^T`` for the file's ``W = d q``.
+
+    A block is ``d`` (float16), then 32 int8 values ``q``.
+    """
+    out_features, in_features = shape
+    blocks = np.ascontiguousarray(data).reshape(out_features, in_features // GROUP_SIZE, 2 + GROUP_SIZE)
+    d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    shifted = blocks[..., 2:].view(np.int8).astype(np.int16) + 128  # 0..255
+    codes = np.concatenate([shifted >> 4, shifted & 0x0F], axis=1).reshape(out_features, 2 * in_features)
+    scale = torch.cat([16 * d, d], dim=1)
+    zero = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
     return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
 
 
@@ -205,6 +237,71 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class ArgmaxHead(nn.Module):
+    """The target's head over the file's own 4-bit or Q8_0 values, for the candidates of the
+    greedy argmax (see the module docstring): ``[..., d]`` hidden -> ``[..., V]`` logits, close to
+    the float head's. :func:`gguf_argmax_head` builds it.
+
+    Args:
+        weight: int4 codes of ``[V, d]`` (a Q4 head), or ``[V, 2 d]`` over the input written twice
+            (a Q8_0 head, ``doubled``).
+        doubled: whether the input is written twice.
+        bias: the head's bias ``[V]`` or None.
+        dtype: the activations' dtype.
+        max_rows: :meth:`covers` only inputs of at most this many rows.
+    """
+
+    def __init__(
+        self,
+        weight: Int4Weight,
+        doubled: bool,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        max_rows: int = ARGMAX_HEAD_MAX_ROWS,
+    ) -> None:
+        super().__init__()
+        self.linear = Int4Linear(weight, bias, dtype)
+        self.doubled, self.max_rows = doubled, max_rows
+
+    def covers(self, hidden: torch.Tensor) -> bool:
+        """Whether ``hidden`` ``[..., d]`` has few enough rows for this head to be the faster one."""
+        return hidden.numel() <= self.max_rows * hidden.shape[-1]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([hidden, hidden], dim=-1) if self.doubled else hidden)
+
+
+def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None) -> ArgmaxHead | None:
+    """An :class:`ArgmaxHead` from ``gguf_file``'s output head (or the tied token embedding) when it
+    is stored as Q8_0, Q4_0 or Q4_1, its values are ``target``'s head's (rounded to the head's
+    dtype, row for row), and the int4 kernel runs ``target`` (a CPU, bfloat16 or float16); else None."""
+    head = target.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if gguf_file is None or weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if quantization_refusal(weight.device, weight.dtype, "int4") is not None or weight.shape[0] % 16:
+        return None
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
+    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if tensor is None or weight.shape[1] % GROUP_SIZE:
+        return None
+    shape = tuple(weight.shape)
+    if tensor.tensor_type.name == "Q8_0":
+        codes, doubled = gguf_q8_0_as_int4(tensor.data, shape), True
+        values = codes.dequantize()
+        values = values[:, : shape[1]] + values[:, shape[1] :]
+    elif tensor.tensor_type.name in GGUF_INT4_TYPES:
+        codes, doubled = gguf_int4(tensor.data, tensor.tensor_type.name, shape), False
+        values = codes.dequantize()
+    else:
+        return None
+    if not torch.equal(values.to(weight.dtype), weight.detach()):
+        return None
+    return ArgmaxHead(codes, doubled, getattr(head, "bias", None), weight.dtype)
 
 
 class Int8Linear(nn.Module):

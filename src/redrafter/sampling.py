@@ -26,6 +26,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import RedrafterError
@@ -74,17 +75,24 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
-def exact_argmax(target: PreTrainedModel, hidden: torch.Tensor, candidates: int = 8) -> torch.Tensor:
+def exact_argmax(
+    target: PreTrainedModel, hidden: torch.Tensor, candidates: int = 8, argmax_head: nn.Module | None = None
+) -> torch.Tensor:
     """The argmax of the target's head computed in float32: ``[..., d]`` hidden -> ``[...]`` ids.
 
     In bfloat16 the logits of a 49k-token head are rounded to steps of 0.125 at typical
     magnitudes, so exact ties are common, and a token tree (N queries) and a single token
     round differently: ties would then break differently and greedy output would depend on the
     tree. The ``candidates`` best bfloat16 logits are recomputed in float32 and the best wins.
+
+    ``argmax_head``: a cheaper head giving the candidates' logits where it :meth:`covers` ``hidden``
+    (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or 4-bit values); the winner is still
+    the float32 recomputation with the head's own weights.
     """
     head = target.get_output_embeddings()
-    logits = hidden_to_logits(target, hidden)
-    if logits.dtype in (torch.float32, torch.float64):
+    quick = argmax_head is not None and argmax_head.covers(hidden)
+    logits = argmax_head(hidden) if quick else hidden_to_logits(target, hidden)
+    if not quick and logits.dtype in (torch.float32, torch.float64):
         return logits.argmax(dim=-1)
     top = logits.topk(candidates, dim=-1).indices  # [..., k]
     exact = (head.weight[top].float() @ hidden.float()[..., None])[..., 0]  # [..., k]
@@ -111,8 +119,8 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 class TokenChooser:
     """Chooses the target's token at every node: argmax, or a position-keyed exact draw."""
 
-    def __init__(self, target: PreTrainedModel, params: SamplingParams) -> None:
-        self.target, self.params = target, params
+    def __init__(self, target: PreTrainedModel, params: SamplingParams, argmax_head: nn.Module | None = None) -> None:
+        self.target, self.params, self.argmax_head = target, params, argmax_head
         # Without a seed, one drawn from torch's global generator (so torch.manual_seed fixes it).
         self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
 
@@ -129,7 +137,7 @@ class TokenChooser:
         first ones; None: all), the rest get -2, which no draft holds; ``positions``: ``[B, N]`` the
         position of the token each slot chooses (its own position plus one)."""
         if self.params.greedy:
-            return exact_argmax(self.target, hidden)
+            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head)
         probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
         uniform = [
@@ -146,12 +154,12 @@ class RowChooser:
     requests: greedy and sampled rows side by side). Rows are named by the ids a
     :class:`~redrafter.decode.RunningBatch` gives them; :meth:`add` them before they decode."""
 
-    def __init__(self, target: PreTrainedModel) -> None:
-        self.target = target
+    def __init__(self, target: PreTrainedModel, argmax_head: nn.Module | None = None) -> None:
+        self.target, self.argmax_head = target, argmax_head
         self.rows: dict[int, TokenChooser] = {}
 
     def add(self, row: int, params: SamplingParams) -> None:
-        self.rows[row] = TokenChooser(self.target, params)
+        self.rows[row] = TokenChooser(self.target, params, self.argmax_head)
 
     def remove(self, row: int) -> None:
         self.rows.pop(row, None)
@@ -168,7 +176,7 @@ class RowChooser:
         """
         choosers = [self.rows[row] for row in rows]
         if all(c.params.greedy for c in choosers):
-            return exact_argmax(self.target, hidden)
+            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head)
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
         choice = torch.full(hidden.shape[:2], -2, dtype=torch.long, device=hidden.device)
         for i, (chooser, count) in enumerate(zip(choosers, counts, strict=True)):
