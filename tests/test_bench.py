@@ -294,6 +294,7 @@ def test_llama_cpp_runs_greedy_from_a_fresh_context(monkeypatch, model_dir, tmp_
 
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(bench, "llama_cpp_failure", lambda gguf: None)  # the child-process probe passes
     rd = ReDrafter.from_pretrained(model_dir, drafter="none", dtype="float32")
     rd.decoder.eos_token_ids = frozenset([1])
     counter = bench.ForwardCounter(rd.target)
