@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from .decode import STEP_KINDS, DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
+from .lean_decoder import compile_refusal
 from .models import context_limit, gguf_source, load_target
 from .quant import (
     WEIGHTS,
@@ -149,6 +150,9 @@ class ReDrafter:
             where it is smaller than the tree).
         argmax_head: a cheaper head for the greedy argmax's candidates
             (:class:`redrafter.quant.ArgmaxHead`, :func:`redrafter.quant.gguf_argmax_head`), or None.
+        compile: run the lean forward through ``torch.compile``
+            (:class:`redrafter.lean_decoder.CompiledDecoder`): minutes to compile at the first
+            calls, then cheaper steps; needs ``lean`` and a model the lean forward covers.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class ReDrafter:
         adaptive: bool = True,
         small_tree: bool = False,
         argmax_head: ArgmaxHead | None = None,
+        compile: bool = False,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -180,6 +185,8 @@ class ReDrafter:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
         if drafter_weights not in WEIGHTS:
             raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
+        if compile and compile_refusal(target, lean) is not None:
+            raise RedrafterError(f"--compile: {compile_refusal(target, lean)}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
@@ -205,11 +212,12 @@ class ReDrafter:
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
         self.lean, self.adaptive, self.small_tree, self.argmax_head = lean, adaptive, small_tree, argmax_head
+        self.compile = bool(compile)
         policy = None
         if adaptive and drafter is not None:
             policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2])
         self.decoder = SpeculativeDecoder(
-            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small, argmax_head
+            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small, argmax_head, compile
         )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
@@ -230,6 +238,7 @@ class ReDrafter:
         adaptive: bool = True,
         small_tree: bool | None = None,
         quick_argmax: bool = True,
+        compile: bool = False,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -244,6 +253,7 @@ class ReDrafter:
         ``quick_argmax``: greedy candidates from the file's own Q8_0 or 4-bit head where a GGUF holds
         one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
         float head, :func:`redrafter.sampling.exact_argmax`).
+        ``compile``: the target's lean forward through ``torch.compile`` (see :class:`ReDrafter`).
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -281,6 +291,7 @@ class ReDrafter:
             adaptive=adaptive,
             small_tree=DEFAULT_SMALL_TREE[weights] if small_tree is None else small_tree,
             argmax_head=argmax_head,
+            compile=compile,
         )
 
     # -- prompts ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
 from .kv_cache import TreeKVCache
-from .lean_decoder import target_forward
+from .lean_decoder import compile_refusal, target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
 from .quant import WEIGHTS, gguf_argmax_head, quantize_target
@@ -140,6 +140,8 @@ class ForwardCounter:
     def __init__(self, target: PreTrainedModel) -> None:
         self.count = 0
         modules = [decoder_of(target), target_forward(target)]
+        if compile_refusal(target) is None:  # built lazily: nothing compiles unless a method runs it
+            modules.append(target_forward(target, compile=True))
         self.handles = [m.register_forward_hook(self._hook) for m in modules if isinstance(m, torch.nn.Module)]
 
     def _hook(self, *args) -> None:
@@ -165,6 +167,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         adaptive=rd.adaptive,
         small_tree=rd.small_tree,
         argmax_head=rd.argmax_head,
+        compile=rd.compile,
     )
     if "argmax_head" in changes and not isinstance(changes["argmax_head"], torch.nn.Module | None):
         changes["argmax_head"] = rd.argmax_head if changes["argmax_head"] else None  # a variant's 1 or 0
@@ -184,6 +187,7 @@ VARIANT_SETTINGS = {
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
     "drafter-weights": "drafter_weights",  # float, int8 or int4
     "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
+    "compile": "compile",  # 1: the lean forward through torch.compile; 0: eager
 }
 
 
@@ -287,7 +291,7 @@ def make_methods(
 
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
-        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head)),
+        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head, compile=rd.compile)),
         "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False, argmax_head=rd.argmax_head)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
@@ -575,6 +579,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "adaptive": rd.adaptive,
             "step_kinds": list(rd.decoder.kinds) if rd.decoder.policy is not None else ["tree"],
             "quick_argmax": rd.argmax_head is not None,
+            "compile": rd.compile,
             "quantization": rd.quantization.to_json(),
             "peak_rss_mb": peak_rss_mb(),
             "beams": rd.num_beams,
@@ -727,7 +732,7 @@ def run_sweep(
     """Tokens/s of every tree shape W x L (and of ``ar``), interleaved per prompt; ``sweep.json``/``.png``."""
     if rd.drafter is None:
         raise RedrafterError("--sweep needs a drafter (--drafter FOLDER)")
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
     for w in beams:
         for length in draft_lens:
             engines[f"W{w}-L{length}"] = variant(rd, num_beams=w, draft_len=length)
@@ -798,7 +803,7 @@ def run_batch_sweep(
     rd: ReDrafter, encoded: list[list[int]], batch_sizes: list[int], max_new_tokens: int, out: Path
 ) -> dict:
     """Tokens/s against batch size for ``redrafter`` and ``ar``; ``batch.json``/``batch.png``."""
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
     if rd.drafter is not None:
         engines["redrafter"] = rd
     table: dict[str, dict[str, dict]] = {name: {} for name in engines}
@@ -829,7 +834,7 @@ def run_profile(rd: ReDrafter, encoded: list[list[int]], max_new_tokens: int, ou
     ``redrafter`` verifies a tree every step here (an adaptive engine's plain steps would blur the
     tree step's stages). Writes ``profile.json``.
     """
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None)}
+    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
     if rd.drafter is not None:
         engines["redrafter"] = variant(rd, adaptive=False)
     table = {}

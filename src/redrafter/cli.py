@@ -124,6 +124,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the target's forward through torch.compile: cheaper steps after minutes of compiling at the "
+        "first prefill, one-token step and tree step (worth it for serve, bench or many prompts; needs a C++ "
+        "compiler on a CPU; Llama, Mistral and Qwen2 targets)",
+    )
 
 
 def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +170,10 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         drafter_weights=args.drafter_weights,
         adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
         small_tree=getattr(args, "small_tree", None),
+        compile=args.compile,
     )
+    if args.compile:
+        print("redrafter: --compile: the first prefill and steps compile the forward (minutes)", file=sys.stderr)
     report = rd.quantization
     if report.weights != "float":
         print(
@@ -403,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
-        "side by side, and drafter-weights=float|int8|int4; repeatable)",
+        "side by side, drafter-weights=float|int8|int4, quick-argmax=0 for the float head's argmax candidates, "
+        "and compile=1 or 0 for the compiled forward or the eager one; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -151,6 +151,8 @@ class SpeculativeDecoder:
             lookup beams cut shorter: at most ``lookup_len`` and ``ngram_len``), or None.
         argmax_head: a cheaper head for the greedy argmax's candidates
             (:class:`redrafter.quant.ArgmaxHead`), or None: the target's own.
+        compile: run the lean forward through ``torch.compile``
+            (:class:`redrafter.lean_decoder.CompiledDecoder`; needs ``lean`` and a covered model).
     """
 
     def __init__(
@@ -165,11 +167,12 @@ class SpeculativeDecoder:
         policy: SpeculationPolicy | None = None,
         small_tree: TreeKind | None = None,
         argmax_head: nn.Module | None = None,
+        compile: bool = False,
     ) -> None:
         self.target = target
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
-        self.forward = target_forward(target, lean)
+        self.forward = target_forward(target, lean, compile)
         self.proposer = proposer
         self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
         self.hidden_size = target.config.hidden_size

@@ -1,0 +1,71 @@
+"""The compiled forward (``--compile``): the lean forward through ``torch.compile``, same outputs.
+
+Each test compiles a tiny float64 model (tens of seconds on a 2-core CPU), and checks that dynamo
+really compiled graphs, so a silent fall-back to the eager forward would fail it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COMMON, tiny_target
+from test_lean_decoder import a_tree, forward_twice
+from test_parity import hf_greedy, random_drafter, random_prompt, speculative
+from torch._dynamo.utils import counters
+
+from redrafter.api import ReDrafter
+from redrafter.bench import parse_variant
+from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.errors import RedrafterError
+from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal, target_forward
+
+
+def compiled_graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_forward_equals_the_lean_one_in_float64():
+    model = tiny_target("qwen2")  # biases too
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    tree, ancestors = a_tree(2)
+    expected = forward_twice(model, LeanDecoder(model), prompt, tree, ancestors)
+    compiled = target_forward(model, compile=True)
+    assert isinstance(compiled, CompiledDecoder) and compiled.lean is target_forward(model)
+    before = compiled_graphs()
+    got = forward_twice(model, compiled, prompt, tree, ancestors)
+    assert compiled_graphs() > before
+    # The model's float32 parts (its rotary tables, its norms, float32 even for a float64 model) run
+    # in generated kernels instead of aten's: they round differently, at float32's precision.
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_speculative_greedy_equals_plain_greedy():
+    model = tiny_target("llama", seed=5)
+    drafter = random_drafter(model, seed=11)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), eos_token_ids=[], lookup_len=5, compile=True)
+    before = compiled_graphs()
+    prompts = [random_prompt(length, seed) for seed, length in enumerate((6, 13, 3))]
+    ids, per_step = speculative(decoder, prompts, 24)  # a batch of three rows of different lengths
+    assert compiled_graphs() > before
+    for prompt, got in zip(prompts, ids, strict=True):
+        assert got == hf_greedy(model, prompt, 24)
+    one, _ = speculative(decoder, [prompts[1]], 30)  # one row, longer: the same graphs, other sizes
+    assert one[0] == hf_greedy(model, prompts[1], 30)
+
+
+def test_compile_needs_the_lean_forward():
+    gemma = tiny_target("gemma3")
+    assert "gemma3_text" in compile_refusal(gemma)
+    with pytest.raises(ValueError, match="needs the lean one"):
+        target_forward(gemma, compile=True)
+    with pytest.raises(RedrafterError, match="--compile: .*gemma3_text"):
+        ReDrafter(gemma, None, None, compile=True)
+    llama = tiny_target("llama")
+    assert compile_refusal(llama) is None and "lean=False" in compile_refusal(llama, lean=False)
+    with pytest.raises(RedrafterError, match="lean=False"):
+        ReDrafter(llama, None, None, lean=False, compile=True)
+
+
+def test_a_bench_variant_can_compile():
+    assert parse_variant("c", "compile=1,beams=2") == {"compile": 1, "num_beams": 2}
