@@ -9,15 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import COMMON, tiny_target
+from test_batching import drive
 from test_lean_decoder import a_tree, forward_twice
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 from torch._dynamo.utils import counters
 
 from redrafter.api import ReDrafter
 from redrafter.bench import parse_variant
-from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder
 from redrafter.errors import RedrafterError
 from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal, target_forward
+from redrafter.sampling import SamplingParams, TokenChooser
 
 
 def compiled_graphs() -> int:
@@ -69,3 +71,23 @@ def test_compile_needs_the_lean_forward():
 
 def test_a_bench_variant_can_compile():
     assert parse_variant("c", "compile=1,beams=2") == {"compile": 1, "num_beams": 2}
+
+
+def test_rows_joining_a_compiled_batch_decode_as_alone_without_compiling_per_step():
+    """Rows join and leave between steps (the server's batch): outputs stay exact, and the batch
+    sizes and tree widths on the way share a few graphs (a prefill and a step, for one row and
+    for more) instead of compiling again for each new shape or stride."""
+    model = tiny_target("llama", seed=11)
+    drafter = random_drafter(model, seed=11)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], 6, compile=True)
+    prompts = [random_prompt(n, 20 + n) for n in (7, 2, 19, 4, 11, 5, 6)]
+    budgets = [30, 12, 25, 30, 8, 9, 10]
+    joins = {0: [0], 2: [1, 2], 5: [3], 9: [4], 12: [5, 6]}
+    joins = {step: [(prompts[i], budgets[i]) for i in rows] for step, rows in joins.items()}
+    torch._dynamo.reset()  # forget graphs compiled by earlier tests (same-shaped models share them)
+    before = compiled_graphs()
+    outputs: dict[int, list[int]] = {}
+    drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs)
+    assert 0 < compiled_graphs() - before <= 4
+    for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        assert outputs[row] == hf_greedy(model, prompt, budget), f"row {row}"

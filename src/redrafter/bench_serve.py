@@ -132,6 +132,8 @@ def run_serve_benchmark(
     try:
         for engine, server in servers.values():  # warm-up: one short request each
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
+            if rd.compile:  # and two at once: batches of two or more rows compile graphs of their own
+                on_main_thread(engine, lambda url=server.url: run_concurrency(url, texts, 2, 2, 8))
         for n in concurrencies:
             measured: dict[str, list[dict]] = {mode: [] for mode in MODES}
             steps = {mode: [0, 0] for mode in MODES}  # tree, plain
@@ -173,6 +175,7 @@ def run_serve_benchmark(
             "dtype": str(rd.target.dtype).removeprefix("torch."),
             "weights": rd.quantization.weights,
             "drafter_weights": rd.drafter_weights,
+            "compile": rd.compile,
             "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
         },
         "results": table,

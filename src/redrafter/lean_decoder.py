@@ -261,8 +261,10 @@ class CompiledDecoder(nn.Module):
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """As :meth:`LeanDecoder.forward`."""
-        return self.compiled(input_ids, positions, masks, cache, layers)
+        """As :meth:`LeanDecoder.forward`. The inputs go in contiguous: the decode loop's are often
+        views of wider tensors, and each new stride would compile the forward again."""
+        masks = {k: m.contiguous() for k, m in masks.items()} if isinstance(masks, dict) else masks.contiguous()
+        return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
 
 
 def compile_refusal(target: PreTrainedModel, lean: bool = True) -> str | None:
