@@ -22,6 +22,12 @@ from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal
 from redrafter.sampling import SamplingParams, TokenChooser
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Forget graphs compiled by earlier tests: same-shaped models share them."""
+    torch._dynamo.reset()
+
+
 def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
@@ -48,7 +54,7 @@ def test_compiled_speculative_greedy_equals_plain_greedy():
     decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), eos_token_ids=[], lookup_len=5, compile=True)
     before = compiled_graphs()
     prompts = [random_prompt(length, seed) for seed, length in enumerate((6, 13, 3))]
-    ids, per_step = speculative(decoder, prompts, 24)  # a batch of three rows of different lengths
+    ids, _ = speculative(decoder, prompts, 24)  # a batch of three rows of different lengths
     assert compiled_graphs() > before
     for prompt, got in zip(prompts, ids, strict=True):
         assert got == hf_greedy(model, prompt, 24)
@@ -84,7 +90,6 @@ def test_rows_joining_a_compiled_batch_decode_as_alone_without_compiling_per_ste
     budgets = [30, 12, 25, 30, 8, 9, 10]
     joins = {0: [0], 2: [1, 2], 5: [3], 9: [4], 12: [5, 6]}
     joins = {step: [(prompts[i], budgets[i]) for i in rows] for step, rows in joins.items()}
-    torch._dynamo.reset()  # forget graphs compiled by earlier tests (same-shaped models share them)
     before = compiled_graphs()
     outputs: dict[int, list[int]] = {}
     drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs)

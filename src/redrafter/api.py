@@ -185,8 +185,8 @@ class ReDrafter:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
         if drafter_weights not in WEIGHTS:
             raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
-        if compile and compile_refusal(target, lean) is not None:
-            raise RedrafterError(f"--compile: {compile_refusal(target, lean)}")
+        if compile and (refusal := compile_refusal(target, lean)) is not None:
+            raise RedrafterError(f"--compile: {refusal}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes

@@ -23,9 +23,9 @@ through transformers: :func:`target_forward` picks.
 **Compiled** (:class:`CompiledDecoder`, opt-in): the same forward through ``torch.compile`` with
 dynamic shapes, which fuses the norms, rotary and residual operations into a few generated kernels
 and drops Python's per-operation overhead (the matrix products stay the library's). On a 2-core CPU
-this made the int4 target's one-token forward about 1.4x faster in the decode loop. Compiling costs
-minutes on such a CPU when the process starts (one graph each for the prefill, one-token steps and
-tree steps), so it pays for a server or a long batch, not one short answer. Fused kernels round
+this made the int4 target's one-token forward 1.3 to 1.5x faster in the decode loop. Compiling costs
+minutes on such a CPU (a graph each for the prefill, one-token steps and wider steps, for one row and
+for more), so it pays for a server or a long batch, not one short answer. Fused kernels round
 bfloat16 intermediates differently from eager ones, so output can differ from the eager forward's
 at near-ties of the target's logits, as any change of kernels does.
 """
