@@ -11,8 +11,14 @@ from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder
 from redrafter.sampling import RowChooser, SamplingParams, TokenChooser
 
 
-def drive(batch: RunningBatch, joins: dict[int, list[tuple[list[int], int]]], outputs: dict[int, list[int]]) -> None:
-    """Step ``batch`` until it is empty, adding ``joins[k]`` (prompt, budget) pairs before step ``k``."""
+def drive(
+    batch: RunningBatch,
+    joins: dict[int, list[tuple[list[int], int]]],
+    outputs: dict[int, list[int]],
+    kinds: list[int] = [1],  # noqa: B006 (read only)
+) -> None:
+    """Step ``batch`` until it is empty, adding ``joins[k]`` (prompt, budget) pairs before step ``k``;
+    step ``k`` is of kind ``kinds[k % len(kinds)]`` (see :meth:`RunningBatch.step`)."""
     step = 0
     while batch.size or any(k >= step for k in joins):
         if step in joins:
@@ -20,7 +26,7 @@ def drive(batch: RunningBatch, joins: dict[int, list[tuple[list[int], int]]], ou
             out = batch.add(list(prompts), list(budgets))
             for row, tokens in zip(out.rows, out.tokens, strict=True):
                 outputs.setdefault(row, []).extend(tokens)
-        out = batch.step()
+        out = batch.step(kinds[step % len(kinds)])
         for row, tokens in zip(out.rows, out.tokens, strict=True):
             outputs[row].extend(tokens)
         step += 1

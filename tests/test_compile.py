@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from redrafter.api import ReDrafter
 from redrafter.bench import parse_variant
-from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder
+from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
 from redrafter.errors import RedrafterError
 from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal, target_forward
 from redrafter.sampling import SamplingParams, TokenChooser
@@ -34,18 +34,21 @@ def compiled_graphs() -> int:
 
 def test_compiled_forward_equals_the_lean_one_in_float64():
     model = tiny_target("qwen2")  # biases too
-    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
     tree, ancestors = a_tree(2)
-    expected = forward_twice(model, LeanDecoder(model), prompt, tree, ancestors)
     compiled = target_forward(model, compile=True)
     assert isinstance(compiled, CompiledDecoder) and compiled.lean is target_forward(model)
-    before = compiled_graphs()
-    got = forward_twice(model, compiled, prompt, tree, ancestors)
-    assert compiled_graphs() > before
-    # The model's float32 parts (its rotary tables, its norms, float32 even for a float64 model) run
-    # in generated kernels instead of aten's: they round differently, at float32's precision.
-    for want, have in zip(expected, got, strict=True):
-        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    # Prompts of 11 tokens, then of 13: the second's tree no longer fits the cache (room for 17),
+    # which grows before the compiled forward, not inside it (in a graph of its own).
+    for length, seed in ((11, 3), (13, 4)):
+        prompt = torch.randint(1, COMMON["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
+        expected = forward_twice(model, LeanDecoder(model), prompt, tree, ancestors, capacity=17)
+        before = compiled_graphs()
+        got = forward_twice(model, compiled, prompt, tree, ancestors, capacity=17)
+        assert compiled_graphs() > before if length == 11 else compiled_graphs() == before
+        # The model's float32 parts (its rotary tables, its norms, float32 even for a float64 model)
+        # run in generated kernels instead of aten's: they round differently, at float32's precision.
+        for want, have in zip(expected, got, strict=True):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_speculative_greedy_equals_plain_greedy():
@@ -79,20 +82,27 @@ def test_a_bench_variant_can_compile():
     assert parse_variant("c", "compile=1,beams=2") == {"compile": 1, "num_beams": 2}
 
 
-def test_rows_joining_a_compiled_batch_decode_as_alone_without_compiling_per_step():
-    """Rows join and leave between steps (the server's batch): outputs stay exact, and the batch
-    sizes and tree widths on the way share a few graphs (a prefill and a step, for one row and
-    for more) instead of compiling again for each new shape or stride."""
+def test_a_warmed_up_decoder_compiles_nothing_while_rows_join_and_steps_change_kind():
+    """Rows join and leave between steps (the server's batch), and steps change kind (tree, small
+    tree, plain): after :meth:`SpeculativeDecoder.warm_up` no new shape, stride or kind compiles
+    anything, and the outputs stay exact."""
     model = tiny_target("llama", seed=11)
     drafter = random_drafter(model, seed=11)
-    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], 6, compile=True)
+    small = TreeKind(DrafterProposer(drafter, 2, 2), lookup_len=3)
+    decoder = SpeculativeDecoder(
+        model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], 6, small_tree=small, compile=True
+    )
+    before = compiled_graphs()
+    decoder.warm_up()
+    warmed = compiled_graphs()
+    # The prefill, the plain step and the trees' steps, each for one row and for more.
+    assert 4 <= warmed - before <= 6
     prompts = [random_prompt(n, 20 + n) for n in (7, 2, 19, 4, 11, 5, 6)]
     budgets = [30, 12, 25, 30, 8, 9, 10]
     joins = {0: [0], 2: [1, 2], 5: [3], 9: [4], 12: [5, 6]}
     joins = {step: [(prompts[i], budgets[i]) for i in rows] for step, rows in joins.items()}
-    before = compiled_graphs()
     outputs: dict[int, list[int]] = {}
-    drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs)
-    assert 0 < compiled_graphs() - before <= 4
+    drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs, kinds=[1, 0, 2, 2, 0])
+    assert compiled_graphs() == warmed
     for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
         assert outputs[row] == hf_greedy(model, prompt, budget), f"row {row}"

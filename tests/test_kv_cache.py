@@ -50,3 +50,17 @@ def test_select_rows_and_crop():
     assert cache.layers[0].keys[:, 0, 0, 0].tolist() == [2.0, 0.0]
     cache.crop(-2)  # the transformers 5 convention: a negative count
     assert cache.length == 2 and cache.get_seq_length() == 2
+
+
+def test_reserve_grows_allocated_layers_and_keeps_their_entries():
+    cache = TreeKVCache(num_layers=2, capacity=4)
+    cache.reserve(100)  # nothing allocated yet: the first update allocates
+    context = torch.randn(2, 3, 3, 2)
+    cache.update(context, -context, 0)
+    assert cache.layers[1].keys is None
+    cache.reserve(9)
+    assert cache.layers[0].capacity >= 9 and cache.layers[0].keys.shape[2] == cache.layers[0].capacity
+    assert torch.equal(cache.layers[0].keys[:, :, :3], context) and cache.length == 3
+    capacity = cache.layers[0].capacity
+    cache.reserve(5)  # fits already: unchanged
+    assert cache.layers[0].capacity == capacity

@@ -23,12 +23,13 @@ from redrafter.quant import Int4Linear, Int8Linear, quantize_int4
 from redrafter.tree import layer_masks
 
 
-def forward_twice(model, forward, prompt: torch.Tensor, tree: torch.Tensor, ancestors: torch.Tensor):
+def forward_twice(model, forward, prompt: torch.Tensor, tree: torch.Tensor, ancestors: torch.Tensor, capacity: int = 8):
     """Prefill ``prompt [B, P]`` then verify ``tree [B, N]`` (a tree mask) through ``forward``; both
-    hidden-state tensors."""
+    hidden-state tensors. The cache starts with room for ``capacity`` entries (by default fewer
+    than a prompt: it grows on the way)."""
     batch, length = prompt.shape
     windows = attention_windows(model.config)
-    cache = TreeKVCache(model.config.num_hidden_layers, capacity=8)  # small: the cache grows on the way
+    cache = TreeKVCache(model.config.num_hidden_layers, capacity=capacity)
     positions = torch.arange(length)[None].expand(batch, -1)
     causal = torch.ones(length, length, dtype=torch.bool).tril()[None].expand(batch, -1, -1)
     masks = layer_masks(causal, positions, positions, windows, model.dtype)

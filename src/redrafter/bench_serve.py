@@ -130,10 +130,10 @@ def run_serve_benchmark(
     texts = [p.text for p in prompts]
     table: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
     try:
+        if rd.compile:  # every graph (prefills and steps of each kind, of one row and of more) before any round
+            rd.decoder.warm_up()
         for engine, server in servers.values():  # warm-up: one short request each
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
-            if rd.compile:  # and two at once: batches of two or more rows compile graphs of their own
-                on_main_thread(engine, lambda url=server.url: run_concurrency(url, texts, 2, 2, 8))
         for n in concurrencies:
             measured: dict[str, list[dict]] = {mode: [] for mode in MODES}
             steps = {mode: [0, 0] for mode in MODES}  # tree, plain

@@ -854,6 +854,9 @@ def run_serve(args: argparse.Namespace) -> int:
     rd = _load_engine(args, drafter)
     name = args.served_model_name or ("default" if args.model == "default" else Path(args.model).stem)
     engine = Engine(rd, args.max_batch, args.max_queue, args.speculate_max_batch)
+    if rd.compile:  # every graph now: none compiles while a request waits
+        print("redrafter: compiling each prefill and step shape before the port opens", file=sys.stderr)
+        rd.decoder.warm_up()
     server = BackgroundServer(build_app(engine, name, run_engine=False), args.host, args.port)
 
     def shut_down(*_) -> None:  # SIGTERM / Ctrl-C: no new requests; running ones finish

@@ -262,6 +262,21 @@ class SpeculativeDecoder:
                 for row in batch.ids:
                     policy.forget(row)
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run each shape of forward a running batch meets once: a prefill of one row and a step of
+        each kind (:attr:`kinds`) at one row, then a prefill of two rows joining it and a step of each
+        kind at three. With ``compile``, these are the graphs there are (dynamo compiles a size of 1
+        apart from larger ones, so one row and several rows, one-token steps and wider ones, each have
+        their own); a server warmed up this way compiles nothing while it serves."""
+        batch = RunningBatch(self, TokenChooser(self.target, SamplingParams(), self.argmax_head))
+        vocab = self.target.config.vocab_size
+        for rows in (1, 2):
+            # Tokens from the middle of the vocabulary (special ones sit at its ends); unequal lengths pad.
+            batch.add([[(vocab // 2 + 7 * i + k) % vocab for k in range(6 + i)] for i in range(rows)], [64] * rows)
+            for kind in range(len(self.kinds)):
+                batch.step(kind)
+
     def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
         """The rows' context-lookup and n-gram beams, or None when both are off."""
         if self.lookup_len <= 1 and self.ngrams is None:

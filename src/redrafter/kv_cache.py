@@ -147,6 +147,13 @@ class TreeKVCache(Cache):
         for layer, theirs in zip(self.layers, other.layers, strict=True):
             layer.merge(theirs)
 
+    def reserve(self, needed: int) -> None:
+        """Grow every allocated layer to hold ``needed`` entries now (a compiled forward would
+        otherwise grow it inside, in a graph of its own)."""
+        for layer in self.layers:
+            if layer.is_initialized and needed > layer.capacity:
+                layer._grow(needed)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` ``[B']`` (finished rows leave the batch)."""
         for layer in self.layers:

@@ -261,9 +261,12 @@ class CompiledDecoder(nn.Module):
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """As :meth:`LeanDecoder.forward`. The inputs go in contiguous: the decode loop's are often
-        views of wider tensors, and each new stride would compile the forward again."""
+        """As :meth:`LeanDecoder.forward`. Two things happen here, outside the graph, that would each
+        compile it again: the inputs go in contiguous (the decode loop's are often views of wider
+        tensors: each new stride), and the cache grows first when the new entries would not fit (in
+        a continuous batch the shared cache outgrows what the rows were given at their prefill)."""
         masks = {k: m.contiguous() for k, m in masks.items()} if isinstance(masks, dict) else masks.contiguous()
+        cache.reserve(cache.length + input_ids.shape[1])
         return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
 
 
