@@ -18,8 +18,11 @@ from redrafter.api import ReDrafter
 from redrafter.bench import parse_variant
 from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
 from redrafter.errors import RedrafterError
+from redrafter.kv_cache import TreeKVCache
 from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal, target_forward
+from redrafter.models import attention_windows
 from redrafter.sampling import SamplingParams, TokenChooser
+from redrafter.tree import layer_masks
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +52,32 @@ def test_compiled_forward_equals_the_lean_one_in_float64():
         # run in generated kernels instead of aten's: they round differently, at float32's precision.
         for want, have in zip(expected, got, strict=True):
             torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    # A cache longer than the rotary tables at low positions (in a continuous batch the shared cache
+    # outgrows the tables, rows joining left-padded to it): the tables stay, nothing compiles.
+    tables = compiled.lean.cos
+    before = compiled_graphs()
+    expected = long_cache_low_positions(model, LeanDecoder(model), tables.shape[0] + 70)
+    got = long_cache_low_positions(model, compiled, tables.shape[0] + 70)
+    assert compiled.lean.cos is tables and compiled_graphs() == before
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def long_cache_low_positions(model, forward, length: int) -> torch.Tensor:
+    """Prefill ``length`` tokens at positions below 100 (two rows), then verify a tree after them;
+    the tree's hidden states."""
+    windows = attention_windows(model.config)
+    cache = TreeKVCache(model.config.num_hidden_layers, capacity=length + 8)
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, length), generator=torch.Generator().manual_seed(5))
+    positions = (torch.arange(length) % 100)[None].expand(2, -1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None].expand(2, -1, -1)
+    forward(prompt, positions, layer_masks(causal, positions, positions, windows, model.dtype), cache)
+    tree, ancestors = a_tree(2)
+    tree_positions = 100 + ancestors.sum(-1) - 1
+    allowed = torch.cat([torch.ones(2, 5, length, dtype=torch.bool), ancestors], dim=2)
+    key_positions = torch.cat([positions, tree_positions], dim=1)
+    return forward(
+        tree, tree_positions, layer_masks(allowed, tree_positions, key_positions, windows, model.dtype), cache
+    )
 
 
 def test_compiled_speculative_greedy_equals_plain_greedy():

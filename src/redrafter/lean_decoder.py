@@ -161,23 +161,36 @@ class LeanDecoder(nn.Module):
         normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None, self.eps)
         return weight * normalized.to(x.dtype)
 
-    def _rotary_tables(
-        self, positions: torch.Tensor, needed: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, 1, q, hd]`` cos and signed sin at ``positions`` ``[B, q]``, all below ``needed``
-        (the tables double as needed; known from the cache, so no device sync).
+    def cover_positions(self, positions: torch.Tensor, bound: int) -> None:
+        """Make the rotary tables cover ``positions`` ``[B, q]``, all below ``bound``.
+
+        The decode loop's bound is the cache's length plus the new tokens, known without reading
+        the positions (no device sync). In a continuous batch, though, the shared cache's length
+        outgrows every row's own positions (rows join left-padded to it), so past the tables' size
+        the positions' own maximum decides.
+        """
+        if bound > self.cos.shape[0]:
+            bound = int(positions.max()) + 1
+        self.make_tables(bound, positions.device)
+
+    def make_tables(self, size: int, device: torch.device) -> None:
+        """Rotary tables for at least ``size`` positions on ``device``, in the embeddings' dtype (they
+        double as needed). Made as normal tensors even under inference mode: a compiled forward
+        guards on how its tables were made.
 
         The model rotates ``x cos + cat(-x2, x1) sin`` (``x1``, ``x2`` the halves of a head);
         with the first half of ``sin`` negated that is ``x cos + roll(x, hd / 2) sin``: the same
         products, fewer operations.
         """
-        if self.cos.shape[0] < needed or self.cos.dtype != dtype or self.cos.device != positions.device:
-            size = max(needed, 2 * self.cos.shape[0], 1024)
-            probe = torch.empty(0, dtype=dtype, device=positions.device)
-            cos, sin = self.rotary(probe, torch.arange(size, device=positions.device)[None])
+        dtype = self.embed.weight.dtype
+        if self.cos.shape[0] >= size and self.cos.dtype == dtype and self.cos.device == device:
+            return
+        size = max(size, 2 * self.cos.shape[0], 1024)
+        with torch.inference_mode(False), torch.no_grad():
+            probe = torch.empty(0, dtype=dtype, device=device)
+            cos, sin = self.rotary(probe, torch.arange(size, device=device)[None])
             half = self.head_dim // 2
             self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-        return self.cos[positions][:, None], self.sin[positions][:, None]
 
     def forward(
         self,
@@ -191,12 +204,24 @@ class LeanDecoder(nn.Module):
         ``[B, q, (1 + n) d]``: the final hidden states (after the last norm), then the outputs of
         decoder layers ``layers``. Appends the new keys and values to ``cache``. ``masks``: additive
         ``[B, 1, q, K]``, or one per layer type."""
+        self.cover_positions(positions, cache.length + input_ids.shape[1])
+        return self.run(input_ids, positions, masks, cache, layers)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        masks: Masks,
+        cache: TreeKVCache,
+        layers: tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        """:meth:`forward` once the rotary tables cover ``positions`` (what :class:`CompiledDecoder`
+        compiles: nothing in it changes the tables)."""
         batch, length = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
         x = self.embed(input_ids)
-        # A row's positions stay below the cache's length plus the new tokens (padding is at 0).
-        cos, sin = self._rotary_tables(positions, cache.length + length, x.dtype)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, q, hd]
         # Each key/value head's queries go along the query axis: [B, KV, G q, hd], the mask with them.
         by_type = masks if isinstance(masks, dict) else {None: masks}
         packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
@@ -247,11 +272,9 @@ class CompiledDecoder(nn.Module):
     def __init__(self, lean: LeanDecoder, max_positions: int) -> None:
         super().__init__()
         self.lean = lean
-        # Rotary tables for the whole context now: tables grown inside the compiled forward would
-        # compile it again in the middle of an answer.
-        weight = lean.embed.weight
-        lean._rotary_tables(torch.zeros(1, 1, dtype=torch.long, device=weight.device), max_positions, weight.dtype)
-        self.compiled = torch.compile(lean.forward, dynamic=True)
+        # Rotary tables for the whole context now: tables made again would compile every graph again.
+        lean.make_tables(max_positions, lean.embed.weight.device)
+        self.compiled = torch.compile(lean.run, dynamic=True)
 
     def forward(
         self,
@@ -261,12 +284,14 @@ class CompiledDecoder(nn.Module):
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """As :meth:`LeanDecoder.forward`. Two things happen here, outside the graph, that would each
-        compile it again: the inputs go in contiguous (the decode loop's are often views of wider
-        tensors: each new stride), and the cache grows first when the new entries would not fit (in
-        a continuous batch the shared cache outgrows what the rows were given at their prefill)."""
+        """As :meth:`LeanDecoder.forward`. What would compile the graph again happens here, outside
+        it: the inputs go in contiguous (the decode loop's are often views of wider tensors: each
+        new stride), the cache grows first when the new entries would not fit, and the rotary
+        tables cover the positions (in a continuous batch the shared cache outgrows both what the
+        rows were given at their prefill and the tables' size)."""
         masks = {k: m.contiguous() for k, m in masks.items()} if isinstance(masks, dict) else masks.contiguous()
         cache.reserve(cache.length + input_ids.shape[1])
+        self.lean.cover_positions(positions, cache.length + input_ids.shape[1])
         return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
 
 
