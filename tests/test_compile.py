@@ -41,8 +41,9 @@ def test_compiled_forward_equals_the_lean_one_in_float64():
     compiled = target_forward(model, compile=True)
     assert isinstance(compiled, CompiledDecoder) and compiled.lean is target_forward(model)
     # Prompts of 11 tokens, then of 13: the second's tree no longer fits the cache (room for 17),
-    # which grows before the compiled forward, not inside it (in a graph of its own).
-    for length, seed in ((11, 3), (13, 4)):
+    # which grows before the compiled forward, not inside it (in a graph of its own); then of 12:
+    # the tree would fill the cache exactly (a view of the whole buffer, a graph of its own).
+    for length, seed in ((11, 3), (13, 4), (12, 6)):
         prompt = torch.randint(1, COMMON["vocab_size"], (2, length), generator=torch.Generator().manual_seed(seed))
         expected = forward_twice(model, LeanDecoder(model), prompt, tree, ancestors, capacity=17)
         before = compiled_graphs()

@@ -290,8 +290,11 @@ class CompiledDecoder(nn.Module):
         tables cover the positions (in a continuous batch the shared cache outgrows both what the
         rows were given at their prefill and the tables' size)."""
         masks = {k: m.contiguous() for k, m in masks.items()} if isinstance(masks, dict) else masks.contiguous()
-        cache.reserve(cache.length + input_ids.shape[1])
-        self.lean.cover_positions(positions, cache.length + input_ids.shape[1])
+        needed = cache.length + input_ids.shape[1]
+        # One entry to spare: new entries that filled the buffer exactly would make the cache's view
+        # of it the whole buffer, which the graphs guard against (it would compile one of its own).
+        cache.reserve(needed + 1)
+        self.lean.cover_positions(positions, needed)
         return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
 
 
