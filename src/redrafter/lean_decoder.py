@@ -145,6 +145,7 @@ class LeanDecoder(nn.Module):
         decoder = decoder_of(target)
         self.embed = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
+        self.max_positions = context_limit(config)  # the decode loop keeps every position below it
         self.final_norm = decoder.norm.weight
         self.eps = config.rms_norm_eps
         self.heads = config.num_attention_heads
@@ -162,16 +163,15 @@ class LeanDecoder(nn.Module):
         return weight * normalized.to(x.dtype)
 
     def cover_positions(self, positions: torch.Tensor, bound: int) -> None:
-        """Make the rotary tables cover ``positions`` ``[B, q]``, all below ``bound``.
+        """Make the rotary tables cover ``positions`` ``[B, q]``, all below ``bound`` and below the
+        model's context (:attr:`max_positions`), where the decode loop stops every row.
 
         The decode loop's bound is the cache's length plus the new tokens, known without reading
-        the positions (no device sync). In a continuous batch, though, the shared cache's length
-        outgrows every row's own positions (rows join left-padded to it), so past the tables' size
-        the positions' own maximum decides.
+        the positions (no device sync). In a continuous batch the shared cache's length outgrows
+        every row's own positions (rows join left-padded to it), even the context: the context
+        is then the bound.
         """
-        if bound > self.cos.shape[0]:
-            bound = int(positions.max()) + 1
-        self.make_tables(bound, positions.device)
+        self.make_tables(min(bound, self.max_positions), positions.device)
 
     def make_tables(self, size: int, device: torch.device) -> None:
         """Rotary tables for at least ``size`` positions on ``device``, in the embeddings' dtype (they
