@@ -162,27 +162,22 @@ class LeanDecoder(nn.Module):
         normalized = F.rms_norm(x.float() if x.dtype == torch.float64 else x, (x.shape[-1],), None, self.eps)
         return weight * normalized.to(x.dtype)
 
-    def cover_positions(self, positions: torch.Tensor, bound: int) -> None:
-        """Make the rotary tables cover ``positions`` ``[B, q]``, all below ``bound`` and below the
-        model's context (:attr:`max_positions`), where the decode loop stops every row.
+    def make_tables(self, size: int, device: torch.device) -> None:
+        """Rotary tables for at least ``size`` positions on ``device``, or for the model's context
+        (:attr:`max_positions`, where the decode loop stops every row) when that is less, in the
+        embeddings' dtype (they double as needed). Made as normal tensors even under inference mode:
+        a compiled forward guards on how its tables were made.
 
-        The decode loop's bound is the cache's length plus the new tokens, known without reading
+        The decode loop's ``size`` is the cache's length plus the new tokens, known without reading
         the positions (no device sync). In a continuous batch the shared cache's length outgrows
         every row's own positions (rows join left-padded to it), even the context: the context
         is then the bound.
-        """
-        self.make_tables(min(bound, self.max_positions), positions.device)
-
-    def make_tables(self, size: int, device: torch.device) -> None:
-        """Rotary tables for at least ``size`` positions on ``device``, in the embeddings' dtype (they
-        double as needed). Made as normal tensors even under inference mode: a compiled forward
-        guards on how its tables were made.
 
         The model rotates ``x cos + cat(-x2, x1) sin`` (``x1``, ``x2`` the halves of a head);
         with the first half of ``sin`` negated that is ``x cos + roll(x, hd / 2) sin``: the same
         products, fewer operations.
         """
-        dtype = self.embed.weight.dtype
+        dtype, size = self.embed.weight.dtype, min(size, self.max_positions)
         if self.cos.shape[0] >= size and self.cos.dtype == dtype and self.cos.device == device:
             return
         size = max(size, 2 * self.cos.shape[0], 1024)
@@ -204,7 +199,7 @@ class LeanDecoder(nn.Module):
         ``[B, q, (1 + n) d]``: the final hidden states (after the last norm), then the outputs of
         decoder layers ``layers``. Appends the new keys and values to ``cache``. ``masks``: additive
         ``[B, 1, q, K]``, or one per layer type."""
-        self.cover_positions(positions, cache.length + input_ids.shape[1])
+        self.make_tables(cache.length + input_ids.shape[1], input_ids.device)
         return self.run(input_ids, positions, masks, cache, layers)
 
     def run(
@@ -294,7 +289,7 @@ class CompiledDecoder(nn.Module):
         # One entry to spare: new entries that filled the buffer exactly would make the cache's view
         # of it the whole buffer, which the graphs guard against (it would compile one of its own).
         cache.reserve(needed + 1)
-        self.lean.cover_positions(positions, needed)
+        self.lean.make_tables(needed, input_ids.device)
         return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
 
 
