@@ -98,3 +98,34 @@ def test_per_row_sampling_beside_other_rows_is_what_the_row_draws_alone():
     mixed = run([(random_prompt(4, 6), greedy), (target, sampled), (random_prompt(8, 7), SamplingParams(1.3, seed=2))])
     assert mixed[1] == alone
     assert mixed[0] == hf_greedy(model, random_prompt(4, 6), 20)
+
+
+@pytest.mark.parametrize("kinds", [[1], [0]])
+def test_a_batch_drops_the_padding_its_rows_no_longer_need(kinds):
+    """When the row that set the shared cache length leaves, the others' entries move together and
+    the cache shrinks to the longest remaining row; what they decode does not change."""
+    model = tiny_target("llama", seed=13)
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=13), 3, 4), [], lookup_len=5)
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    prompts = [random_prompt(60, 31), random_prompt(4, 32), random_prompt(9, 33)]
+    outputs: dict[int, list[int]] = {}
+    lengths = []  # (shared cache length, longest row's real entries) after each step
+    for step in range(40):
+        if step in (0, 3):
+            joining = [prompts[0], prompts[1]] if step == 0 else [prompts[2]]
+            out = batch.add(joining, [6, 30] if step == 0 else [25])
+            for row, tokens in zip(out.rows, out.tokens, strict=True):
+                outputs.setdefault(row, []).extend(tokens)
+        if not batch.size:
+            break
+        out = batch.step(kinds[step % len(kinds)])
+        for row, tokens in zip(out.rows, out.tokens, strict=True):
+            outputs[row].extend(tokens)
+        if batch.size:
+            lengths.append((batch.rows.cache.length, int(batch.rows.row_length.max())))
+    for row, (prompt, budget) in enumerate(zip(prompts, [6, 30, 25], strict=True)):
+        assert outputs[row] == hf_greedy(model, prompt, budget), f"row {row}"
+    # Row 0 (60 prompt tokens) left after its 6 tokens; the cache then holds what the others need.
+    assert lengths[0][0] >= 60
+    assert all(shared - longest < max(16, shared / 4) for shared, longest in lengths)
+    assert lengths[-1][0] < 60

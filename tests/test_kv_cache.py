@@ -64,3 +64,17 @@ def test_reserve_grows_allocated_layers_and_keeps_their_entries():
     capacity = cache.layers[0].capacity
     cache.reserve(5)  # fits already: unchanged
     assert cache.layers[0].capacity == capacity
+
+
+def test_gather_moves_each_rows_entries_to_the_front():
+    cache = TreeKVCache(num_layers=2, capacity=8)
+    entries = torch.randn(2, 3, 6, 2)
+    for layer in range(2):
+        cache.update(entries, -entries, layer)
+    index = torch.tensor([[0, 4, 5], [1, 2, 5]])
+    cache.gather(index)
+    assert cache.length == 3
+    for layer in cache.layers:
+        for row in range(2):
+            assert torch.equal(layer.keys[row, :, :3], entries[row, :, index[row]])
+            assert torch.equal(layer.values[row, :, :3], -entries[row, :, index[row]])

@@ -218,6 +218,7 @@ def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, d
             # (chunks of one step can arrive together: a gap of 0.0 ms is possible on a tiny model)
             assert row["ttft_p50_ms"] > 0 and row["itl_p99_ms"] >= row["itl_p50_ms"] >= 0
     assert set(result["speculative_over_plain"]) == {"1", "3"}
+    assert len(result["round_ratios"]["3"]) == 2 and set(result["median_round_ratio"]) == {"1", "3"}
     assert result["results"]["plain"]["3"]["tree_step_share"] == 0  # never speculates
     assert result["results"]["speculative"]["1"]["tree_step_share"] > 0  # the prior: trees at one row
     assert result["config"]["speculate_max_batch"] == "measured" and result["measured_rates"]["1"]["tree_steps"] > 0

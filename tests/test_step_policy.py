@@ -283,3 +283,44 @@ def test_generate_adapts_by_default(model_dir, drafter_dir, capsys):
     with pytest.raises(SystemExit) as refused:
         main([*argv, "--speculation", "sometimes"])
     assert refused.value.code == 2
+
+
+def test_a_tree_that_lost_below_is_not_explored_where_it_was_measured_before():
+    """A server's first round measures 16 rows before 5 (its rows finish one by one); once the tree
+    lost at 5 rows, 16 rows are served by plain steps alone, not explored every ``explore_steps``."""
+    policy = SpeculationPolicy(prior=2)
+    serve(policy, [0, 1, 2, 3], 300, tree_rate=90.0, plain_rate=60.0)  # the tree wins at 4 rows
+    rows = list(range(16))
+    serve(policy, rows, 10, tree_rate=60.0, plain_rate=320.0)  # tried and lost at 16
+    serve(policy, list(range(5)), 100, tree_rate=55.0, plain_rate=75.0)  # lost at 5
+    share, _, _ = serve(policy, rows, 600, tree_rate=60.0, plain_rate=320.0)
+    assert share == 0.0, share
+
+
+def test_a_fresh_server_at_many_rows_learns_the_acceptance_from_one_tree_step():
+    """One tree step over 16 rows measures 16 rows' acceptance: enough to judge the tree, which at
+    16 rows loses clearly, so it is not given the warm-up's quarter of the time until 8 steps."""
+    policy = SpeculationPolicy(prior=2)
+    share, _, _ = serve(policy, list(range(16)), 120, tree_rate=60.0, plain_rate=320.0)
+    assert share * 120 == 1, share  # the step that measured it
+
+
+def test_a_tree_is_not_tried_where_the_sizes_around_predict_it_loses():
+    """Rows that joined together finish one by one: the server meets 15, 14, ... rows from above.
+    Where the tree's step time, interpolated between 4 rows (where it wins) and 16 (where it loses),
+    makes it slower than the plain steps measured there, it is not tried."""
+    policy = SpeculationPolicy(prior=2)
+    serve(policy, [0, 1, 2, 3], 300, tree_rate=90.0, plain_rate=60.0)  # 0.13 s a tree step: wins
+    serve(policy, list(range(16)), 30, tree_rate=60.0, plain_rate=320.0)  # 0.8 s: loses
+    tried = []
+    for size in range(15, 4, -1):
+        tree_seconds = 12 / 90 + (size - 4) * (0.8 - 12 / 90) / 12  # what the sizes around predict
+        share, _, _ = serve(policy, list(range(size)), 10, tree_rate=3 * size / tree_seconds, plain_rate=size / 0.06)
+        tried.append(share > 0)
+    assert not any(tried), tried
+    # Where the prediction is that it wins, it is tried: a faster tree at 4 and 16 rows.
+    policy = SpeculationPolicy(prior=2)
+    serve(policy, [0, 1, 2, 3], 300, tree_rate=90.0, plain_rate=60.0)
+    serve(policy, list(range(16)), 200, tree_rate=400.0, plain_rate=320.0)
+    share, _, _ = serve(policy, list(range(10)), 20, tree_rate=300.0, plain_rate=200.0)
+    assert share > 0

@@ -14,6 +14,7 @@ too, so they share its CPU: on a 2-core machine that costs both modes alike.
 from __future__ import annotations
 
 import json
+import statistics
 import threading
 import time
 import urllib.request
@@ -164,6 +165,19 @@ def run_serve_benchmark(
         )
         for n in concurrencies
     }
+    # Each round's pair, run back to back: the machine's drift over a concurrency's rounds weighs on
+    # the pooled ratio above, much less on the median of these.
+    round_ratios = {
+        str(n): [
+            round(speculative / plain, 3)
+            for speculative, plain in zip(
+                table["speculative"][str(n)]["rounds_tokens_per_second"],
+                table["plain"][str(n)]["rounds_tokens_per_second"],
+                strict=True,
+            )
+        ]
+        for n in concurrencies
+    }
     result = {
         "config": {
             "prompts": len(prompts),
@@ -180,6 +194,8 @@ def run_serve_benchmark(
         },
         "results": table,
         "speculative_over_plain": ratio,
+        "round_ratios": round_ratios,
+        "median_round_ratio": {n: round(statistics.median(r), 3) for n, r in round_ratios.items()},
         "measured_rates": servers["speculative"][0].policy.table(),  # what the adaptive choice saw, per batch size
     }
     out.mkdir(parents=True, exist_ok=True)

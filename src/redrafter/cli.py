@@ -895,7 +895,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         args.rounds,
     )
     for n, ratio in result["speculative_over_plain"].items():
-        print(f"N={n:<3} speculative/plain throughput: {ratio:.2f}x")
+        median = result["median_round_ratio"][n]
+        print(f"N={n:<3} speculative/plain throughput: {ratio:.2f}x (median of the rounds' pairs {median:.2f}x)")
     print(f"results: {out / 'serve.json'}", file=sys.stderr)
     return 0
 

@@ -368,6 +368,23 @@ class _Rows:
         for name in _ROW_TENSORS:
             setattr(self, name, getattr(self, name)[index])
 
+    def compact(self, longest: int) -> None:
+        """Drop the cached entries no row needs, if they are many: ``longest`` is the most real
+        entries any row holds (host side). Each row's real entries move, in order, to the end of
+        ``[0, longest)`` (left-padded, as a joining row is), so every later forward attends to
+        ``longest`` entries instead of the shared length, which in a continuous batch only grows
+        (joins are padded to it, tree steps extend it by the most any row accepted) until the
+        batch empties. Moving entries changes nothing a row sees: positions, masks and window
+        positions come from ``context_valid``. A copy of the needed entries; done once the
+        padding is a quarter of the cache (:data:`COMPACT_SHARE`), so it pays back in a few steps."""
+        length = self.cache.length
+        if length - longest < max(COMPACT_MIN, COMPACT_SHARE * length):
+            return
+        # Stable: per row the padding first, then its real entries, each in order; the last `longest`.
+        order = torch.sort(self.context_valid.to(torch.uint8), dim=1, stable=True).indices[:, length - longest :]
+        self.cache.gather(order)
+        self.context_valid = self.context_valid.gather(1, order)
+
     def merge(self, other: _Rows) -> None:
         """Append ``other``'s rows. The shorter context is left-padded (with entries masked out)
         so that both share one cache length: nothing a row sees changes."""
@@ -383,6 +400,9 @@ class _Rows:
             self.lookup.merge(other.lookup)
         self.ids = self.ids + other.ids
 
+
+# Compact a running batch's cache once this share of it (and at least this many entries) is padding.
+COMPACT_SHARE, COMPACT_MIN = 0.25, 16
 
 _ROW_TENSORS = (
     "hidden",
@@ -556,4 +576,7 @@ class RunningBatch:
         keep = [i for i, done in enumerate(finished) if not done]
         if len(keep) < len(rows.ids):
             rows.select(keep)
+        if keep:
+            with d._stage("cache: compact"):
+                rows.compact(max(host[i][width + 1] for i in keep))
         return out

@@ -92,6 +92,16 @@ class ContiguousLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep, at ``[0, n)``, the entries now at ``index`` ``[B, n]`` (per row, any of ``[0, length)``)."""
+        n = index.shape[1]
+        index = index[:, None, :, None]  # [B, 1, n, 1]
+        for buffer in (self.keys, self.values):
+            buffer[:, :, :n] = buffer[:, :, : self.length].gather(
+                2, index.expand(-1, buffer.shape[1], -1, buffer.shape[-1])
+            )
+        self.length = n
+
     def merge(self, other: ContiguousLayer) -> None:
         """Append ``other``'s rows; the shorter of the two is left-padded (zeros, which the decode
         loop masks out) so both end at one length."""
@@ -141,6 +151,12 @@ class TreeKVCache(Cache):
             return
         for layer in self.layers:
             layer.keep(start, source)
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep, at ``[0, n)``, the entries now at ``index`` ``[B, n]`` in every layer (a continuous
+        batch drops the entries its rows no longer need: see ``RunningBatch``)."""
+        for layer in self.layers:
+            layer.gather(index)
 
     def merge(self, other: TreeKVCache) -> None:
         """Append ``other``'s rows (left-padding the shorter cache): see :meth:`ContiguousLayer.merge`."""

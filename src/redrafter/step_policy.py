@@ -93,8 +93,12 @@ class SpeculationPolicy:
         accept_window: steps of a tree kind (of all rows) whose mean tokens per row is a row's prior.
         row_window: a row's own recent steps of a tree kind its estimate averages.
         prior_steps: how many steps of the prior a row's estimate adds to its own.
-        warmup_steps: steps of a tree kind measured before its acceptance is estimated at all (a
-            few steps' mean is noise: one unlucky first step would read as a clear loser).
+        warmup_rows: rows' steps of a tree kind measured before its acceptance is estimated at all
+            (a few rows' mean is noise: one unlucky first step of one row would read as a clear
+            loser). Rows, not steps: one tree step over 16 rows costs as much as several plain
+            ones, and until the acceptance is known every kind not guessed gets ``warmup_share``
+            of the time, so counting steps spent a quarter of a fresh server's first minute at 16
+            rows on tree steps.
         warmup_share: the share of the time each kind not guessed gets until all are measured.
     """
 
@@ -108,19 +112,20 @@ class SpeculationPolicy:
     accept_window: int = 64
     row_window: int = 64
     prior_steps: int = 8
-    warmup_steps: int = 8
+    warmup_rows: int = 8
     warmup_share: float = 1 / 4
     accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
+    accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
     waited: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch size, kind) -> seconds since taken
     skipped: dict[tuple[int, int], int] = field(default_factory=dict)  # (batch size, kind) -> steps since taken
     rows_accepted: dict[int, dict[int, Window]] = field(default_factory=dict)  # row -> tree kind -> its tokens
 
     def row_estimate(self, row: int, kind: int = 1) -> float | None:
-        """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_steps``
-        such steps): its own recent steps of that kind and ``prior_steps`` steps of all rows' mean."""
+        """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_rows``
+        rows took such steps): its own recent steps of that kind and ``prior_steps`` steps of all rows' mean."""
         steps = self.accepted.get(kind)
-        if steps is None or steps.count < self.warmup_steps or steps.mean is None:
+        if steps is None or self.accepted_rows.get(kind, 0) < self.warmup_rows or steps.mean is None:
             return None
         own = self.rows_accepted.get(row, {}).get(kind)
         if own is None or not own.values:
@@ -145,7 +150,7 @@ class SpeculationPolicy:
         guess = int(size <= self.prior)
         if not self.adaptive:
             return guess
-        kinds = [k for k in range(len(self.kinds)) if (size, k) in self.seconds or not self._lost_below(size, k)]
+        kinds = [k for k in range(len(self.kinds)) if not self._ruled_out(size, k)]
         rates = self.rates(rows)
         measured = all(rates[k] is not None for k in kinds)
         if measured:
@@ -184,12 +189,38 @@ class SpeculationPolicy:
         shape = max(trees, key=lambda kind: pooled[kind] or 0.0)
         return [kind for kind in kinds if kind in (0, shape)]
 
+    def _ruled_out(self, size: int, kind: int) -> bool:
+        """Whether tree ``kind`` is not worth a step at ``size`` rows: it lost below
+        (:meth:`_lost_below`), or, not measured at this size, its step time there (interpolated
+        between the nearest sizes where it was measured, one below and one above) makes it slower
+        than the plain steps measured here. A server that fills up at once and then empties as its
+        rows finish meets the sizes between from above, where nothing below has lost yet; trying a
+        tree at each of them cost a fresh server's first 16-stream round about 4 seconds in 15."""
+        if kind == 0:
+            return False
+        if self._lost_below(size, kind):
+            return True
+        if (size, kind) in self.seconds or (size, 0) not in self.seconds or kind not in self.accepted:
+            return False
+        measured = sorted(b for b, k in self.seconds if k == kind)
+        below, above = [b for b in measured if b < size], [b for b in measured if b > size]
+        if not below or not above:
+            return False
+        low, high = below[-1], above[0]
+        low_time, high_time = self.seconds[low, kind].typical, self.seconds[high, kind].typical
+        seconds = low_time + (high_time - low_time) * (size - low) / (high - low)  # type: ignore[operator]
+        plain_seconds = self.seconds[size, 0].typical
+        return size * self.accepted[kind].mean / seconds < size / plain_seconds  # type: ignore[operator]
+
     def _lost_below(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where
         both were measured. A tree step's cost grows with the rows while a plain step's barely does,
         so a tree is not tried at a batch size above one where it lost: one tree step over 16 rows
         takes as long as 8 plain ones, and trying it at every batch size a server passes through
-        cost a fifth of the throughput at 16 streams."""
+        cost a fifth of the throughput at 16 streams. Nor is it explored there once it lost below,
+        even where it was measured before (a server's first pass through the batch sizes measures
+        the larger ones first as its rows finish): the smaller size, still explored, keeps the
+        verdict current, and the acceptance it is judged at is that of the latest tree steps."""
         if kind == 0:
             return False
         below = [b for b in range(1, size) if (b, kind) in self.seconds and (b, 0) in self.seconds]
@@ -219,6 +250,7 @@ class SpeculationPolicy:
             self.skipped[size, other] = 0 if other == kind else self.skipped.get((size, other), 0) + 1
         if kind:
             self.accepted.setdefault(kind, Window(self.accept_window)).add(sum(tokens) / size)
+            self.accepted_rows[kind] = self.accepted_rows.get(kind, 0) + size
             for row, count in zip(rows, tokens, strict=True):
                 self.rows_accepted.setdefault(row, {}).setdefault(kind, Window(self.row_window)).add(count)
 
