@@ -195,7 +195,7 @@ class SpeculationPolicy:
         between the nearest sizes where it was measured, one below and one above) makes it slower
         than the plain steps measured here. A server that fills up at once and then empties as its
         rows finish meets the sizes between from above, where nothing below has lost yet; trying a
-        tree at each of them cost a fresh server's first 16-stream round about 4 seconds in 15."""
+        tree at each of them cost a fresh server's first 16-stream round about 4 of its 20 seconds."""
         if kind == 0:
             return False
         if self._lost_below(size, kind):
