@@ -13,29 +13,12 @@ import sys
 
 import torch
 import torch._inductor.config as inductor_config
-from torch import nn
+from woq_bench import Int4Product  # this script's folder is on the path when run as a script
 
-GROUP = 32
 case = sys.argv[1]
 torch.set_num_threads(2)
-
-
-class Int4Product(nn.Module):
-    def __init__(self, k: int, n: int) -> None:
-        super().__init__()
-        codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2))
-        tables = torch.stack([torch.rand(k // GROUP, n) * 0.01, torch.randn(k // GROUP, n) * 0.01], -1)
-        self.register_buffer("tables", tables.to(torch.bfloat16).contiguous())
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.k).contiguous() if case == "reshape" else x
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.tables)
-
-
 with torch.inference_mode() if case == "infweights" else torch.no_grad():
-    module = Int4Product(576, 3072).eval()
+    module = Int4Product(576, 3072, reshape=case == "reshape").eval()
 if case == "fusedview":
     module.packed = torch.cat([module.packed, Int4Product(576, 1536).packed])[: module.packed.shape[0]]
 inductor_config.freezing = True
