@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from conftest import COMMON, tiny_target
 from test_batching import drive
 from test_lean_decoder import a_tree, forward_twice
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 from torch._dynamo.utils import counters
+from transformers import LlamaConfig
 
 from redrafter.api import ReDrafter
 from redrafter.bench import parse_variant
-from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
+from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind, no_draft
 from redrafter.errors import RedrafterError
 from redrafter.kv_cache import TreeKVCache
-from redrafter.lean_decoder import CompiledDecoder, LeanDecoder, compile_refusal, target_forward
+from redrafter.lean_decoder import (
+    INT4_ROW_BUCKETS,
+    CompiledDecoder,
+    LeanDecoder,
+    compile_refusal,
+    target_forward,
+)
 from redrafter.models import attention_windows
+from redrafter.quant import quantize_target
 from redrafter.sampling import SamplingParams, TokenChooser
 from redrafter.tree import layer_masks
 
@@ -136,3 +145,62 @@ def test_a_warmed_up_decoder_compiles_nothing_while_rows_join_and_steps_change_k
     assert compiled_graphs() == warmed
     for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
         assert outputs[row] == hf_greedy(model, prompt, budget), f"row {row}"
+
+
+AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+@pytest.mark.skipif(not AVX512, reason="Inductor offers its int4 templates on AVX-512 CPUs only")
+def test_compiled_int4_products_are_autotuned_and_agree_with_the_eager_forward():
+    """With int4 weights a step's products get a bucket's row count, and Inductor chooses between
+    aten's int4 kernel and its own template by timing both (it times nothing when the template is
+    not offered: one choice). The template takes bfloat16 inputs and layers of multiples of 64
+    outputs, hence a wider tiny model. The hidden states agree with the eager forward's to bfloat16
+    rounding: within a few bfloat16 steps of the largest value."""
+    config = LlamaConfig(**(COMMON | {"hidden_size": 64, "intermediate_size": 128}))
+    model = tiny_target("llama", seed=3, dtype=torch.bfloat16, config=config)
+    quantize_target(model, "int4")
+    compiled = target_forward(model, compile=True)
+    assert compiled.row_buckets == INT4_ROW_BUCKETS
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    tree, ancestors = a_tree(2)  # 2 x 5 rows: padded to 16
+    timed = counters["inductor"]["select_algorithm_autotune"]
+    with inductor_config.patch(force_disable_caches=True):  # a choice cached on disk is not timed again
+        got = forward_twice(model, compiled, prompt, tree, ancestors, capacity=32)
+    assert counters["inductor"]["select_algorithm_autotune"] > timed
+    expected = forward_twice(model, LeanDecoder(model), prompt, tree, ancestors, capacity=32)
+    for want, have in zip(expected, got, strict=True):
+        # Other kernels, other roundings: a few bfloat16 steps (one is 1/128 of a value) at most.
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(have.float(), want.float(), rtol=0, atol=scale / 32)
+
+
+@pytest.mark.skipif(not AVX512, reason="Inductor offers its int4 templates on AVX-512 CPUs only")
+def test_a_warmed_up_int4_decoder_compiles_no_bucket_while_rows_join():
+    """Autotuned int4 products make a step graph per bucket of rows; the warm-up compiles each for
+    up to ``max_rows`` rows (two buckets here, so that the test compiles few graphs): then rows of
+    every count join and leave, trees and plain steps alternate, and nothing compiles."""
+    model = tiny_target("llama", seed=11, dtype=torch.float32)
+    quantize_target(model, "int4")
+    drafter = random_drafter(model, seed=11).float()
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 2, 3), [], 4, compile=True)
+    compiled = decoder.forward
+    compiled.row_buckets = (1, 4)
+    # Which graphs there are is dynamo's guards' doing, whatever compiles them: skip Inductor's minutes.
+    compiled.compiled = torch.compile(compiled.lean.run, dynamic=True, backend="eager")
+    before = compiled_graphs()
+    decoder.warm_up(max_rows=5)
+    warmed = compiled_graphs()
+    assert warmed > before
+    prompts = [random_prompt(n, 40 + n) for n in (7, 2, 19, 4, 11)]
+    budgets = [20, 12, 16, 20, 8]
+    joins = {0: [0], 2: [1, 2], 5: [3, 4]}
+    joins = {step: [(prompts[i], budgets[i]) for i in rows] for step, rows in joins.items()}
+    outputs: dict[int, list[int]] = {}
+    drive(RunningBatch(decoder, TokenChooser(model, SamplingParams())), joins, outputs, kinds=[1, 0, 1, 0, 0])
+    assert compiled_graphs() == warmed
+    # The eager backend runs aten's kernels: the same as the eager decoder's, row for row.
+    plain = SpeculativeDecoder(model, no_draft, [])
+    for row, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
+        expected, _ = speculative(plain, [prompt], budget)
+        assert outputs[row] == expected[0], f"row {row}"

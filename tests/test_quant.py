@@ -28,6 +28,7 @@ from test_sampling import ROWS, chi_square_pvalue, exact_distribution, sampled_c
 from redrafter.cli import main
 from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterError
+from redrafter.lean_decoder import padded_product
 from redrafter.quant import (
     ArgmaxHead,
     Int4Linear,
@@ -218,6 +219,17 @@ def test_a_rows_result_does_not_depend_on_the_batch(weights):
     full = layer(x)
     assert torch.equal(layer(x[:1, :1]), full[:1, :1])
     assert torch.equal(layer(x[1:, 3:9]), full[1:, 3:9])
+
+
+def test_padded_products_give_each_row_what_the_layer_gives():
+    """The rows a compiled forward pads its int4 products with (zeros, up to a bucket) change no
+    real row's output, and are dropped; past the last bucket nothing is padded."""
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    layer = Int4Linear(quantize_int4(weight), None, torch.float32)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2))
+    for buckets in [(1, 4, 16), (1, 4, 8), ()]:
+        got = padded_product(layer, x, buckets)
+        assert got.shape == (3, 5, 64) and torch.equal(got, layer(x))
 
 
 def quantized_tiny(family: str, weights: str, seed: int = 0):

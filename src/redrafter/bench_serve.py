@@ -132,7 +132,7 @@ def run_serve_benchmark(
     table: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
     try:
         if rd.compile:  # every graph (prefills and steps of each kind, of one row and of more) before any round
-            rd.decoder.warm_up()
+            rd.decoder.warm_up(min(max_batch, max(concurrencies)))
         for engine, server in servers.values():  # warm-up: one short request each
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
         for n in concurrencies:

@@ -53,6 +53,12 @@ STEP_KINDS = ("plain", "tree", "small_tree")
 UNKNOWN = -2
 
 
+def _warm_up_prompts(vocab: int, rows: int, unequal: bool = False) -> list[list[int]]:
+    """``rows`` prompts of 6 tokens from the middle of the vocabulary (special ones sit at its ends);
+    ``unequal``: row ``i`` has ``6 + i`` tokens (a prefill that pads)."""
+    return [[(vocab // 2 + 7 * i + k) % vocab for k in range(6 + i * unequal)] for i in range(rows)]
+
+
 class Proposer(Protocol):
     """Anything that drafts beams: the recurrent drafter, or a test oracle."""
 
@@ -263,19 +269,45 @@ class SpeculativeDecoder:
                     policy.forget(row)
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Run each shape of forward a running batch meets once: a prefill of one row and a step of
-        each kind (:attr:`kinds`) at one row, then a prefill of two rows joining it and a step of each
-        kind at three. With ``compile``, these are the graphs there are (dynamo compiles a size of 1
-        apart from larger ones, so one row and several rows, one-token steps and wider ones, each have
-        their own); a server warmed up this way compiles nothing while it serves."""
+    def warm_up(self, max_rows: int = 3) -> None:
+        """Run each shape of forward a running batch of up to ``max_rows`` rows meets once: a prefill
+        of one row and a step of each kind (:attr:`kinds`) at one row, then (``max_rows`` above 1) a
+        prefill of two rows joining it and a step of each kind at three. With ``compile``, these are
+        the graphs there are (dynamo compiles a size of 1 apart from larger ones, so one row and
+        several rows, one-token steps and wider ones, each have their own), but for a forward whose
+        products pad their rows to buckets (autotuned int4,
+        :class:`~redrafter.lean_decoder.CompiledDecoder`), which has a step graph per bucket:
+        :meth:`_warm_up_buckets` runs those. A server warmed up this way compiles nothing while it
+        serves."""
         batch = RunningBatch(self, TokenChooser(self.target, SamplingParams(), self.argmax_head))
         vocab = self.target.config.vocab_size
-        for rows in (1, 2):
-            # Tokens from the middle of the vocabulary (special ones sit at its ends); unequal lengths pad.
-            batch.add([[(vocab // 2 + 7 * i + k) % vocab for k in range(6 + i)] for i in range(rows)], [64] * rows)
+        for rows in (1, 2) if max_rows > 1 else (1,):
+            batch.add(_warm_up_prompts(vocab, rows, unequal=True), [64] * rows)
             for kind in range(len(self.kinds)):
                 batch.step(kind)
+        buckets = getattr(self.forward, "row_buckets", ())
+        if buckets:
+            self._warm_up_buckets(buckets, max_rows)
+
+    def _warm_up_buckets(self, buckets: tuple[int, ...], max_rows: int) -> None:
+        """A step's forward (after a prefill) for each graph of a forward that pads its products'
+        rows to ``buckets``: per bucket, one row of that many tokens and, with ``max_rows`` above 1,
+        that many rows of one token (up to ``max_rows``) and two rows of half as many; past the last
+        bucket, the same with more tokens (and more rows than it, when ``max_rows`` allows). Dynamo
+        keeps one graph for the sizes of a bucket, for one row and for more, for one token and for
+        more."""
+        beyond = buckets[-1] + 1
+        shapes = {(1, 1), (1, beyond)} | {(1, b) for b in buckets if b > 1}
+        if max_rows > 1:
+            shapes |= {(2, b // 2) for b in buckets if b >= 4} | {(2, beyond // 2 + 1)}
+            shapes |= {(b, 1) for b in buckets if 1 < b <= max_rows} | ({(beyond, 1)} if max_rows >= beyond else set())
+        vocab, device = self.target.config.vocab_size, self.target.device
+        for rows, tokens in sorted(shapes):
+            cache, _, valid = self._prefill(_warm_up_prompts(vocab, rows), tokens)
+            chain = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()[None].expand(rows, -1, -1)
+            positions = valid.sum(dim=1, keepdim=True) + torch.arange(tokens, device=device)
+            input_ids = torch.full((rows, tokens), vocab // 2, device=device)
+            self._forward(cache, input_ids, positions, tree_allowed(chain, valid), valid)
 
     def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
         """The rows' context-lookup and n-gram beams, or None when both are off."""

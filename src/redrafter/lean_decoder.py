@@ -28,6 +28,20 @@ minutes on such a CPU (a graph each for the prefill, one-token steps and wider s
 for more), so it pays for a server or a long batch, not one short answer. Fused kernels round
 bfloat16 intermediates differently from eager ones, so output can differ from the eager forward's
 at near-ties of the target's logits, as any change of kernels does.
+
+**Autotuned int4 products.** On a CPU with AVX-512, a compiled forward of an int4 target also lets
+Inductor choose, per product shape, between aten's int4 kernel and its own C++ template (an AMX or
+AVX-512 micro-kernel), which reads the codes once for many rows: on this project's 2-core Xeon a
+16-token forward of the default model cost 24.7 ms against 47.4 ms compiled with aten's kernel
+(``docs/compile/README.md``). Inductor offers the template only for weights it may fold as
+constants, so the graphs are compiled with ``freezing`` and GEMM autotuning on
+(:data:`INT4_AUTOTUNE`), set around each call rather than for the process (dynamo reads ``freezing``
+while it traces, before the backend's options apply). And it times its choices at one row count
+per graph: with the rows dynamic, the first count it meets, whose choice then serves every other
+(measured: slower than aten's kernel at 2 to 4 rows after a choice made at 16). So a step's
+products get their ``B q`` rows padded with zero rows to the next of :data:`INT4_ROW_BUCKETS`: a
+graph per bucket, the rest of each graph dynamic. Prefills (an empty cache) and steps of more rows
+than the last bucket are not padded.
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
@@ -53,6 +69,15 @@ hidden states, then the outputs of the ``n`` decoder layers ``layers`` (the feat
 fused layers reads; ``()``: the final hidden states alone). ``masks``: additive ``[B, 1, q, K]``, or
 one per layer type (:func:`redrafter.tree.layer_masks`)."""
 
+# Row counts (batch rows x new tokens) to which a compiled forward with autotuned int4 products pads
+# their inputs: one graph each, so the template sees a static row count. Powers of two: the padding is
+# at most as many rows as the real ones, and measured, the int4 forward's cost grows far slower than
+# its rows there (12.0, 13.3, 17.4, 20.8, 24.7, 31.3, 44.0 ms at 1 to 64 rows, docs/compile/).
+INT4_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# Inductor settings for those graphs: fold the weights as constants (the template needs them so) and
+# autotune the matrix products between aten's kernels and the C++ templates.
+INT4_AUTOTUNE = {"freezing": True, "max_autotune_gemm": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
 
 def lean_support(target: PreTrainedModel) -> str | None:
     """None if :class:`LeanDecoder` runs ``target``, else why not (one line)."""
@@ -65,6 +90,22 @@ def lean_support(target: PreTrainedModel) -> str | None:
     if "dynamic" in rope_type:
         return f"rotary scaling {rope_type!r} depends on the sequence length"
     return None
+
+
+def padded_product(linear: nn.Module, x: torch.Tensor, row_buckets: tuple[int, ...]) -> torch.Tensor:
+    """``linear(x)`` for ``x [B, q, K]`` -> ``[B, q, N]``; with ``row_buckets``, its ``B q`` rows go in
+    padded with zero rows to the first bucket that holds them (none holds them: unpadded), and the
+    padding's outputs are dropped. Rows are independent in a linear layer, so this changes no real
+    row's arithmetic; in a compiled graph it makes the product's row count a constant."""
+    if not row_buckets:
+        return linear(x)
+    batch, length, features = x.shape
+    rows = batch * length
+    bucket = next((b for b in row_buckets if rows <= b), None)
+    if bucket is None:
+        return linear(x)
+    flat = F.pad(x.reshape(rows, features), (0, 0, 0, bucket - rows))
+    return linear(flat)[:rows].view(batch, length, -1)
 
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module:
@@ -209,9 +250,11 @@ class LeanDecoder(nn.Module):
         masks: Masks,
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
+        row_buckets: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """:meth:`forward` once the rotary tables cover ``positions`` (what :class:`CompiledDecoder`
-        compiles: nothing in it changes the tables)."""
+        compiles: nothing in it changes the tables). ``row_buckets``: pad the matrix products' rows
+        (:func:`padded_product`; ``()``: not padded)."""
         batch, length = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -223,7 +266,8 @@ class LeanDecoder(nn.Module):
         captured: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            qkv = layer.qkv(h).view(batch, length, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            qkv = padded_product(layer.qkv, h, row_buckets).view(batch, length, heads + 2 * kv_heads, head_dim)
+            qkv = qkv.transpose(1, 2)
             rotated = qkv[:, : heads + kv_heads]
             rotated = rotated * cos + rotated.roll(head_dim // 2, dims=-1) * sin
             queries, keys = rotated[:, :heads], rotated[:, heads:]
@@ -237,9 +281,10 @@ class LeanDecoder(nn.Module):
                 scale=layer.scaling,
             )
             attended = attended.view(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, -1)
-            x = x + layer.o_proj(attended)
-            gate, up = layer.gate_up(self._norm(x, layer.post_norm)).split(self.intermediate, dim=-1)
-            x = x + layer.down_proj(F.silu(gate) * up)
+            x = x + padded_product(layer.o_proj, attended, row_buckets)
+            gate_up = padded_product(layer.gate_up, self._norm(x, layer.post_norm), row_buckets)
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            x = x + padded_product(layer.down_proj, F.silu(gate) * up, row_buckets)
             if index in layers:
                 captured[index] = x
         final = self._norm(x, self.final_norm)
@@ -259,10 +304,22 @@ def transformers_forward(target: PreTrainedModel) -> TargetForward:
     return forward
 
 
+def autotunes_int4(lean: LeanDecoder) -> bool:
+    """Whether a compiled ``lean`` forward autotunes its int4 products (module docstring): it has
+    :class:`~redrafter.quant.Int4Linear` layers and the CPU has the AVX-512 that Inductor's int4
+    templates need (elsewhere they are not offered, and padding would only add rows)."""
+    has_int4 = any(isinstance(module, Int4Linear) for module in lean.modules())
+    return has_int4 and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class CompiledDecoder(nn.Module):
     """A :class:`LeanDecoder` run through ``torch.compile`` (dynamic shapes); see the module
     docstring. A module of its own so that forward hooks (the benchmark's forward counter) see
-    each call once; the compiled function calls the lean decoder's ``forward``, not its hooks."""
+    each call once; the compiled function calls the lean decoder's ``forward``, not its hooks.
+
+    Int4 products are autotuned where :func:`autotunes_int4` says so (``row_buckets`` then
+    :data:`INT4_ROW_BUCKETS`, else ``()``).
+    """
 
     def __init__(self, lean: LeanDecoder, max_positions: int) -> None:
         super().__init__()
@@ -270,6 +327,7 @@ class CompiledDecoder(nn.Module):
         # Rotary tables for the whole context now: tables made again would compile every graph again.
         lean.make_tables(max_positions, lean.embed.weight.device)
         self.compiled = torch.compile(lean.run, dynamic=True)
+        self.row_buckets = INT4_ROW_BUCKETS if autotunes_int4(lean) else ()
 
     def forward(
         self,
@@ -280,17 +338,39 @@ class CompiledDecoder(nn.Module):
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """As :meth:`LeanDecoder.forward`. What would compile the graph again happens here, outside
-        it: the inputs go in contiguous (the decode loop's are often views of wider tensors: each
-        new stride), the cache grows first when the new entries would not fit, and the rotary
-        tables cover the positions (in a continuous batch the shared cache outgrows both what the
-        rows were given at their prefill and the tables' size)."""
-        masks = {k: m.contiguous() for k, m in masks.items()} if isinstance(masks, dict) else masks.contiguous()
+        it: the inputs go in with a new tensor's strides (:func:`packed`; the decode loop's are often
+        views of wider tensors: each new stride), the cache grows first when the new entries would
+        not fit, and the rotary tables cover the positions (in a continuous batch the shared cache
+        outgrows both what the rows were given at their prefill and the tables' size)."""
+        masks = {k: packed(m) for k, m in masks.items()} if isinstance(masks, dict) else packed(masks)
         needed = cache.length + input_ids.shape[1]
         # One entry to spare: new entries that filled the buffer exactly would make the cache's view
         # of it the whole buffer, which the graphs guard against (it would compile one of its own).
         cache.reserve(needed + 1)
         self.lean.make_tables(needed, input_ids.device)
-        return self.compiled(input_ids.contiguous(), positions.contiguous(), masks, cache, layers)
+        inputs = (packed(input_ids), packed(positions), masks, cache, layers)
+        if not self.row_buckets:
+            return self.compiled(*inputs)
+        # A prefill (an empty cache) is not padded: its graphs stay dynamic in every size, as without
+        # buckets, so a server compiles a graph per bucket for its steps only.
+        buckets = self.row_buckets if cache.length else ()
+        # Weights fold as constants only with gradients off (as in the decode loop); a graph per
+        # row bucket, for one row and for more, is more graphs than dynamo's default limit.
+        with inductor_config.patch(INT4_AUTOTUNE), dynamo_config.patch(recompile_limit=64), torch.inference_mode():
+            return self.compiled(*inputs, buckets)
+
+
+def packed(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides of a new tensor of its shape (a copy if it has others). Unlike
+    ``contiguous``, which keeps any stride of a dimension of size 1 (a row ``[1, q]`` cut from a
+    wider one), so that no graph meets a stride it guards against."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def compile_refusal(target: PreTrainedModel, lean: bool = True) -> str | None:
