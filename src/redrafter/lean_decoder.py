@@ -70,7 +70,7 @@ fused layers reads; ``()``: the final hidden states alone). ``masks``: additive 
 one per layer type (:func:`redrafter.tree.layer_masks`)."""
 
 # Row counts (batch rows x new tokens) to which a compiled forward with autotuned int4 products pads
-# their inputs: one graph each, so the template sees a static row count. Powers of two: the padding is
+# their inputs: one graph each, its kernels chosen at that row count. Powers of two: the padding is
 # at most as many rows as the real ones, and measured, the int4 forward's cost grows far slower than
 # its rows there (12.0, 13.3, 17.4, 20.8, 24.7, 31.3, 44.0 ms at 1 to 64 rows, docs/compile/).
 INT4_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
