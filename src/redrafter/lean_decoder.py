@@ -338,17 +338,17 @@ class CompiledDecoder(nn.Module):
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """As :meth:`LeanDecoder.forward`. What would compile the graph again happens here, outside
-        it: the inputs go in with a new tensor's strides (:func:`packed`; the decode loop's are often
+        it: the inputs go in with a new tensor's strides (:func:`fresh_strides`; the decode loop's are often
         views of wider tensors: each new stride), the cache grows first when the new entries would
         not fit, and the rotary tables cover the positions (in a continuous batch the shared cache
         outgrows both what the rows were given at their prefill and the tables' size)."""
-        masks = {k: packed(m) for k, m in masks.items()} if isinstance(masks, dict) else packed(masks)
+        masks = {k: fresh_strides(m) for k, m in masks.items()} if isinstance(masks, dict) else fresh_strides(masks)
         needed = cache.length + input_ids.shape[1]
         # One entry to spare: new entries that filled the buffer exactly would make the cache's view
         # of it the whole buffer, which the graphs guard against (it would compile one of its own).
         cache.reserve(needed + 1)
         self.lean.make_tables(needed, input_ids.device)
-        inputs = (packed(input_ids), packed(positions), masks, cache, layers)
+        inputs = (fresh_strides(input_ids), fresh_strides(positions), masks, cache, layers)
         if not self.row_buckets:
             return self.compiled(*inputs)
         # A prefill (an empty cache) is not padded: its graphs stay dynamic in every size, as without
@@ -360,7 +360,7 @@ class CompiledDecoder(nn.Module):
             return self.compiled(*inputs, buckets)
 
 
-def packed(tensor: torch.Tensor) -> torch.Tensor:
+def fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with the strides of a new tensor of its shape (a copy if it has others). Unlike
     ``contiguous``, which keeps any stride of a dimension of size 1 (a row ``[1, q]`` cut from a
     wider one), so that no graph meets a stride it guards against."""
