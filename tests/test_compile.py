@@ -6,6 +6,8 @@ really compiled graphs, so a silent fall-back to the eager forward would fail it
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch._inductor.config as inductor_config
@@ -90,7 +92,26 @@ def long_cache_low_positions(model, forward, length: int) -> torch.Tensor:
     )
 
 
-def test_compiled_speculative_greedy_equals_plain_greedy():
+@pytest.fixture
+def restarts():
+    """Dynamo's messages of tracing a graph again from the start (each costs a whole trace)."""
+    messages: list[str] = []
+
+    class Restarts(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("Restarting analysis"):
+                messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger("torch._dynamo.convert_frame"), Restarts()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_compiled_speculative_greedy_equals_plain_greedy(restarts):
     model = tiny_target("llama", seed=5)
     drafter = random_drafter(model, seed=11)
     decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), eos_token_ids=[], lookup_len=5, compile=True)
@@ -102,6 +123,7 @@ def test_compiled_speculative_greedy_equals_plain_greedy():
         assert got == hf_greedy(model, prompt, 24)
     one, _ = speculative(decoder, [prompts[1]], 30)  # one row, longer: the same graphs, other sizes
     assert one[0] == hf_greedy(model, prompts[1], 30)
+    assert not restarts  # the model's float constants are not traced as symbols (CompiledDecoder.forward)
 
 
 def test_compile_needs_the_lean_forward():

@@ -3,6 +3,7 @@ threshold, or measured; and that the decode loop stays lossless whichever it tak
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -11,6 +12,7 @@ from conftest import tiny_target
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 
 from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
+from redrafter.ngrams import build_table
 from redrafter.sampling import SamplingParams, TokenChooser
 from redrafter.step_policy import SpeculationPolicy
 
@@ -238,6 +240,56 @@ def test_only_the_small_tree_cuts_the_lookup_beams():
     assert calls == [(None, None), (2, 0), (None, None)]
 
 
+@pytest.mark.parametrize("beams,draft_len,tree_nodes", [(3, 4, 6), (1, 3, 0)])
+def test_a_tree_step_tells_what_the_small_tree_would_have_emitted(beams, draft_len, tree_nodes):
+    """A most-probable-first tree (a dynamic one, or one beam) holds the small tree's depth-1 tokens:
+    the drafter's first choice and each lookup beam's first token. So each tree step gives, per row,
+    the tokens a small-tree step from the same state emits (float64: the same choices), hits (2)
+    and misses (1) alike."""
+    model = tiny_target("llama")
+    drafter = random_drafter(model, seed=5)
+    prompts = [random_prompt(4, 20 + n) * 3 for n in range(3)]
+    table = build_table([p + hf_greedy(model, p, 30) for p in prompts], min_n=1, max_n=3, min_count=1)
+    drafter.ngrams = table
+    small = TreeKind(DrafterProposer(drafter, 1, 2), lookup_len=2, ngram_len=2)
+    proposer = DrafterProposer(drafter, beams, draft_len, tree_nodes)
+    decoder = SpeculativeDecoder(model, proposer, [], 5, ngrams=table, ngram_len=3, small_tree=small)
+    assert decoder.small_tree_nested
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    batch.add(prompts, [24, 30, 16])
+    seen = []
+    while batch.size:
+        twin = copy.copy(batch)
+        twin.rows, twin.budget, twin.emitted = copy.deepcopy(batch.rows), dict(batch.budget), dict(batch.emitted)
+        out, alone = batch.step(1), twin.step(2)
+        assert out.nested == {2: [len(tokens) for tokens in alone.tokens]}
+        assert not twin.step(0).nested and not alone.nested  # only a tree step tells
+        seen += out.nested[2]
+    assert {1, 2} <= set(seen)
+
+
+def test_a_tree_that_may_not_hold_the_small_trees_tokens_tells_nothing():
+    """The best of three final beams need not start with the drafter's first choice."""
+    model = tiny_target("llama")
+    drafter = random_drafter(model, seed=5)
+    small = TreeKind(DrafterProposer(drafter, 1, 2), lookup_len=2, ngram_len=0)
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4), [], 5, small_tree=small)
+    assert not decoder.small_tree_nested
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    batch.add([random_prompt(4, 7) * 3], [8])
+    assert not batch.step(1).nested
+
+
+def test_the_small_tree_learns_its_acceptance_from_tree_steps_but_not_its_time():
+    policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree"))
+    for _ in range(4):
+        policy.record([0, 1], 1, [3, 4], 0.2, {2: [2, 1]})
+    assert policy.accepted[1].mean == 3.5 and policy.accepted[2].mean == 1.5
+    assert policy.row_estimate(0, 2) > 1.5 > policy.row_estimate(1, 2)  # each row its own, shrunk to the mean
+    policy.record([0, 1], 0, [1, 1], 0.05)
+    assert (2, 2) not in policy.seconds and policy.choose([0, 1]) == 2  # its time is still to be measured
+
+
 def test_a_policy_of_more_kinds_than_the_decoder_takes_is_refused():
     model = tiny_target("llama")
     proposer = DrafterProposer(random_drafter(model, seed=4), 2, 3)
@@ -283,6 +335,18 @@ def test_generate_adapts_by_default(model_dir, drafter_dir, capsys):
     with pytest.raises(SystemExit) as refused:
         main([*argv, "--speculation", "sometimes"])
     assert refused.value.code == 2
+
+
+def test_one_slow_step_at_a_smaller_size_does_not_rule_a_tree_out_above():
+    """Rows finishing pass through a size once or twice: one tree step there, slowed by something
+    else on the machine, is no verdict on the sizes above, where the tree keeps winning."""
+    policy = SpeculationPolicy(prior=2)
+    serve(policy, [0, 1, 2, 3], 300, tree_rate=90.0, plain_rate=60.0)  # the tree wins at 4 rows
+    serve(policy, [0, 1, 2], 1, tree_rate=10.0, plain_rate=50.0)  # the guess at 3 rows: a tree step, slow
+    serve(policy, [0, 1, 2], 1, tree_rate=10.0, plain_rate=50.0)  # then a plain step
+    assert policy.table()["3"]["tree_steps"] == 1 and policy.table()["3"]["plain_steps"] == 1
+    share, _, _ = serve(policy, [0, 1, 2, 3], 100, tree_rate=90.0, plain_rate=60.0)
+    assert share > 0.8, share
 
 
 def test_a_tree_that_lost_below_is_not_explored_where_it_was_measured_before():

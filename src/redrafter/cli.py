@@ -144,6 +144,11 @@ def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
         "plain one-token step, whichever gave more tokens per second lately (measured as it decodes); always: "
         "the tree every step",
     )
+    _add_small_tree_option(parser)
+
+
+def _add_small_tree_option(parser: argparse.ArgumentParser) -> None:
+    """``--small-tree`` for every command that decodes adaptively (generate, bench, serve, bench-serve)."""
     parser.add_argument(
         "--small-tree",
         action=argparse.BooleanOptionalAction,
@@ -492,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the kind of step that gave more tokens per second at this batch size (trying the other now and then), "
         "starting from N = 2",
     )
+    _add_small_tree_option(sv)
     sv.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
     _add_model_options(sv)
     sv.set_defaults(run=run_serve)
@@ -526,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|measured",
         help="the adaptive server's setting (default: measured)",
     )
+    _add_small_tree_option(bs)
     bs.add_argument("--out", required=True, help="results folder")
     _add_model_options(bs)
     bs.set_defaults(run=run_bench_serve)

@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -105,11 +105,14 @@ class StepOutput:
         rows: original indices (into the prompt list) of the rows still active in this step.
         tokens: per active row, the list of token ids emitted (EOS included, nothing after it).
         finished: per active row, whether it finished in this step.
+        nested: per smaller tree kind whose tree this step's tree holds, the tokens each active row
+            would have emitted with it instead (:meth:`SpeculativeDecoder.nested_small_tree`).
     """
 
     rows: list[int]
     tokens: list[list[int]]
     finished: list[bool]
+    nested: dict[int, list[int]] = field(default_factory=dict)
 
 
 class StageClock:
@@ -193,6 +196,49 @@ class SpeculativeDecoder:
         self.max_positions = context_limit(target.config)
         self.windows = attention_windows(target.config)
         self.clock: StageClock | None = None
+        self.small_tree_nested = self.nested_small_tree()
+
+    def nested_small_tree(self) -> bool:
+        """Whether the small tree (kind 2) holds only tokens the tree (kind 1) holds too, at depth 1,
+        so that a tree step also tells what the small tree would have emitted: it drafts one token
+        (the drafter's most probable first token, which a most-probable-first tree, a dynamic one or
+        a single beam, puts at ``beams[:, 0, 1]``) and the first token of each lookup beam (the
+        tree's lookup beams begin with the same tokens). The step policy then learns the small tree's
+        acceptance from the tree's steps too, where it would otherwise learn it only by exploring."""
+        if len(self.trees) < 2:
+            return False
+        tree, small = self.trees
+        if not (isinstance(tree.proposer, DrafterProposer) and isinstance(small.proposer, DrafterProposer)):
+            return False
+        big, little = tree.proposer, small.proposer
+        most_probable_first = big.tree_nodes > 0 or big.num_beams == 1
+        cut = all(length is not None and length <= 2 for length in (small.lookup_len, small.ngram_len))
+        return (
+            big.drafter is little.drafter
+            and most_probable_first
+            and big.draft_len >= 2
+            and (little.num_beams, little.draft_len, little.tree_nodes) == (1, 2, 0)
+            and cut
+        )
+
+    def _small_tree_counts(self, beams: torch.Tensor, tokens: torch.Tensor, lookup: LookupBeams | None) -> torch.Tensor:
+        """``[B]`` tokens each row would have emitted in a small-tree step instead of this tree step
+        (see :meth:`nested_small_tree`): two when the target's choice at the root (``tokens[:, 0]``
+        of the step's ``[B, w]`` emitted tokens) is one of the small tree's depth-1 tokens, else one.
+
+        ``beams`` ``[B, W + E, M]``: the drafter's ``W`` beams, then the ``E`` lookup beams."""
+        small = self.trees[1]
+        extra = 0 if lookup is None else lookup.extra_beams
+        width = beams.shape[1] - extra
+        columns = [0]
+        if lookup is not None and lookup.length > 1:
+            if small.lookup_len == 2:
+                columns.append(width)
+            width += 1
+        if lookup is not None and lookup.ngrams is not None and small.ngram_len == 2:
+            columns.append(width)
+        depth_one = beams[:, columns, 1]  # [B, c]
+        return 1 + (depth_one == tokens[:, :1]).any(dim=1).long()
 
     def _stage(self, name: str) -> AbstractContextManager:
         return nullcontext() if self.clock is None else self.clock.stage(name, self.target.device)
@@ -258,7 +304,8 @@ class SpeculativeDecoder:
                 start = time.perf_counter()
                 out = batch.step(kind)
                 if policy is not None:
-                    policy.record(out.rows, kind, [len(t) for t in out.tokens], time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    policy.record(out.rows, kind, [len(t) for t in out.tokens], seconds, out.nested)
                     for row, done in zip(out.rows, out.finished, strict=True):
                         if done:
                             policy.forget(row)
@@ -560,7 +607,8 @@ class RunningBatch:
             rows.row_length = rows.row_length + verdict.num_tokens
             rows.step_tokens, rows.step_counts = verdict.tokens, verdict.num_tokens
             rows.last_token = rows.step_tokens.gather(1, (rows.step_counts - 1)[:, None])[:, 0]
-        out = self._emit(rows)
+        nested = d._small_tree_counts(beams, verdict.tokens, rows.lookup) if kind == 1 and d.small_tree_nested else None
+        out = self._emit(rows, nested)
         if not rows.ids:
             self.rows = None
         return out
@@ -574,14 +622,19 @@ class RunningBatch:
         self.budget.pop(row_id, None)
         self.emitted.pop(row_id, None)
 
-    def _emit(self, rows: _Rows) -> StepOutput:
+    def _emit(self, rows: _Rows, small_tree_counts: torch.Tensor | None = None) -> StepOutput:
         """Host side: what each row of ``rows`` emits and whether it stops; finished rows leave ``rows``.
+        ``small_tree_counts`` ``[B]``: what each would have emitted in a small-tree step (kind 2), or
+        None; the output's ``nested`` holds them, cut as the tokens are (EOS, budget).
 
-        One device-to-host copy: ``[tokens..., count, cached length]`` per row.
+        One device-to-host copy: ``[tokens..., count, cached length(, small-tree count)]`` per row.
         """
         d = self.decoder
         with d._stage("host: emit, stop"):
-            host = torch.cat([rows.step_tokens, rows.step_counts[:, None], rows.row_length[:, None]], dim=1).tolist()
+            columns = [rows.step_tokens, rows.step_counts[:, None], rows.row_length[:, None]]
+            if small_tree_counts is not None:
+                columns.append(small_tree_counts[:, None])
+            host = torch.cat(columns, dim=1).tolist()
             width = rows.step_tokens.shape[1]
             out_tokens, finished = [], []
             for i, row in enumerate(rows.ids):
@@ -602,6 +655,8 @@ class RunningBatch:
                 if rows.lookup is not None and not done:
                     rows.lookup.extend(i, tokens)
         out = StepOutput(rows=list(rows.ids), tokens=out_tokens, finished=finished)
+        if small_tree_counts is not None:
+            out.nested[2] = [min(h[width + 2], len(tokens)) for h, tokens in zip(host, out_tokens, strict=True)]
         for row, done in zip(rows.ids, finished, strict=True):
             if done:
                 del self.budget[row], self.emitted[row]

@@ -349,14 +349,20 @@ class CompiledDecoder(nn.Module):
         cache.reserve(needed + 1)
         self.lean.make_tables(needed, input_ids.device)
         inputs = (fresh_strides(input_ids), fresh_strides(positions), masks, cache, layers)
+        # The forward's floats (the norms' epsilon, the attention's scaling) are the model's
+        # constants. Traced as symbolic floats, Inductor meets them where no tensor can stand in for
+        # them and makes dynamo trace the first graph again (a restart: about a quarter of a tiny
+        # model's compile time).
         if not self.row_buckets:
-            return self.compiled(*inputs)
+            with dynamo_config.patch(specialize_float=True):
+                return self.compiled(*inputs)
         # A prefill (an empty cache) is not padded: its graphs stay dynamic in every size, as without
         # buckets, so a server compiles a graph per bucket for its steps only.
         buckets = self.row_buckets if cache.length else ()
         # Weights fold as constants only with gradients off (as in the decode loop); a graph per
         # row bucket, for one row and for more, is more graphs than dynamo's default limit.
-        with inductor_config.patch(INT4_AUTOTUNE), dynamo_config.patch(recompile_limit=64), torch.inference_mode():
+        settings = dynamo_config.patch(recompile_limit=64, specialize_float=True)
+        with inductor_config.patch(INT4_AUTOTUNE), settings, torch.inference_mode():
             return self.compiled(*inputs, buckets)
 
 

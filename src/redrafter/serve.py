@@ -190,7 +190,7 @@ class Engine:
                     job.loop.call_soon_threadsafe(job.events.put_nowait, error)
                 continue
             seconds = time.perf_counter() - start
-            self.policy.record(out.rows, kind, [len(tokens) for tokens in out.tokens], seconds)
+            self.policy.record(out.rows, kind, [len(tokens) for tokens in out.tokens], seconds, out.nested)
             self._deliver(out)
             self.metrics.step_seconds.observe(seconds)
 

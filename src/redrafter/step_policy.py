@@ -34,14 +34,17 @@ that kind, shrunk toward the mean of all rows' recent steps of it by ``prior_ste
 joined row starts at that mean, and a row that drafts badly (a hard prompt) turns a lone row to
 plain steps within a few steps instead of after the many a shared mean needs. Between two tree
 shapes, though, the choice follows all rows' recent steps, not each row's
-(:meth:`SpeculationPolicy._contenders`).
+(:meth:`SpeculationPolicy._contenders`). Where the tree holds the small tree's tokens (the decode
+loop says so: :meth:`~redrafter.decode.SpeculativeDecoder.nested_small_tree`), every tree step also
+tells what the small tree would have emitted: its acceptance stays current while the tree runs,
+without exploring it (its step time is still measured by taking it).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -100,6 +103,11 @@ class SpeculationPolicy:
             of the time, so counting steps spent a quarter of a fresh server's first minute at 16
             rows on tree steps.
         warmup_share: the share of the time each kind not guessed gets until all are measured.
+        verdict_steps: steps of a tree kind at a batch size, faster than plain steps there, that
+            outweigh its loss at a smaller size (:meth:`_ruled_out`). A loss below may rest on one
+            step: a fresh server at 4 streams measured one small-tree step at 3 rows (its rows
+            finishing) at a quarter of plain steps' rate, and then hardly took the small tree at 4
+            rows, where it was the fastest kind.
     """
 
     prior: int = 2
@@ -114,6 +122,7 @@ class SpeculationPolicy:
     prior_steps: int = 8
     warmup_rows: int = 8
     warmup_share: float = 1 / 4
+    verdict_steps: int = 3
     accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
     accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
@@ -179,9 +188,9 @@ class SpeculationPolicy:
     def _contenders(self, size: int, kinds: list[int]) -> list[int]:
         """Of ``kinds`` (all measured), plain steps and the tree shape that gave most tokens per second
         over all rows lately. Between shapes the choice is not made per row: a row's estimate for the
-        shape it is not on is learned only from exploration, too rarely to matter before its answer
-        ends, and rows choosing their shape measured slower than either shape alone (Spec-Bench,
-        docs/small-tree/)."""
+        shape it is not on is learned only from exploration (or, for a small tree the tree holds,
+        from the tree's steps), too rarely to matter before its answer ends, and rows choosing their
+        shape measured slower than either shape alone (Spec-Bench, docs/small-tree/)."""
         trees = [kind for kind in kinds if kind]
         if len(trees) < 2:
             return kinds
@@ -191,7 +200,8 @@ class SpeculationPolicy:
 
     def _ruled_out(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` is not worth a step at ``size`` rows: it lost below
-        (:meth:`_lost_below`), or, not measured at this size, its step time there (interpolated
+        (:meth:`_lost_below`) and did not win here (:meth:`_won_here`), or, not measured at this
+        size, its step time there (interpolated
         between the nearest sizes where it was measured, one below and one above) makes it slower
         than the plain steps measured here. A server that fills up at once and then empties as its
         rows finish meets the sizes between from above, where nothing below has lost yet; trying a
@@ -199,7 +209,7 @@ class SpeculationPolicy:
         if kind == 0:
             return False
         if self._lost_below(size, kind):
-            return True
+            return not self._won_here(size, kind)
         if (size, kind) in self.seconds or (size, 0) not in self.seconds or kind not in self.accepted:
             return False
         measured = sorted(b for b, k in self.seconds if k == kind)
@@ -211,6 +221,15 @@ class SpeculationPolicy:
         seconds = low_time + (high_time - low_time) * (size - low) / (high - low)  # type: ignore[operator]
         plain_seconds = self.seconds[size, 0].typical
         return size * self.accepted[kind].mean / seconds < size / plain_seconds  # type: ignore[operator]
+
+    def _won_here(self, size: int, kind: int) -> bool:
+        """Whether tree ``kind`` took at least ``verdict_steps`` steps at ``size`` rows and gave more
+        tokens per second there than plain steps."""
+        times = self.seconds.get((size, kind))
+        if times is None or times.count < self.verdict_steps:
+            return False
+        rates = self._mean_rates(size)
+        return rates[kind] is not None and rates[0] is not None and rates[kind] > rates[0]
 
     def _lost_below(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where
@@ -239,8 +258,17 @@ class SpeculationPolicy:
             rates.append(None if times is None or per_row is None else size * per_row / max(times.typical, 1e-9))  # type: ignore[arg-type]
         return rates
 
-    def record(self, rows: Sequence[int], kind: int, tokens: Sequence[int], seconds: float) -> None:
-        """A step of ``kind`` over ``rows`` (their ids) emitted ``tokens`` (one count per row) in ``seconds``."""
+    def record(
+        self,
+        rows: Sequence[int],
+        kind: int,
+        tokens: Sequence[int],
+        seconds: float,
+        nested: Mapping[int, Sequence[int]] | None = None,
+    ) -> None:
+        """A step of ``kind`` over ``rows`` (their ids) emitted ``tokens`` (one count per row) in
+        ``seconds``. ``nested``: per smaller tree kind that this step's tree holds, what each row
+        would have emitted with it (its acceptance, measured on the same steps; not its time)."""
         if not self.adaptive:
             return
         size, kind = len(rows), int(kind)
@@ -249,10 +277,16 @@ class SpeculationPolicy:
             self.waited[size, other] = 0.0 if other == kind else self.waited.get((size, other), 0.0) + seconds
             self.skipped[size, other] = 0 if other == kind else self.skipped.get((size, other), 0) + 1
         if kind:
-            self.accepted.setdefault(kind, Window(self.accept_window)).add(sum(tokens) / size)
-            self.accepted_rows[kind] = self.accepted_rows.get(kind, 0) + size
-            for row, count in zip(rows, tokens, strict=True):
-                self.rows_accepted.setdefault(row, {}).setdefault(kind, Window(self.row_window)).add(count)
+            self._accept(rows, kind, tokens)
+        for other, counts in (nested or {}).items():
+            self._accept(rows, other, counts)
+
+    def _accept(self, rows: Sequence[int], kind: int, tokens: Sequence[int]) -> None:
+        """Tree ``kind`` emitted (or would have) ``tokens`` over ``rows``."""
+        self.accepted.setdefault(kind, Window(self.accept_window)).add(sum(tokens) / len(rows))
+        self.accepted_rows[kind] = self.accepted_rows.get(kind, 0) + len(rows)
+        for row, count in zip(rows, tokens, strict=True):
+            self.rows_accepted.setdefault(row, {}).setdefault(kind, Window(self.row_window)).add(count)
 
     def forget(self, row: int) -> None:
         """``row`` finished or was cancelled."""
