@@ -199,13 +199,12 @@ class SpeculationPolicy:
         return [kind for kind in kinds if kind in (0, shape)]
 
     def _ruled_out(self, size: int, kind: int) -> bool:
-        """Whether tree ``kind`` is not worth a step at ``size`` rows: it lost below
-        (:meth:`_lost_below`) and did not win here (:meth:`_won_here`), or, not measured at this
-        size, its step time there (interpolated
-        between the nearest sizes where it was measured, one below and one above) makes it slower
-        than the plain steps measured here. A server that fills up at once and then empties as its
-        rows finish meets the sizes between from above, where nothing below has lost yet; trying a
-        tree at each of them cost a fresh server's first 16-stream round about 4 of its 20 seconds."""
+        """Whether tree ``kind`` is not worth a step at ``size`` rows: it lost below (:meth:`_lost_below`)
+        and did not win here (:meth:`_won_here`), or, not measured at this size, its step time there
+        (interpolated between the nearest sizes where it was measured, one below and one above) makes it
+        slower than the plain steps measured here. A server that fills up at once and then empties as its
+        rows finish meets the sizes between from above, where nothing below has lost yet; trying a tree at
+        each of them cost a fresh server's first 16-stream round about 4 of its 20 seconds."""
         if kind == 0:
             return False
         if self._lost_below(size, kind):
@@ -232,14 +231,14 @@ class SpeculationPolicy:
         return rates[kind] is not None and rates[0] is not None and rates[kind] > rates[0]
 
     def _lost_below(self, size: int, kind: int) -> bool:
-        """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where
-        both were measured. A tree step's cost grows with the rows while a plain step's barely does,
-        so a tree is not tried at a batch size above one where it lost: one tree step over 16 rows
-        takes as long as 8 plain ones, and trying it at every batch size a server passes through
-        cost a fifth of the throughput at 16 streams. Nor is it explored there once it lost below,
-        even where it was measured before (a server's first pass through the batch sizes measures
-        the larger ones first as its rows finish): the smaller size, still explored, keeps the
-        verdict current, and the acceptance it is judged at is that of the latest tree steps."""
+        """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where both
+        were measured. A tree step's cost grows with the rows while a plain step's barely does, so a tree is
+        not tried at a batch size above one where it lost: one tree step over 16 rows takes as long as 8
+        plain ones, and trying it at every batch size a server passes through cost a fifth of the throughput
+        at 16 streams. Nor is it explored there once it lost below, even where it was measured before (a
+        server's first pass through the batch sizes measures the larger ones first as its rows finish),
+        unless it won there (:meth:`_won_here`): the smaller size, still explored, keeps the verdict
+        current, and the acceptance it is judged at is that of the latest tree steps."""
         if kind == 0:
             return False
         below = [b for b in range(1, size) if (b, kind) in self.seconds and (b, 0) in self.seconds]
