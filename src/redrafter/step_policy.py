@@ -225,10 +225,13 @@ class SpeculationPolicy:
         """Whether tree ``kind`` took at least ``verdict_steps`` steps at ``size`` rows and gave more
         tokens per second there than plain steps."""
         times = self.seconds.get((size, kind))
-        if times is None or times.count < self.verdict_steps:
-            return False
+        return times is not None and times.count >= self.verdict_steps and self._beats_plain(size, kind) is True
+
+    def _beats_plain(self, size: int, kind: int) -> bool | None:
+        """Whether tree ``kind`` gives more tokens per second than plain steps at ``size`` rows, at the
+        mean acceptance of recent steps (:meth:`_mean_rates`); None where either is not measured."""
         rates = self._mean_rates(size)
-        return rates[kind] is not None and rates[0] is not None and rates[kind] > rates[0]
+        return None if rates[kind] is None or rates[0] is None else rates[kind] > rates[0]
 
     def _lost_below(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` was slower than plain steps at the largest smaller batch size where both
@@ -244,8 +247,7 @@ class SpeculationPolicy:
         below = [b for b in range(1, size) if (b, kind) in self.seconds and (b, 0) in self.seconds]
         if not below:
             return False
-        rates = self._mean_rates(below[-1])
-        return rates[kind] is not None and rates[0] is not None and rates[kind] < rates[0]
+        return self._beats_plain(below[-1], kind) is False
 
     def _mean_rates(self, size: int) -> list[float | None]:
         """Tokens per second of each kind of step at ``size`` rows, at the mean acceptance of recent
