@@ -227,16 +227,11 @@ class SpeculativeDecoder:
         of the step's ``[B, w]`` emitted tokens) is one of the small tree's depth-1 tokens, else one.
 
         ``beams`` ``[B, W + E, M]``: the drafter's ``W`` beams, then the ``E`` lookup beams."""
-        small = self.trees[1]
-        extra = 0 if lookup is None else lookup.extra_beams
-        width = beams.shape[1] - extra
-        columns = [0]
-        if lookup is not None and lookup.length > 1:
-            if small.lookup_len == 2:
-                columns.append(width)
-            width += 1
-        if lookup is not None and lookup.ngrams is not None and small.ngram_len == 2:
-            columns.append(width)
+        small, columns = self.trees[1], [0]
+        if lookup is not None:
+            lookup_column, ngram_column = lookup.columns(beams.shape[1] - lookup.extra_beams)
+            columns += [lookup_column] if lookup_column is not None and small.lookup_len == 2 else []
+            columns += [ngram_column] if ngram_column is not None and small.ngram_len == 2 else []
         depth_one = beams[:, columns, 1]  # [B, c]
         return 1 + (depth_one == tokens[:, :1]).any(dim=1).long()
 

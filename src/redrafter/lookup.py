@@ -118,6 +118,13 @@ class LookupBeams:
         """Beams added per row: the context-lookup beam and/or the n-gram beam."""
         return int(self.length > 1) + int(self.ngrams is not None)
 
+    def columns(self, width: int) -> tuple[int | None, int | None]:
+        """Where :meth:`beams` puts its extra beams after ``width`` drafted ones: the context-lookup
+        beam's column and the n-gram beam's (None for one it does not add)."""
+        lookup = width if self.length > 1 else None
+        ngram = width + int(self.length > 1) if self.ngrams is not None else None
+        return lookup, ngram
+
     def _room(self, row: int, count: int) -> int:
         """``count`` capped so the deepest node (at position ``len(history) - 1 + count``) fits the context."""
         return count if self.max_positions is None else min(count, self.max_positions - len(self.histories[row]))
@@ -137,21 +144,21 @@ class LookupBeams:
         """
         batch, width, draft_len = drafted.shape
         ngram_len = self.ngram_length if ngram_len is None else min(ngram_len, self.ngram_length)
+        lookup_column, ngram_column = self.columns(width)
         found: dict[tuple[int, int], list[int]] = {}  # (row, beam) -> tokens
         for row in range(batch):
-            history, beam = self.histories[row], width
-            if self.length > 1:
+            history = self.histories[row]
+            if lookup_column is not None:
                 length = self.lengths[row] if lookup_len is None else min(lookup_len, self.lengths[row])
                 copied = self.continuation(row, self._room(row, length - 1)) if length > 1 else None
                 if copied:
                     if length == self.lengths[row]:  # a cut beam neither grows nor resets the length
                         self.proposed[row] = copied
-                    found[row, beam] = [history[-1], *copied]
-                beam += 1
-            if self.ngrams is not None and ngram_len > 1:
+                    found[row, lookup_column] = [history[-1], *copied]
+            if ngram_column is not None and ngram_len > 1:
                 drafted_ngrams = self.ngrams.draft(history, self._room(row, ngram_len - 1))
                 if drafted_ngrams:
-                    found[row, beam] = [history[-1], *drafted_ngrams]
+                    found[row, ngram_column] = [history[-1], *drafted_ngrams]
         length = max([draft_len] + [len(tokens) for tokens in found.values()])
         beams = drafted.new_full((batch, width + self.extra_beams, length), PAD)
         beams[:, :width, :draft_len] = drafted
