@@ -12,22 +12,35 @@ measures every kind of step it is offered while serving. A step of kind ``k`` ov
 
 - ``a_i``: tokens row ``r_i`` emits per step of that kind (1 for a plain step; a row's acceptance
   does not depend on the rows beside it, but on its prompt: see the end);
-- ``t_k(b)``: seconds per step of kind ``k`` at ``b`` rows, the median of its recent steps, or
-  its latest step when faster (steady: a few steps suffice; a median, because one step slowed by
-  something else on the machine would otherwise hold a mean up; the latest when faster, because
-  a kind measured while the machine was busy would otherwise keep its slow median until several
-  explorations had refreshed it).
+- ``t_k(b)``: seconds per step of kind ``k`` at ``b`` rows: a plain step's time (the median of its
+  recent steps, or its latest step when faster: steady, a few steps suffice; a median, because one
+  step slowed by something else on the machine would otherwise hold a mean up; the latest when
+  faster, because a kind measured while the machine was busy would otherwise keep its slow median
+  until several explorations had refreshed it), times what a step of kind ``k`` costs against a
+  plain one. That cost is measured in pairs: each step that follows a step of another kind over the
+  same rows gives the ratio of their times (the median of the recent ratios), and kinds never
+  adjacent chain through a third. Two steps milliseconds apart ran on the same machine; a kind
+  taken now and then and timed on its own is compared with the chosen kind's steps from minutes
+  later, and this machine's speed moved by a third between two rounds of one run. At 64 streams the
+  server's table put plain steps over 16 rows at 210 ms (timed while the machine was slow) and the
+  small tree ahead of them, while its steps took 1.5 plain ones whenever they ran; it was taken on a
+  quarter of the steps.
 
-It takes the fastest kind. The others are still taken now and then, so their time (and, for
-trees, the rows' acceptance) stays measured: each once the time spent at that batch size since it
-was last taken reaches what makes one more of its steps ``explore_share`` of the time (a quarter of
-that while the chosen kind is more than ``margin`` ahead: exploring a clear loser costs
-throughput). Counting time, not steps, matters: at four rows a tree step takes about five plain
-ones, so exploring one step in 16 would spend a quarter of the time on the slower kind. Until every
-kind is measured at a batch size, the ``prior`` decides (the tree while at most that many rows run),
-and each other kind gets ``warmup_share`` of the time; a tree is not tried at all above a batch
-size where it lost to plain steps. A fixed threshold (``adaptive=False``) never measures: the
-override for a user who has measured it himself.
+It takes the fastest kind, but a tree only when it is ahead of plain steps by ``lead``: a plain
+step's rate is known (every row emits one token), a tree's is an estimate, and on a near-tie the
+tree's error decides. At 16 rows a small tree took 1.5 plain steps' time for about 1.44 tokens a row
+and was taken on two thirds of the steps. Where the two are close, plain steps lose nothing against
+a plain server and a wrong tree does (and rows that emit unequal counts finish apart, so the last
+rows of a wave run on at a few rows, in steps that cost nearly what 16 rows' do). The others are
+still taken now and then, so their time (and, for trees, the rows' acceptance) stays measured: each
+once the time spent at that batch size since it was last taken reaches what makes one more of its
+steps ``explore_share`` of the time (a quarter of that while the chosen kind is more than ``margin``
+ahead: exploring a clear loser costs throughput). Counting time, not steps, matters: at four rows a
+tree step takes about five plain ones, so exploring one step in 16 would spend a quarter of the time
+on the slower kind. Until every kind is measured at a batch size, the ``prior`` decides (the tree
+while at most that many rows run), and each other kind gets ``warmup_share`` of the time; a tree is
+not tried at all above a batch size where it lost to plain steps. A fixed threshold
+(``adaptive=False``) never measures: the override for a user who has measured it himself.
 
 Acceptance is estimated per row and kind: ``a_i`` is the mean of the row's own recent steps of
 that kind, shrunk toward the mean of all rows' recent steps of it by ``prior_steps`` steps. A newly
@@ -42,6 +55,7 @@ without exploring it (its step time is still measured by taking it).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -89,10 +103,9 @@ class SpeculationPolicy:
         explore_share: the least share of the recent time at a batch size spent on each kind not
             chosen (a quarter of it while the chosen one is more than ``margin`` faster).
         margin: how much faster (a share) one kind must be for exploring the other less.
+        lead: how much faster (a share) a tree must be estimated than plain steps to be chosen
+            over them (see the module's docstring).
         time_window: steps of one kind at one batch size whose median is its step time.
-        explore_steps: steps at a batch size after which a kind not taken in them is taken
-            whatever its time (a kind measured slow while the machine was busy would otherwise wait
-            for the time that slow measurement sets).
         accept_window: steps of a tree kind (of all rows) whose mean tokens per row is a row's prior.
         row_window: a row's own recent steps of a tree kind its estimate averages.
         prior_steps: how many steps of the prior a row's estimate adds to its own.
@@ -115,8 +128,8 @@ class SpeculationPolicy:
     kinds: tuple[str, ...] = ("plain", "tree")
     explore_share: float = 1 / 16
     margin: float = 0.4
+    lead: float = 0.1
     time_window: int = 8
-    explore_steps: int = 128
     accept_window: int = 64
     row_window: int = 64
     prior_steps: int = 8
@@ -127,8 +140,11 @@ class SpeculationPolicy:
     accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
     waited: dict[tuple[int, int], float] = field(default_factory=dict)  # (batch size, kind) -> seconds since taken
-    skipped: dict[tuple[int, int], int] = field(default_factory=dict)  # (batch size, kind) -> steps since taken
     rows_accepted: dict[int, dict[int, Window]] = field(default_factory=dict)  # row -> tree kind -> its tokens
+    # (batch size, kind, other kind) -> log of a step's seconds over those of the step just before it
+    # (of the other kind, over the same rows)
+    paired: dict[tuple[int, int, int], Window] = field(default_factory=dict)
+    last_step: tuple[tuple[int, ...], int, float] | None = None  # its rows, kind and seconds
 
     def row_estimate(self, row: int, kind: int = 1) -> float | None:
         """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_rows``
@@ -145,13 +161,36 @@ class SpeculationPolicy:
         """Estimated tokens per second of a step of each kind over ``rows`` (None: not measured)."""
         size, rates = len(rows), []
         for kind in range(len(self.kinds)):
-            times = self.seconds.get((size, kind))
+            seconds = self.step_seconds(size, kind)
             estimates = [1.0] * size if kind == 0 else [self.row_estimate(row, kind) for row in rows]
-            if times is None or None in estimates:
+            if seconds is None or None in estimates:
                 rates.append(None)
             else:
-                rates.append(sum(estimates) / max(times.typical, 1e-9))  # type: ignore[arg-type]
+                rates.append(sum(estimates) / max(seconds, 1e-9))  # type: ignore[arg-type]
         return rates
+
+    def step_seconds(self, size: int, kind: int) -> float | None:
+        """``t_k(b)``: seconds a step of ``kind`` takes at ``size`` rows (None: not measured), as plain
+        steps' time times its cost against them where pairs measured that, else its own recent steps'."""
+        times, plain = self.seconds.get((size, kind)), self.seconds.get((size, 0))
+        if times is None:
+            return None
+        cost = None if plain is None else self.relative_cost(size, kind)
+        return times.typical if cost is None else plain.typical * cost  # type: ignore[operator]
+
+    def relative_cost(self, size: int, kind: int) -> float | None:
+        """A step of ``kind`` over a plain step's time at ``size`` rows, from steps taken one after the
+        other (directly, or through a third kind); None where no such pairs were seen."""
+        if kind == 0:
+            return 1.0
+        direct = self.paired.get((size, kind, 0))
+        if direct is not None:
+            return math.exp(direct.median)  # type: ignore[arg-type]
+        for other in range(1, len(self.kinds)):
+            first, second = self.paired.get((size, kind, other)), self.paired.get((size, other, 0))
+            if other != kind and first is not None and second is not None:
+                return math.exp(first.median + second.median)  # type: ignore[operator]
+        return None
 
     def choose(self, rows: Sequence[int]) -> int:
         """The kind of the next step over the running ``rows`` (their ids): 0 plain, else a tree."""
@@ -164,6 +203,8 @@ class SpeculationPolicy:
         measured = all(rates[k] is not None for k in kinds)
         if measured:
             best = max(self._contenders(size, kinds), key=lambda k: rates[k])  # type: ignore[arg-type, return-value]
+            if best and rates[best] < (1 + self.lead) * rates[0]:  # type: ignore[operator]
+                best = 0
         else:  # still measuring: the guess, and the other kinds often
             best = guess if guess in kinds else 0
         overdue: list[tuple[float, int]] = []  # (how overdue, kind) of the kinds due for exploring
@@ -179,8 +220,6 @@ class SpeculationPolicy:
                 far = rates[best] > (1 + self.margin) * rates[kind]  # type: ignore[operator]
                 share = self.explore_share / (4 if far else 1)
             due = waited / (times.typical * (1 - share) / share)  # type: ignore[operator]
-            if self.skipped.get((size, kind), 0) >= self.explore_steps:
-                due = max(due, 1.0)
             if due >= 1:
                 overdue.append((due, kind))
         return max(overdue)[1] if overdue else best
@@ -254,9 +293,9 @@ class SpeculationPolicy:
         steps of its kind (None where not measured)."""
         rates: list[float | None] = []
         for kind in range(len(self.kinds)):
-            times = self.seconds.get((size, kind))
+            seconds = self.step_seconds(size, kind)
             per_row = 1.0 if kind == 0 else (self.accepted[kind].mean if kind in self.accepted else None)
-            rates.append(None if times is None or per_row is None else size * per_row / max(times.typical, 1e-9))  # type: ignore[arg-type]
+            rates.append(None if seconds is None or per_row is None else size * per_row / max(seconds, 1e-9))
         return rates
 
     def record(
@@ -274,9 +313,15 @@ class SpeculationPolicy:
             return
         size, kind = len(rows), int(kind)
         self.seconds.setdefault((size, kind), Window(self.time_window)).add(seconds)
+        if self.last_step is not None:
+            last_rows, before, before_seconds = self.last_step
+            if last_rows == tuple(rows) and before != kind:
+                ratio = math.log(max(seconds, 1e-9) / max(before_seconds, 1e-9))
+                self.paired.setdefault((size, kind, before), Window(self.time_window)).add(ratio)
+                self.paired.setdefault((size, before, kind), Window(self.time_window)).add(-ratio)
+        self.last_step = (tuple(rows), kind, seconds)
         for other in range(len(self.kinds)):
             self.waited[size, other] = 0.0 if other == kind else self.waited.get((size, other), 0.0) + seconds
-            self.skipped[size, other] = 0 if other == kind else self.skipped.get((size, other), 0) + 1
         if kind:
             self._accept(rows, kind, tokens)
         for other, counts in (nested or {}).items():
