@@ -222,6 +222,8 @@ def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, d
     assert result["results"]["plain"]["3"]["tree_step_share"] == 0  # never speculates
     assert result["results"]["speculative"]["1"]["tree_step_share"] > 0  # the prior: trees at one row
     assert result["config"]["speculate_max_batch"] == "measured" and result["measured_rates"]["1"]["tree_steps"] > 0
+    # the server offers the small tree by default
+    assert result["config"]["small_tree"] and "small_tree_steps" in result["measured_rates"]["1"]
     assert (tmp_path / "out" / "serve.png").stat().st_size > 0
 
 

@@ -190,6 +190,7 @@ def run_serve_benchmark(
             "weights": rd.quantization.weights,
             "drafter_weights": rd.drafter_weights,
             "compile": rd.compile,
+            "small_tree": rd.small_tree,
             "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
         },
         "results": table,

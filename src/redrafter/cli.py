@@ -147,14 +147,16 @@ def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
     _add_small_tree_option(parser)
 
 
-def _add_small_tree_option(parser: argparse.ArgumentParser) -> None:
-    """``--small-tree`` for every command that decodes adaptively (generate, bench, serve, bench-serve)."""
+def _add_small_tree_option(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    """``--small-tree`` for every command that decodes adaptively (generate, bench, serve, bench-serve).
+    ``serving``: the server's default, on (it pays with a few rows at once), else by the weights."""
+    default = "on (it pays with a few streams at once)" if serving else "on for int4 weights, off otherwise"
     parser.add_argument(
         "--small-tree",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=True if serving else None,
         help="with adaptive speculation, also consider a small tree (one drafted token and one from each lookup "
-        "beam); default: on for int4 weights, off otherwise (measured, README)",
+        f"beam); default: {default} (measured, README)",
     )
 
 
@@ -497,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the kind of step that gave more tokens per second at this batch size (trying the other now and then), "
         "starting from N = 2",
     )
-    _add_small_tree_option(sv)
+    _add_small_tree_option(sv, serving=True)
     sv.add_argument("--served-model-name", help="the model id clients send (default: the --model name)")
     _add_model_options(sv)
     sv.set_defaults(run=run_serve)
@@ -532,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N|measured",
         help="the adaptive server's setting (default: measured)",
     )
-    _add_small_tree_option(bs)
+    _add_small_tree_option(bs, serving=True)
     bs.add_argument("--out", required=True, help="results folder")
     _add_model_options(bs)
     bs.set_defaults(run=run_bench_serve)
