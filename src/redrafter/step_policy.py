@@ -212,14 +212,14 @@ class SpeculationPolicy:
             waited = self.waited.get((size, kind))
             if kind == best or waited is None:  # None: not a step at this size yet
                 continue
-            times = self.seconds.get((size, kind))
-            if times is None:
+            seconds = self.step_seconds(size, kind)
+            if seconds is None:
                 return kind
             share = self.warmup_share
             if measured:
                 far = rates[best] > (1 + self.margin) * rates[kind]  # type: ignore[operator]
                 share = self.explore_share / (4 if far else 1)
-            due = waited / (times.typical * (1 - share) / share)  # type: ignore[operator]
+            due = waited / (seconds * (1 - share) / share)
             if due >= 1:
                 overdue.append((due, kind))
         return max(overdue)[1] if overdue else best
@@ -255,9 +255,9 @@ class SpeculationPolicy:
         if not below or not above:
             return False
         low, high = below[-1], above[0]
-        low_time, high_time = self.seconds[low, kind].typical, self.seconds[high, kind].typical
+        low_time, high_time = self.step_seconds(low, kind), self.step_seconds(high, kind)
         seconds = low_time + (high_time - low_time) * (size - low) / (high - low)  # type: ignore[operator]
-        plain_seconds = self.seconds[size, 0].typical
+        plain_seconds = self.step_seconds(size, 0)
         return size * self.accepted[kind].mean / seconds < size / plain_seconds  # type: ignore[operator]
 
     def _won_here(self, size: int, kind: int) -> bool:
