@@ -14,7 +14,7 @@ from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder, TreeKind
 from redrafter.ngrams import build_table
 from redrafter.sampling import SamplingParams, TokenChooser
-from redrafter.step_policy import SpeculationPolicy
+from redrafter.step_policy import PairWindow, SpeculationPolicy
 
 
 def serve(
@@ -328,6 +328,52 @@ def test_the_small_tree_learns_its_acceptance_from_tree_steps_but_not_its_time()
     assert policy.row_estimate(0, 2) > 1.5 > policy.row_estimate(1, 2)  # each row its own, shrunk to the mean
     policy.record([0, 1], 0, [1, 1], 0.05)
     assert (2, 2) not in policy.seconds and policy.choose([0, 1]) == 2  # its time is still to be measured
+
+
+def test_a_pair_window_fits_the_line_through_its_latest_pairs():
+    pairs = PairWindow(4)
+    assert pairs.predict(1.5) is None
+    pairs.add(1, 1)
+    pairs.add(1, 2)
+    assert pairs.predict(1.5) is None  # every x equal: no line
+    for x, y in ((2, 5), (1, 1), (2, 3), (1, 1)):  # the first two pairs leave: y = 1 + 3 (x - 1)
+        pairs.add(x, y)
+    assert pairs.predict(1.0) == pytest.approx(1.0) and pairs.predict(2.0) == pytest.approx(4.0)
+    assert pairs.predict(1.5) == pytest.approx(2.5)
+
+
+def test_after_a_prompt_the_drafter_cannot_follow_the_tree_is_taken_again_on_easier_ones():
+    """One row at a time: prompts the drafter follows, one it does not, then easy ones again (a tree
+    step costs 1.42 plain ones, a small-tree step 1.05; on the hard prompt the tree emits what the
+    small tree does, 1.25 tokens a step).
+
+    - On the easy prompts after the hard one, the tree (3.2 tokens a step, against the small tree's
+      1.9) is taken again. While the small tree or plain steps run, the tree's acceptance is not
+      measured (only explored), so it is predicted from the small tree's. Judged on the tree's own
+      steps of the hard prompt, those prompts stayed on the small tree for 95% and 94% of their steps.
+    - On the hard prompt, the small tree (19% faster than plain steps there) is taken, though all
+      rows' recent steps put the tree first among the shapes; before, the choice was then between the
+      tree and plain steps only, and plain steps took 79% of the prompt's steps."""
+    cost = {0: 1.0, 1: 1.42, 2: 1.05}
+    policy = SpeculationPolicy(kinds=("plain", "tree", "small_tree"))
+    draw = random.Random(2)
+    shares = []  # per prompt: the share of each kind's steps
+    for row, easy in enumerate((True, True, False, True, True)):
+        emitted_in_all, kinds = 0, []
+        while emitted_in_all < 400:
+            kind = policy.choose([row])
+            small = 2 if draw.random() < (0.9 if easy else 0.25) else 1
+            if easy:
+                tree = draw.choice((2, 3, 4, 5)) if small == 2 else draw.choice((1, 1, 2))
+            else:
+                tree = small
+            emitted = (1, tree, small)[kind]
+            policy.record([row], kind, [emitted], cost[kind], {2: [small]} if kind == 1 else None)
+            emitted_in_all, kinds = emitted_in_all + emitted, kinds + [kind]
+        policy.forget(row)
+        shares.append([kinds.count(kind) / len(kinds) for kind in range(3)])
+    assert min(share[1] for share in shares[:2]) > 0.8 and min(share[1] for share in shares[3:]) > 0.7, shares
+    assert shares[2][2] > 0.6, shares
 
 
 def test_a_policy_of_more_kinds_than_the_decoder_takes_is_refused():

@@ -43,14 +43,29 @@ not tried at all above a batch size where it lost to plain steps. A fixed thresh
 (``adaptive=False``) never measures: the override for a user who has measured it himself.
 
 Acceptance is estimated per row and kind: ``a_i`` is the mean of the row's own recent steps of
-that kind, shrunk toward the mean of all rows' recent steps of it by ``prior_steps`` steps. A newly
-joined row starts at that mean, and a row that drafts badly (a hard prompt) turns a lone row to
-plain steps within a few steps instead of after the many a shared mean needs. Between two tree
-shapes, though, the choice follows all rows' recent steps, not each row's
-(:meth:`SpeculationPolicy._contenders`). Where the tree holds the small tree's tokens (the decode
-loop says so: :meth:`~redrafter.decode.SpeculativeDecoder.nested_small_tree`), every tree step also
-tells what the small tree would have emitted: its acceptance stays current while the tree runs,
-without exploring it (its step time is still measured by taking it).
+that kind, shrunk by ``prior_steps`` steps toward what all rows' recent steps of it say (below). A
+newly joined row starts there, and a row that drafts badly (a hard prompt) turns a lone row to
+plain steps within a few steps instead of after the many a shared mean needs.
+
+Where the tree holds the small tree's tokens (the decode loop says so:
+:meth:`~redrafter.decode.SpeculativeDecoder.nested_small_tree`), every tree step also tells what the
+small tree would have emitted: its acceptance stays current while the tree runs, without exploring
+it (its step time is still measured by taking it). The reverse cannot be: a small-tree step does not
+say what the tree would have emitted. So the tree's acceptance, a row's and all rows', is predicted
+from the small tree's, along the line through the recent steps that told both
+(:meth:`SpeculationPolicy.expected`: a row whose small tree emits two tokens is expected to emit, in
+a tree step, what such rows emitted lately). Judged on its own steps instead, the tree's acceptance
+went stale while the small tree ran: after a prompt the drafter could not follow, the easier prompts
+after it stayed on the small tree, where the tree was only explored.
+
+The tree shapes are ranked by all rows' recent steps (:meth:`SpeculationPolicy._shapes`), and the
+first one ahead of plain steps by ``lead`` for these rows is taken. Taking the first in the ranking
+over the rows' own estimates holds the choice steady (rows choosing their shape by their own
+estimates were slower than either shape alone on Spec-Bench, docs/small-tree/); going on to the
+second where the first is not ahead keeps a hard prompt on the small tree where it beats plain steps.
+Replayed on every position of 80 MT-Bench prompts and 60 of Spec-Bench's other kinds
+(``docs/serve/shape_sim.py``), the two changes gave 4.2% and 1.0% more tokens per second at one row
+and 2.3% and 2.8% at four.
 """
 
 from __future__ import annotations
@@ -85,6 +100,38 @@ class Window:
     def typical(self) -> float | None:
         """The median, or the latest value when smaller (a step time: see the module's docstring)."""
         return None if self.median is None else min(self.median, self.values[-1])
+
+
+class PairWindow:
+    """The last ``window`` pairs ``(x, y)`` added, and the least-squares line ``y = a + b x`` through
+    them (running sums: a fit costs the same however many pairs it holds)."""
+
+    def __init__(self, window: int) -> None:
+        self.pairs: deque[tuple[float, float]] = deque()
+        self.window = window
+        self.sums = [0.0] * 4  # x, y, x * x, x * y
+
+    def add(self, x: float, y: float) -> None:
+        if len(self.pairs) == self.window:
+            self._sum(*self.pairs.popleft(), sign=-1.0)
+        self.pairs.append((x, y))
+        self._sum(x, y, sign=1.0)
+
+    def _sum(self, x: float, y: float, sign: float) -> None:
+        for index, value in enumerate((x, y, x * x, x * y)):
+            self.sums[index] += sign * value
+
+    def predict(self, x: float) -> float | None:
+        """``a + b x`` (None while the pairs' ``x`` are all equal or there are none)."""
+        count = len(self.pairs)
+        if not count:
+            return None
+        sum_x, sum_y, sum_xx, sum_xy = self.sums
+        spread = sum_xx - sum_x * sum_x / count
+        if spread <= 1e-9:
+            return None
+        slope = (sum_xy - sum_x * sum_y / count) / spread
+        return (sum_y - slope * sum_x) / count + slope * x
 
 
 @dataclass
@@ -136,6 +183,8 @@ class SpeculationPolicy:
     warmup_rows: int = 8
     warmup_share: float = 1 / 4
     verdict_steps: int = 3
+    pair_window: int = 512
+    pair_warmup: int = 32
     accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
     accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
@@ -145,6 +194,8 @@ class SpeculationPolicy:
     # (of the other kind, over the same rows)
     paired: dict[tuple[int, int, int], Window] = field(default_factory=dict)
     last_step: tuple[tuple[int, ...], int, float] | None = None  # its rows, kind and seconds
+    # (tree kind, smaller kind it holds) -> per row of its steps: (the smaller kind's tokens, the tree's)
+    nested_pairs: dict[tuple[int, int], PairWindow] = field(default_factory=dict)
 
     def row_estimate(self, row: int, kind: int = 1) -> float | None:
         """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_rows``
@@ -152,10 +203,30 @@ class SpeculationPolicy:
         steps = self.accepted.get(kind)
         if steps is None or self.accepted_rows.get(kind, 0) < self.warmup_rows or steps.mean is None:
             return None
+        prior = self.expected(kind, row)
         own = self.rows_accepted.get(row, {}).get(kind)
         if own is None or not own.values:
-            return steps.mean
-        return (sum(own.values) + self.prior_steps * steps.mean) / (len(own.values) + self.prior_steps)
+            return prior
+        return (sum(own.values) + self.prior_steps * prior) / (len(own.values) + self.prior_steps)  # type: ignore[operator]
+
+    def expected(self, kind: int, row: int | None = None) -> float | None:
+        """Tokens per row a step of tree ``kind`` is expected to emit (of ``row``'s, or all rows'):
+        where ``kind`` holds a smaller tree, predicted from what the smaller one emits now (``row``'s
+        estimate, or all rows' recent mean) along the line through ``pair_window`` recent steps
+        that told both; else the mean of recent steps of ``kind`` (None: none yet)."""
+        steps = self.accepted.get(kind)
+        mean = None if steps is None else steps.mean
+        for (tree, smaller), pairs in self.nested_pairs.items():
+            if tree != kind or len(pairs.pairs) < self.pair_warmup:
+                continue
+            if row is None:
+                told = self.accepted[smaller].mean if smaller in self.accepted else None
+            else:
+                told = self.row_estimate(row, smaller)
+            predicted = None if told is None else pairs.predict(told)
+            if predicted is not None:
+                return max(1.0, predicted)
+        return mean
 
     def rates(self, rows: Sequence[int]) -> list[float | None]:
         """Estimated tokens per second of a step of each kind over ``rows`` (None: not measured)."""
@@ -201,10 +272,9 @@ class SpeculationPolicy:
         kinds = [k for k in range(len(self.kinds)) if not self._ruled_out(size, k)]
         rates = self.rates(rows)
         measured = all(rates[k] is not None for k in kinds)
-        if measured:
-            best = max(self._contenders(size, kinds), key=lambda k: rates[k])  # type: ignore[arg-type, return-value]
-            if best and rates[best] < (1 + self.lead) * rates[0]:  # type: ignore[operator]
-                best = 0
+        if measured:  # the first tree shape ahead of plain steps by the lead, else plain steps
+            ahead = [k for k in self._shapes(size, kinds) if rates[k] >= (1 + self.lead) * rates[0]]  # type: ignore[operator]
+            best = ahead[0] if ahead else 0
         else:  # still measuring: the guess, and the other kinds often
             best = guess if guess in kinds else 0
         overdue: list[tuple[float, int]] = []  # (how overdue, kind) of the kinds due for exploring
@@ -224,18 +294,11 @@ class SpeculationPolicy:
                 overdue.append((due, kind))
         return max(overdue)[1] if overdue else best
 
-    def _contenders(self, size: int, kinds: list[int]) -> list[int]:
-        """Of ``kinds`` (all measured), plain steps and the tree shape that gave most tokens per second
-        over all rows lately. Between shapes the choice is not made per row: a row's estimate for the
-        shape it is not on is learned only from exploration (or, for a small tree the tree holds,
-        from the tree's steps), too rarely to matter before its answer ends, and rows choosing their
-        shape measured slower than either shape alone (Spec-Bench, docs/small-tree/)."""
-        trees = [kind for kind in kinds if kind]
-        if len(trees) < 2:
-            return kinds
+    def _shapes(self, size: int, kinds: list[int]) -> list[int]:
+        """The tree kinds among ``kinds`` (all measured), the one that gave most tokens per second over
+        all rows lately first."""
         pooled = self._mean_rates(size)
-        shape = max(trees, key=lambda kind: pooled[kind] or 0.0)
-        return [kind for kind in kinds if kind in (0, shape)]
+        return sorted((kind for kind in kinds if kind), key=lambda kind: -(pooled[kind] or 0.0))
 
     def _ruled_out(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` is not worth a step at ``size`` rows: it lost below (:meth:`_lost_below`)
@@ -258,7 +321,7 @@ class SpeculationPolicy:
         low_time, high_time = self.step_seconds(low, kind), self.step_seconds(high, kind)
         seconds = low_time + (high_time - low_time) * (size - low) / (high - low)  # type: ignore[operator]
         plain_seconds = self.step_seconds(size, 0)
-        return size * self.accepted[kind].mean / seconds < size / plain_seconds  # type: ignore[operator]
+        return size * self.expected(kind) / seconds < size / plain_seconds  # type: ignore[operator]
 
     def _won_here(self, size: int, kind: int) -> bool:
         """Whether tree ``kind`` took at least ``verdict_steps`` steps at ``size`` rows and gave more
@@ -294,7 +357,7 @@ class SpeculationPolicy:
         rates: list[float | None] = []
         for kind in range(len(self.kinds)):
             seconds = self.step_seconds(size, kind)
-            per_row = 1.0 if kind == 0 else (self.accepted[kind].mean if kind in self.accepted else None)
+            per_row = 1.0 if kind == 0 else self.expected(kind)
             rates.append(None if seconds is None or per_row is None else size * per_row / max(seconds, 1e-9))
         return rates
 
@@ -326,6 +389,9 @@ class SpeculationPolicy:
             self._accept(rows, kind, tokens)
         for other, counts in (nested or {}).items():
             self._accept(rows, other, counts)
+            pairs = self.nested_pairs.setdefault((kind, other), PairWindow(self.pair_window))
+            for told, emitted in zip(counts, tokens, strict=True):
+                pairs.add(told, emitted)
 
     def _accept(self, rows: Sequence[int], kind: int, tokens: Sequence[int]) -> None:
         """Tree ``kind`` emitted (or would have) ``tokens`` over ``rows``."""
