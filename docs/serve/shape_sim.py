@@ -21,8 +21,24 @@ from collections.abc import Callable
 
 from redrafter.step_policy import SpeculationPolicy
 
-# rows -> (plain, tree, small tree) milliseconds per step (runs/s22/final/trace.json, medians)
-STEP_MS = {1: (68.0, 96.5, 71.4), 2: (70.0, 137.9, 92.0), 3: (70.3, 191.4, 85.0), 4: (71.1, 203.6, 93.4)}
+# rows -> (plain, tree, small tree) milliseconds per step (runs/s22/final/trace.json, medians; other
+# sizes interpolated)
+STEP_MS = {
+    1: (68.0, 96.5, 71.4),
+    2: (70.0, 137.9, 92.0),
+    3: (70.3, 191.4, 85.0),
+    4: (71.1, 203.6, 93.4),
+    16: (97.9, 456.3, 155.8),
+}
+
+
+def step_ms(rows: int, kind: int) -> float:
+    """Milliseconds of a step of ``kind`` over ``rows``, interpolated between the sizes measured."""
+    if rows in STEP_MS:
+        return STEP_MS[rows][kind]
+    low = max(size for size in STEP_MS if size < rows)
+    high = min(size for size in STEP_MS if size > rows)
+    return STEP_MS[low][kind] + (STEP_MS[high][kind] - STEP_MS[low][kind]) * (rows - low) / (high - low)
 
 
 class Machine:
@@ -36,7 +52,7 @@ class Machine:
         phase = int(now / 5.0)
         while len(self.phases) <= phase:
             self.phases.append(min(2.0, max(0.5, self.phases[-1] * math.exp(self.draw.gauss(0, 0.25)))))
-        at_speed_one = STEP_MS[rows][kind] / 1000 * math.exp(self.noise.gauss(0, 0.1))
+        at_speed_one = step_ms(rows, kind) / 1000 * math.exp(self.noise.gauss(0, 0.1))
         return at_speed_one * self.phases[phase], at_speed_one
 
 
