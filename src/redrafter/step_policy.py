@@ -168,6 +168,9 @@ class SpeculationPolicy:
             step: a fresh server at 4 streams measured one small-tree step at 3 rows (its rows
             finishing) at a quarter of plain steps' rate, and then hardly took the small tree at 4
             rows, where it was the fastest kind.
+        pair_window: rows' tree steps that told the smaller tree's tokens too, through which the line
+            predicting the tree's acceptance from the smaller one's is drawn (:meth:`expected`).
+        pair_warmup: such rows' steps before the line is drawn (until then the tree's own steps).
     """
 
     prior: int = 2
@@ -331,7 +334,7 @@ class SpeculationPolicy:
 
     def _beats_plain(self, size: int, kind: int) -> bool | None:
         """Whether tree ``kind`` gives more tokens per second than plain steps at ``size`` rows, at the
-        mean acceptance of recent steps (:meth:`_mean_rates`); None where either is not measured."""
+        acceptance expected of all rows (:meth:`_mean_rates`); None where either is not measured."""
         rates = self._mean_rates(size)
         return None if rates[kind] is None or rates[0] is None else rates[kind] > rates[0]
 
@@ -352,8 +355,8 @@ class SpeculationPolicy:
         return self._beats_plain(below[-1], kind) is False
 
     def _mean_rates(self, size: int) -> list[float | None]:
-        """Tokens per second of each kind of step at ``size`` rows, at the mean acceptance of recent
-        steps of its kind (None where not measured)."""
+        """Tokens per second of each kind of step at ``size`` rows, at all rows' expected acceptance
+        (:meth:`expected`; None where not measured)."""
         rates: list[float | None] = []
         for kind in range(len(self.kinds)):
             seconds = self.step_seconds(size, kind)
@@ -405,8 +408,8 @@ class SpeculationPolicy:
         self.rows_accepted.pop(row, None)
 
     def table(self) -> dict[str, dict[str, float | int | None]]:
-        """What was measured: per batch size, each kind's tokens per second (at the mean acceptance
-        of its recent steps) and steps."""
+        """What was measured: per batch size, each kind's tokens per second (at all rows' expected
+        acceptance, :meth:`expected`) and steps."""
         out: dict[str, dict[str, float | int | None]] = {}
         for size in sorted({size for size, _ in self.seconds}):
             entry = out.setdefault(str(size), {})
