@@ -221,6 +221,13 @@ def test_bench_serve_writes_both_modes_at_every_concurrency(capsys, model_dir, d
     assert len(result["round_ratios"]["3"]) == 2 and set(result["median_round_ratio"]) == {"1", "3"}
     assert result["results"]["plain"]["3"]["tree_step_share"] == 0  # never speculates
     assert result["results"]["speculative"]["1"]["tree_step_share"] > 0  # the prior: trees at one row
+    shares = result["results"]["speculative"]["1"]["step_shares"]  # what the choice took, per kind
+    assert set(shares) == {"plain", "tree", "small_tree"} and sum(shares.values()) == pytest.approx(1, abs=0.002)
+    assert shares["tree"] + shares["small_tree"] == pytest.approx(
+        result["results"]["speculative"]["1"]["tree_step_share"], abs=0.002
+    )
+    assert result["results"]["plain"]["3"]["step_shares"] == {"plain": 1.0, "tree": 0.0}
+    assert "N=1   the adaptive server's steps: plain" in capsys.readouterr().out
     assert result["config"]["speculate_max_batch"] == "measured" and result["measured_rates"]["1"]["tree_steps"] > 0
     # the server offers the small tree by default
     assert result["config"]["small_tree"] and "small_tree_steps" in result["measured_rates"]["1"]

@@ -137,25 +137,28 @@ def run_serve_benchmark(
             on_main_thread(engine, lambda url=server.url: stream_one(url, texts[0], 8))
         for n in concurrencies:
             measured: dict[str, list[dict]] = {mode: [] for mode in MODES}
-            steps = {mode: [0, 0] for mode in MODES}  # tree, plain
+            steps = {mode: [0] * len(servers[mode][0].kind_steps) for mode in MODES}  # per kind
             for round_ in range(rounds):
                 order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
                 for mode in order:
                     engine, server = servers[mode]
-                    before = engine.tree_steps, engine.plain_steps
+                    before = list(engine.kind_steps)
                     raw = on_main_thread(
                         engine, lambda url=server.url, n=n: run_concurrency(url, texts, n, requests, max_tokens)
                     )
-                    steps[mode][0] += engine.tree_steps - before[0]
-                    steps[mode][1] += engine.plain_steps - before[1]
+                    steps[mode] = [a + b - c for a, b, c in zip(steps[mode], engine.kind_steps, before, strict=True)]
                     measured[mode].append(raw)
                     rate = raw["tokens"] / raw["seconds"]
                     print(f"bench-serve: {mode:<11} N={n:<3} round {round_ + 1}: {rate:.1f} tokens/s")
             for mode in MODES:
                 row = summarize(measured[mode])
-                row["tree_step_share"] = round(steps[mode][0] / max(1, sum(steps[mode])), 3)
+                taken, kinds = max(1, sum(steps[mode])), servers[mode][0].policy.kinds
+                row["tree_step_share"] = round(sum(steps[mode][1:]) / taken, 3)  # steps of any tree
+                row["step_shares"] = {kind: round(k / taken, 3) for kind, k in zip(kinds, steps[mode], strict=True)}
                 row["rounds_tokens_per_second"] = [round(r["tokens"] / r["seconds"], 2) for r in measured[mode]]
                 table[mode][str(n)] = row
+            shares = table["speculative"][str(n)]["step_shares"].items()
+            print(f"bench-serve: N={n:<3} the adaptive server's steps: " + ", ".join(f"{k} {v:.0%}" for k, v in shares))
     finally:
         for _, server in servers.values():
             server.stop()

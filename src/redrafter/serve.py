@@ -135,7 +135,7 @@ class Engine:
         self.closing = False
         self.thread: threading.Thread | None = None
         self.emitted = self.row_steps = 0
-        self.tree_steps = self.plain_steps = 0  # decode steps of each kind
+        self.kind_steps = [0] * len(self.policy.kinds)  # decode steps of each kind (policy.kinds)
 
     def start(self) -> None:
         """Run the loop on a thread of its own until :meth:`close`."""
@@ -174,10 +174,7 @@ class Engine:
                 continue
             rows = self.batch.ids
             kind = self.policy.choose(rows)
-            if kind:
-                self.tree_steps += 1
-            else:
-                self.plain_steps += 1
+            self.kind_steps[kind] += 1
             self.metrics.speculating.set(kind)
             start = time.perf_counter()
             try:
