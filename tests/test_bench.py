@@ -14,6 +14,8 @@ import redrafter.bench as bench
 from redrafter import ReDrafter
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.files import atomic_write
+from redrafter.lean_decoder import LeanDecoder
+from redrafter.quant import packs_linears
 
 CATEGORIES = ["writing", "math", "writing"]
 
@@ -73,6 +75,9 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
             "--variant",
             "fused",
             f"drafter={tmp_path / 'fused'}",
+            "--variant",
+            "plain",
+            "drafter=none",
             "--speculation",  # a tree every step: what the replay below replays
             "always",
         ),
@@ -94,7 +99,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
         "transformers",
     ]:
         assert key in results["config"]
-    assert set(results["methods"]) == {*ALL_METHODS, "w2l2", "fused"}
+    assert set(results["methods"]) == {*ALL_METHODS, "w2l2", "fused", "plain"}
     # The variant's settings took: two tokens a step at most (L = 2, no lookup beams), same output.
     for record in results["prompts"]:
         entry = record["methods"]["w2l2"]
@@ -108,6 +113,7 @@ def test_results_schema(capsys, model_dir, drafter_dir, prompt_file, tmp_path):
     assert len(results["prompts"]) == 3
     first = results["prompts"][0]["methods"]
     assert first["ar"]["steps"] == first["ar"]["new_tokens"] == first["hf"]["new_tokens"]
+    assert first["plain"]["steps"] == first["plain"]["new_tokens"] and first["plain"]["identical"]  # drafter=none
     assert sum(first["redrafter"]["accepted_histogram"].values()) == first["redrafter"]["steps"] - 1
     # Replayed along ar's output, which every drafting method's output equals here (float64), the
     # drafts take exactly the steps the method took; methods without our drafter are not replayed.
@@ -207,6 +213,7 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
         (["--variant", "w2", "beams=2", "--variant", "w2", "beams=3"], "each NAME once"),
         (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),
         (["--variant", "d2", "drafter=/no/such/folder"], "drafter not found: /no/such/folder"),
+        (["--variant", "p", "packed=1"], "packed weights: it needs float weights in bfloat16 or float16"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):
@@ -383,6 +390,18 @@ def test_a_variant_can_leave_out_the_quick_argmax_head(model_dir):
     assert variant(rd, **parse_variant("q", "quick-argmax=0")).decoder.argmax_head is None
     assert variant(rd, **parse_variant("q", "quick-argmax=1")).decoder.argmax_head is rd.argmax_head
     assert variant(rd).decoder.argmax_head is rd.argmax_head
+
+
+@pytest.mark.skipif(not packs_linears("cpu", torch.bfloat16), reason="no native bfloat16 products on this CPU")
+def test_bfloat16_weights_are_packed_unless_a_variant_says_not(model_dir):
+    from redrafter.bench import parse_variant, variant
+
+    rd = ReDrafter.from_pretrained(model_dir, drafter=None, dtype="bfloat16")
+    assert rd.packed is None and rd.decoder.forward.keywords == {"packed": True}  # where it applies: here
+    unpacked = variant(rd, **parse_variant("u", "packed=0"))
+    assert isinstance(unpacked.decoder.forward, LeanDecoder) and unpacked.decoder.forward is rd.decoder.forward.func
+    ids = rd.encode("w5 w6 w7")
+    assert rd.generate_ids([ids], 6)[0].token_ids == unpacked.generate_ids([ids], 6)[0].token_ids
 
 
 def test_a_llama_cpp_that_crashes_is_skipped_with_the_reason(monkeypatch, tmp_path):

@@ -12,14 +12,16 @@ from redrafter.kv_cache import TreeKVCache
 from redrafter.lean_decoder import (
     SUPPORTED_MODEL_TYPES,
     LeanDecoder,
+    PackedProducts,
     SideBySide,
     fuse_linears,
     lean_support,
+    packed_refusal,
     target_forward,
     transformers_forward,
 )
 from redrafter.models import attention_windows
-from redrafter.quant import Int4Linear, Int8Linear, quantize_int4
+from redrafter.quant import PACKED_MAX_ROWS, Int4Linear, Int8Linear, PackedLinear, packs_linears, quantize_int4
 from redrafter.tree import layer_masks
 
 
@@ -133,3 +135,60 @@ def test_rotary_tables_grow_past_their_first_size():
     assert lean.cos.shape[0] >= 1035
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have, want, rtol=0, atol=1e-10)
+
+
+needs_packing = pytest.mark.skipif(
+    not packs_linears("cpu", torch.bfloat16), reason="this CPU's oneDNN has no native bfloat16 products"
+)
+
+
+@needs_packing
+def test_a_packed_linear_gives_its_layers_products():
+    """oneDNN's product on the weight reordered once: the layer's own up to rounding (on the
+    development machine bit for bit), its own product past PACKED_MAX_ROWS rows."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 160, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(160, 96, generator=generator))
+        linear.bias.copy_(torch.randn(160, generator=generator))
+    packed = PackedLinear(linear)
+    assert packed.linear is linear and packed.packed.is_mkldnn
+    for shape in ((1, 96), (2, 3, 96), (1, 24, 96), (1, PACKED_MAX_ROWS, 96)):
+        x = torch.randn(*shape, generator=generator).to(torch.bfloat16)
+        got, want = packed(x), linear(x)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    wide = torch.randn(1, PACKED_MAX_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
+    assert torch.equal(packed(wide), linear(wide))
+    strided = torch.randn(96, 5, generator=generator).to(torch.bfloat16).T  # not contiguous
+    torch.testing.assert_close(packed(strided).float(), linear(strided).float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="cannot pack"):
+        PackedLinear(torch.nn.Linear(4, 4, dtype=torch.float64))
+
+
+@needs_packing
+def test_a_packed_lean_forward_is_the_unpacked_one_in_bfloat16():
+    model = tiny_target("qwen2", dtype=torch.bfloat16)  # biases on the fused projections
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    tree, ancestors = a_tree(2)
+    lean = target_forward(model)
+    assert isinstance(lean, LeanDecoder) and lean.packs() and lean.packed_layers is None
+    expected = forward_twice(model, lean, prompt, tree, ancestors)
+    packed = target_forward(model, packed=None)  # where it applies: here
+    got = forward_twice(model, packed, prompt, tree, ancestors)
+    assert isinstance(lean.packed_layers[0], PackedProducts)
+    first = lean.packed_layers[0]
+    assert isinstance(first.qkv, PackedLinear) and first.qkv.linear is lean.layers[0].qkv
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have.float(), want.float(), rtol=5e-2, atol=5e-2)
+    assert packed_refusal(model) is None
+
+
+def test_packing_is_refused_where_it_does_not_apply():
+    float64 = tiny_target("llama")
+    assert "bfloat16 or float16" in packed_refusal(float64)
+    assert target_forward(float64, packed=None) is target_forward(float64)  # where it does not apply: unpacked
+    with pytest.raises(ValueError, match="packed: it needs float weights"):
+        target_forward(float64, packed=True)
+    assert "compiled forward is not packed" in packed_refusal(float64, compile=True)
+    assert "packed forward needs the lean one" in packed_refusal(tiny_target("gemma3"))

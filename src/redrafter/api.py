@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from .decode import STEP_KINDS, DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
-from .lean_decoder import compile_refusal
+from .lean_decoder import compile_refusal, packed_refusal
 from .models import context_limit, gguf_source, load_target
 from .quant import (
     WEIGHTS,
@@ -153,6 +153,9 @@ class ReDrafter:
         compile: run the lean forward through ``torch.compile``
             (:class:`redrafter.lean_decoder.CompiledDecoder`): minutes to compile at the first
             calls, then cheaper steps; needs ``lean`` and a model the lean forward covers.
+        packed: the lean forward's float products on weights reordered once for oneDNN
+            (:class:`redrafter.quant.PackedLinear`: faster steps, a second copy of those weights);
+            None: where it applies (bfloat16 or float16 weights on a CPU with native products).
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class ReDrafter:
         small_tree: bool = False,
         argmax_head: ArgmaxHead | None = None,
         compile: bool = False,
+        packed: bool | None = None,
     ) -> None:
         if num_beams < 1:
             raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
@@ -187,6 +191,8 @@ class ReDrafter:
             raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
         if compile and (refusal := compile_refusal(target, lean)) is not None:
             raise RedrafterError(f"--compile: {refusal}")
+        if packed and (refusal := packed_refusal(target, lean, compile)) is not None:
+            raise RedrafterError(f"packed weights: {refusal}")
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
@@ -212,12 +218,23 @@ class ReDrafter:
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
         self.lean, self.adaptive, self.small_tree, self.argmax_head = lean, adaptive, small_tree, argmax_head
-        self.compile = bool(compile)
+        self.compile, self.packed = bool(compile), packed
         policy = None
         if adaptive and drafter is not None:
             policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2])
         self.decoder = SpeculativeDecoder(
-            target, proposer, eos_ids, self.lookup_len, ngrams, ngram_len, lean, policy, small, argmax_head, compile
+            target,
+            proposer,
+            eos_ids,
+            self.lookup_len,
+            ngrams,
+            ngram_len,
+            lean,
+            policy,
+            small,
+            argmax_head,
+            compile,
+            packed,
         )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
@@ -239,6 +256,7 @@ class ReDrafter:
         small_tree: bool | None = None,
         quick_argmax: bool = True,
         compile: bool = False,
+        packed: bool | None = None,
     ) -> ReDrafter:
         """Load a target (``"default"``, a ``.gguf`` file or a folder) and a drafter.
 
@@ -254,6 +272,7 @@ class ReDrafter:
         one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
         float head, :func:`redrafter.sampling.exact_argmax`).
         ``compile``: the target's lean forward through ``torch.compile`` (see :class:`ReDrafter`).
+        ``packed``: weights reordered once for oneDNN (see :class:`ReDrafter`; None: where it applies).
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -292,6 +311,7 @@ class ReDrafter:
             small_tree=DEFAULT_SMALL_TREE[weights] if small_tree is None else small_tree,
             argmax_head=argmax_head,
             compile=compile,
+            packed=packed,
         )
 
     # -- prompts ------------------------------------------------------------------------------

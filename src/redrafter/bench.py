@@ -29,7 +29,7 @@ from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
 from .kv_cache import TreeKVCache
-from .lean_decoder import compile_refusal, target_forward
+from .lean_decoder import compile_refusal, packed_refusal, target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
 from .quant import WEIGHTS, gguf_argmax_head, quantize_target
@@ -168,6 +168,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         small_tree=rd.small_tree,
         argmax_head=rd.argmax_head,
         compile=rd.compile,
+        packed=rd.packed,
     )
     if "argmax_head" in changes and not isinstance(changes["argmax_head"], torch.nn.Module | None):
         changes["argmax_head"] = rd.argmax_head if changes["argmax_head"] else None  # a variant's 1 or 0
@@ -184,10 +185,11 @@ VARIANT_SETTINGS = {
     "lean": "lean",
     "adaptive": "adaptive",  # 0: a tree every step
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
-    "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI)
+    "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI); none: plain
     "drafter-weights": "drafter_weights",  # float, int8 or int4
     "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
     "compile": "compile",  # 1: the lean forward through torch.compile; 0: eager
+    "packed": "packed",  # 0: the lean forward's float products through F.linear (weights reordered every call)
 }
 
 
@@ -291,7 +293,9 @@ def make_methods(
 
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
-        "ar": lambda: ours(ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head, compile=rd.compile)),
+        "ar": lambda: ours(
+            ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head, compile=rd.compile, packed=rd.packed)
+        ),
         "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False, argmax_head=rd.argmax_head)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
@@ -930,6 +934,11 @@ def run_cost_curve(
         target, _ = load_target(model, dtype=dtype, device=device)
         quantize_target(target, weights, gguf_source(model))
         targets[weights], heads[weights] = target, gguf_argmax_head(target, gguf_source(model))
+    # Each series: a target and its forward as the decode loop runs it; float weights also unpacked
+    # where the loop packs them (PackedLinear).
+    series = {weights: (target, target_forward(target, packed=None)) for weights, target in targets.items()}
+    if packed_refusal(targets["float"]) is None:
+        series["float-unpacked"] = (targets["float"], target_forward(targets["float"], packed=False))
     config = next(iter(targets.values())).config
     context = min(context, context_limit(config) - max(sizes) - 1)  # a short-context model: fewer cached
     if context < 1:
@@ -942,7 +951,7 @@ def run_cost_curve(
         positions = torch.arange(context, device=device)[None]
         causal = torch.ones(context, context, dtype=torch.bool, device=device).tril()[None]
         target_forward(target)(prompt[:, :context], positions, additive_mask(causal, dtype), caches[weights])
-    times: dict[str, dict[int, list[float]]] = {w: {n: [] for n in sizes} for w in targets}
+    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in series}
     argmax_times: dict[str, dict[int, list[float]]] = {h: {n: [] for n in sizes} for h in ("quick", "float")}
 
     def clock(device: torch.device) -> float:
@@ -956,15 +965,16 @@ def run_cost_curve(
             tokens = prompt[:, context : context + n]
             positions = torch.arange(context, context + n, device=device)[None]
             mask = torch.zeros(1, 1, n, context + n, dtype=dtype, device=device)
-            for weights, target in targets.items():
+            for name, (target, forward) in series.items():
+                weights = name.removesuffix("-unpacked")
                 start = clock(target.device)
-                hidden = target_forward(target)(tokens, positions, mask, caches[weights])
+                hidden = forward(tokens, positions, mask, caches[weights])
                 middle = clock(target.device)
                 exact_argmax(target, hidden, argmax_head=heads[weights])
                 end = clock(target.device)
                 if repeat >= 2:
-                    times[weights][n].append(end - start)
-                    if weights == "float" and heads[weights] is not None:  # the head alone, both ways
+                    times[name][n].append(end - start)
+                    if name == "float" and heads[weights] is not None:  # the head alone, both ways
                         argmax_times["quick"][n].append(end - middle)
                         exact_argmax(target, hidden)
                         argmax_times["float"][n].append(clock(target.device) - end)
@@ -989,8 +999,9 @@ def run_cost_curve(
     write_json(out / "cost_curve.json", result)
     plt = _plt()
     figure, axis = plt.subplots(figsize=(6, 4))
-    for weights, row in curve.items():
-        axis.plot(sizes, [row[str(n)] for n in sizes], marker="o", label=f"{weights} weights")
+    for name, row in curve.items():
+        label = "float weights, unpacked" if name == "float-unpacked" else f"{name} weights"
+        axis.plot(sizes, [row[str(n)] for n in sizes], marker="o", label=label)
     axis.set(
         xlabel="tokens in one target forward (tree size)",
         ylabel="ms per forward (head and argmax included)",

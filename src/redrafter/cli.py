@@ -132,6 +132,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "compiler on a CPU; Llama, Mistral and Qwen2 targets). With --weights int4 on an AVX-512 CPU, Inductor "
         "also autotunes the int4 products, a graph per bucket of rows: wide steps far cheaper, more compiling",
     )
+    parser.add_argument(
+        "--no-packed",
+        dest="packed",
+        action="store_false",
+        default=None,
+        help="keep one copy of the float weights: by default, on a CPU with native bfloat16 products, the lean "
+        "forward also holds its float layers' weights reordered once for oneDNN (faster steps, their memory twice)",
+    )
 
 
 def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +187,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
         small_tree=getattr(args, "small_tree", None),
         compile=args.compile,
+        packed=args.packed,
     )
     if args.compile:
         print("redrafter: --compile: the first prefill and steps compile the forward (minutes)", file=sys.stderr)
@@ -421,8 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
-        "side by side, drafter-weights=float|int8|int4, quick-argmax=0 for the float head's argmax candidates, "
-        "and compile=1 or 0 for the compiled forward or the eager one; repeatable)",
+        "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4, "
+        "quick-argmax=0 for the float head's argmax candidates, compile=1 or 0 for the compiled forward or the "
+        "eager one, and packed=0 for float weights not reordered once for oneDNN; repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -772,7 +782,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for name, changes in variants.items():
         if "drafter" in changes:
             other = resolve_drafter(changes["drafter"], args.model)
-            if other is None:
+            if other is None and changes["drafter"] != "none":
                 raise RedrafterError(f"--variant {name}: drafter={changes['drafter']} is no drafter")
             changes["drafter"] = other
     rd = _load_engine(args, drafter)
@@ -807,7 +817,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.cost_curve:
         curve = run_cost_curve(args.model, rd.target.dtype, args.device, args.cost_curve, out)
         for weights, row in curve["ms_per_forward"].items():
-            print(f"cost {weights:<6}" + "  ".join(f"{n}: {ms:.1f} ms" for n, ms in row.items()))
+            print(f"cost {weights:<6} " + "  ".join(f"{n}: {ms:.1f} ms" for n, ms in row.items()))
     print(f"results: {out / 'results.json'}", file=sys.stderr)
     return 0
 

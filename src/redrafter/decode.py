@@ -162,6 +162,9 @@ class SpeculativeDecoder:
             (:class:`redrafter.quant.ArgmaxHead`), or None: the target's own.
         compile: run the lean forward through ``torch.compile``
             (:class:`redrafter.lean_decoder.CompiledDecoder`; needs ``lean`` and a covered model).
+        packed: the lean forward's float products on weights reordered once for oneDNN
+            (:class:`redrafter.quant.PackedLinear`); None: where it applies (a bfloat16 or float16
+            target on a CPU with native products), not with ``compile``.
     """
 
     def __init__(
@@ -177,11 +180,12 @@ class SpeculativeDecoder:
         small_tree: TreeKind | None = None,
         argmax_head: nn.Module | None = None,
         compile: bool = False,
+        packed: bool | None = None,
     ) -> None:
         self.target = target
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
-        self.forward = target_forward(target, lean, compile)
+        self.forward = target_forward(target, lean, compile, packed)
         self.proposer = proposer
         self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
         self.hidden_size = target.config.hidden_size
