@@ -63,7 +63,7 @@ from transformers import PreTrainedModel
 
 from .kv_cache import TreeKVCache
 from .models import context_limit, decoder_features, decoder_of
-from .quant import INT4_FUSE_ROWS, Float32GemmLinear, Int4Linear, Int8Linear, PackedLinear, fused_bias, packs_linears
+from .quant import INT4_FUSE_ROWS, Float32GemmLinear, Int4Linear, Int8Linear, PackedLinear, fused_bias, packable
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -183,8 +183,7 @@ class PackedProducts(nn.Module):
         super().__init__()
         for name in PRODUCTS:
             linear = getattr(layer, name)
-            packs = type(linear) is nn.Linear and packs_linears(linear.weight.device, linear.weight.dtype)
-            setattr(self, name, PackedLinear(linear) if packs else linear)
+            setattr(self, name, PackedLinear(linear) if packable(linear) else linear)
 
 
 class LeanDecoder(nn.Module):
@@ -218,10 +217,9 @@ class LeanDecoder(nn.Module):
         self.cos = self.sin = torch.empty(0)
 
     def packs(self) -> bool:
-        """Whether a packed forward changes anything here: float layers on a CPU where
-        :func:`~redrafter.quant.packs_linears`."""
-        products = (getattr(layer, name) for layer in self.layers for name in PRODUCTS)
-        return any(type(p) is nn.Linear and packs_linears(p.weight.device, p.weight.dtype) for p in products)
+        """Whether a packed forward changes anything here: some layer's product is
+        :func:`~redrafter.quant.packable`."""
+        return any(packable(getattr(layer, name)) for layer in self.layers for name in PRODUCTS)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as the model's own: normalized in float32 (torch's fused ``rms_norm`` computes

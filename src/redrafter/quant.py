@@ -386,6 +386,12 @@ def packs_linears(device: torch.device | str, dtype: torch.dtype) -> bool:
     return _on_cpu(device) and dtype in (torch.bfloat16, torch.float16) and not lacks_half_gemm(device, dtype)
 
 
+def packable(module: nn.Module) -> bool:
+    """Whether :class:`PackedLinear` can take ``module``: a plain float linear layer where
+    :func:`packs_linears`."""
+    return type(module) is nn.Linear and packs_linears(module.weight.device, module.weight.dtype)
+
+
 class PackedLinear(nn.Module):
     """A float linear layer whose weight is also held in oneDNN's blocked layout, reordered once
     (see the module docstring). Products over at most :data:`PACKED_MAX_ROWS` rows run on that copy;
@@ -398,7 +404,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        if type(linear) is not nn.Linear or not packs_linears(linear.weight.device, linear.weight.dtype):
+        if not packable(linear):
             raise ValueError(f"cannot pack {linear} ({linear.weight.dtype} on {linear.weight.device})")
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
