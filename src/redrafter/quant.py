@@ -395,7 +395,7 @@ def packable(module: nn.Module) -> bool:
 class PackedLinear(nn.Module):
     """A float linear layer whose weight is also held in oneDNN's blocked layout, reordered once
     (see the module docstring). Products over at most :data:`PACKED_MAX_ROWS` rows run on that copy;
-    over more, or while ``torch.compile`` traces (Inductor packs its own), the layer's own product.
+    over more, the layer's own product. A compiled forward does not use it (Inductor lays out its own).
 
     Args:
         linear: a :class:`torch.nn.Linear` on the CPU in bfloat16 or float16 (:func:`packs_linears`);
@@ -413,7 +413,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
-        if x.numel() > PACKED_MAX_ROWS * self.in_features or torch.compiler.is_compiling():
+        if x.numel() > PACKED_MAX_ROWS * self.in_features:
             return self.linear(x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.linear.bias, "none", [], "")
 
