@@ -14,8 +14,9 @@ import redrafter.bench as bench
 from redrafter import ReDrafter
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.files import atomic_write
-from redrafter.lean_decoder import LeanDecoder
-from redrafter.quant import packs_linears
+from redrafter.lean_decoder import LeanDecoder, PackedForward
+from redrafter.quant import PackedLinear, packs_linears
+from redrafter.sampling import SamplingParams
 
 CATEGORIES = ["writing", "math", "writing"]
 
@@ -397,11 +398,15 @@ def test_bfloat16_weights_are_packed_unless_a_variant_says_not(model_dir):
     from redrafter.bench import parse_variant, variant
 
     rd = ReDrafter.from_pretrained(model_dir, drafter=None, dtype="bfloat16")
-    assert rd.packed is None and rd.decoder.forward.keywords == {"packed": True}  # where it applies: here
+    assert rd.packed is None and isinstance(rd.decoder.forward, PackedForward)  # where it applies: here
+    assert isinstance(rd.decoder.head, PackedLinear) and rd.decoder.head.linear is rd.target.get_output_embeddings()
     unpacked = variant(rd, **parse_variant("u", "packed=0"))
-    assert isinstance(unpacked.decoder.forward, LeanDecoder) and unpacked.decoder.forward is rd.decoder.forward.func
+    assert isinstance(unpacked.decoder.forward, LeanDecoder) and unpacked.decoder.forward is rd.decoder.forward.lean
+    assert unpacked.decoder.head is None
     ids = rd.encode("w5 w6 w7")
     assert rd.generate_ids([ids], 6)[0].token_ids == unpacked.generate_ids([ids], 6)[0].token_ids
+    sampled = SamplingParams(temperature=0.8, seed=1)  # logits through the packed head, and not
+    assert rd.generate_ids([ids], 6, sampled)[0].token_ids == unpacked.generate_ids([ids], 6, sampled)[0].token_ids
 
 
 def test_a_llama_cpp_that_crashes_is_skipped_with_the_reason(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ from redrafter.kv_cache import TreeKVCache
 from redrafter.lean_decoder import (
     SUPPORTED_MODEL_TYPES,
     LeanDecoder,
+    PackedForward,
     PackedProducts,
     SideBySide,
     fuse_linears,
@@ -20,7 +21,7 @@ from redrafter.lean_decoder import (
     target_forward,
     transformers_forward,
 )
-from redrafter.models import attention_windows
+from redrafter.models import attention_windows, hidden_to_logits
 from redrafter.quant import PACKED_MAX_ROWS, Int4Linear, Int8Linear, PackedLinear, packs_linears, quantize_int4
 from redrafter.tree import layer_masks
 
@@ -182,6 +183,13 @@ def test_a_packed_lean_forward_is_the_unpacked_one_in_bfloat16():
     for want, have in zip(expected, got, strict=True):
         torch.testing.assert_close(have.float(), want.float(), rtol=5e-2, atol=5e-2)
     assert packed_refusal(model) is None
+    # The head packed once per target, with the head's own products bit for bit.
+    assert isinstance(packed, PackedForward) and packed.lean is lean and target_forward(model, packed=True) is packed
+    head = model.get_output_embeddings()
+    assert isinstance(packed.head, PackedLinear) and packed.head.linear is head
+    hidden = got[-1][..., : COMMON["hidden_size"]]
+    assert torch.equal(packed.head(hidden), head(hidden))
+    assert torch.equal(hidden_to_logits(model, hidden, head=packed.head), hidden_to_logits(model, hidden))
 
 
 def test_packing_is_refused_where_it_does_not_apply():

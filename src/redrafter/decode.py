@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
-from .lean_decoder import target_forward
+from .lean_decoder import PackedForward, target_forward
 from .lookup import LookupBeams
 from .models import attention_windows, context_limit, decoder_features, decoder_of
 from .ngrams import NgramTable
@@ -162,9 +162,9 @@ class SpeculativeDecoder:
             (:class:`redrafter.quant.ArgmaxHead`), or None: the target's own.
         compile: run the lean forward through ``torch.compile``
             (:class:`redrafter.lean_decoder.CompiledDecoder`; needs ``lean`` and a covered model).
-        packed: the lean forward's float products on weights reordered once for oneDNN
-            (:class:`redrafter.quant.PackedLinear`); None: where it applies (a bfloat16 or float16
-            target on a CPU with native products), not with ``compile``.
+        packed: the lean forward's float products, and the head's, on weights reordered once for
+            oneDNN (:class:`redrafter.lean_decoder.PackedForward`); None: where it applies (a
+            bfloat16 or float16 target on a CPU with native products), not with ``compile``.
     """
 
     def __init__(
@@ -186,6 +186,8 @@ class SpeculativeDecoder:
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean, compile, packed)
+        # The head's product where the forward packs it too (PackedForward), else the target's own.
+        self.head = self.forward.head if isinstance(self.forward, PackedForward) else None
         self.proposer = proposer
         self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
         self.hidden_size = target.config.hidden_size
@@ -294,7 +296,7 @@ class SpeculativeDecoder:
         """
         if max_new_tokens <= 0:
             return
-        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams(), self.argmax_head))
+        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams(), self.argmax_head, self.head))
         yield batch.add(prompts, [max_new_tokens] * len(prompts))
         policy = self.policy
         try:
@@ -325,7 +327,7 @@ class SpeculativeDecoder:
         :class:`~redrafter.lean_decoder.CompiledDecoder`), which has a step graph per bucket:
         :meth:`_warm_up_buckets` runs those. A server warmed up this way compiles nothing while it
         serves."""
-        batch = RunningBatch(self, TokenChooser(self.target, SamplingParams(), self.argmax_head))
+        batch = RunningBatch(self, TokenChooser(self.target, SamplingParams(), self.argmax_head, self.head))
         vocab = self.target.config.vocab_size
         for rows in (1, 2) if max_rows > 1 else (1,):
             batch.add(_warm_up_prompts(vocab, rows, unequal=True), [64] * rows)

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from functools import partial
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -429,8 +428,30 @@ def packed_refusal(target: PreTrainedModel, lean: bool = True, compile: bool = F
     return None
 
 
+class PackedForward:
+    """The lean forward on packed products (``LeanDecoder.forward(..., packed=True)``), and the
+    target's output head packed the same way.
+
+    Attributes:
+        lean: the lean decoder it runs.
+        head: the target's output head as a :class:`~redrafter.quant.PackedLinear` (its logits'
+            product: the decode loop's choice of tokens, :class:`~redrafter.sampling.TokenChooser`),
+            or None where the head is not :func:`~redrafter.quant.packable` (a quantized or float32
+            one). A tied head keeps its weight; the packed copy is a second one (56 MiB for the
+            default model).
+    """
+
+    def __init__(self, lean: LeanDecoder, head: nn.Module | None) -> None:
+        self.lean = lean
+        self.head = PackedLinear(head) if head is not None and packable(head) else None
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.lean(*args, packed=True, **kwargs)
+
+
 _built: weakref.WeakKeyDictionary[PreTrainedModel, LeanDecoder] = weakref.WeakKeyDictionary()
 _compiled: weakref.WeakKeyDictionary[PreTrainedModel, CompiledDecoder] = weakref.WeakKeyDictionary()
+_packed: weakref.WeakKeyDictionary[PreTrainedModel, PackedForward] = weakref.WeakKeyDictionary()
 
 
 def target_forward(
@@ -441,7 +462,7 @@ def target_forward(
     target share one lean decoder (its fused weights are made once) and one compiled one (its
     graphs are compiled once). ``compile`` needs the lean forward: a :class:`ValueError` otherwise.
     ``packed``: the lean forward's float products on weights reordered once for oneDNN
-    (:class:`~redrafter.quant.PackedLinear`; a :class:`ValueError` where :func:`packed_refusal`
+    (:class:`PackedForward`, its head packed too; a :class:`ValueError` where :func:`packed_refusal`
     says why not; ignored with ``compile``); None: where :meth:`LeanDecoder.packs`.
     The lean decoder itself is the unpacked forward (a packed one calls it, so its hooks see both)."""
     reason = compile_refusal(target, lean)
@@ -457,7 +478,11 @@ def target_forward(
             packed = lean_decoder.packs()
         elif packed and (refusal := packed_refusal(target, lean, compile)) is not None:
             raise ValueError(f"packed: {refusal}")
-        return partial(lean_decoder, packed=True) if packed else lean_decoder
+        if not packed:
+            return lean_decoder
+        if target not in _packed:
+            _packed[target] = PackedForward(lean_decoder, target.get_output_embeddings())
+        return _packed[target]
     if target not in _compiled:
         _compiled[target] = CompiledDecoder(_built[target], min(context_limit(target.config), 1 << 15))
     return _compiled[target]

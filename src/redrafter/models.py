@@ -197,18 +197,22 @@ def decoder_features(decoder: torch.nn.Module, layers: tuple[int, ...] = (), **i
     return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
 
 
-def hidden_to_logits(target: PreTrainedModel, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
+def hidden_to_logits(
+    target: PreTrainedModel, hidden: torch.Tensor, float32: bool = False, head: torch.nn.Module | None = None
+) -> torch.Tensor:
     """``[..., d]`` final hidden states -> ``[..., V]`` logits, as the target's own head does.
 
     ``float32``: compute the head in (at least) float32 instead of the model's dtype.
+    ``head``: a module computing the head's product in the model's dtype with the same result, to
+    run instead of the model's own (:class:`redrafter.lean_decoder.PackedForward`'s packed head).
     """
-    head = target.get_output_embeddings()
     if float32:
+        own = target.get_output_embeddings()
         dtype = torch.promote_types(hidden.dtype, torch.float32)
-        bias = None if getattr(head, "bias", None) is None else head.bias.to(dtype)
-        logits = torch.nn.functional.linear(hidden.to(dtype), head.weight.to(dtype), bias)
+        bias = None if getattr(own, "bias", None) is None else own.bias.to(dtype)
+        logits = torch.nn.functional.linear(hidden.to(dtype), own.weight.to(dtype), bias)
     else:
-        logits = head(hidden)
+        logits = (head or target.get_output_embeddings())(hidden)
     softcap = getattr(target.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -76,7 +76,11 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def exact_argmax(
-    target: PreTrainedModel, hidden: torch.Tensor, candidates: int = 8, argmax_head: nn.Module | None = None
+    target: PreTrainedModel,
+    hidden: torch.Tensor,
+    candidates: int = 8,
+    argmax_head: nn.Module | None = None,
+    head: nn.Module | None = None,
 ) -> torch.Tensor:
     """The argmax of the target's head computed in float32: ``[..., d]`` hidden -> ``[...]`` ids.
 
@@ -88,16 +92,19 @@ def exact_argmax(
     ``argmax_head``: a cheaper head giving the candidates' logits where it :meth:`covers` ``hidden``
     (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or 4-bit values); the winner is still
     the float32 recomputation with the head's own weights.
+
+    ``head``: the head's product elsewhere (:func:`redrafter.models.hidden_to_logits`), where
+    ``argmax_head`` does not cover ``hidden``.
     """
-    head = target.get_output_embeddings()
     quick = argmax_head is not None and argmax_head.covers(hidden)
-    logits = argmax_head(hidden) if quick else hidden_to_logits(target, hidden)
+    logits = argmax_head(hidden) if quick else hidden_to_logits(target, hidden, head=head)
     if not quick and logits.dtype in (torch.float32, torch.float64):
         return logits.argmax(dim=-1)
     top = logits.topk(candidates, dim=-1).indices  # [..., k]
-    exact = (head.weight[top].float() @ hidden.float()[..., None])[..., 0]  # [..., k]
-    if getattr(head, "bias", None) is not None:
-        exact = exact + head.bias[top].float()
+    own = target.get_output_embeddings()
+    exact = (own.weight[top].float() @ hidden.float()[..., None])[..., 0]  # [..., k]
+    if getattr(own, "bias", None) is not None:
+        exact = exact + own.bias[top].float()
     return top.gather(-1, exact.argmax(dim=-1, keepdim=True))[..., 0]
 
 
@@ -117,10 +124,20 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 class TokenChooser:
-    """Chooses the target's token at every node: argmax, or a position-keyed exact draw."""
+    """Chooses the target's token at every node: argmax, or a position-keyed exact draw.
 
-    def __init__(self, target: PreTrainedModel, params: SamplingParams, argmax_head: nn.Module | None = None) -> None:
-        self.target, self.params, self.argmax_head = target, params, argmax_head
+    ``argmax_head``: the greedy argmax's quick candidates (:func:`exact_argmax`); ``head``: the
+    head's product computed elsewhere with the same result (:func:`redrafter.models.hidden_to_logits`).
+    """
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        params: SamplingParams,
+        argmax_head: nn.Module | None = None,
+        head: nn.Module | None = None,
+    ) -> None:
+        self.target, self.params, self.argmax_head, self.head = target, params, argmax_head, head
         # Without a seed, one drawn from torch's global generator (so torch.manual_seed fixes it).
         self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
 
@@ -137,8 +154,8 @@ class TokenChooser:
         first ones; None: all), the rest get -2, which no draft holds; ``positions``: ``[B, N]`` the
         position of the token each slot chooses (its own position plus one)."""
         if self.params.greedy:
-            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head)
-        probs = probabilities(hidden_to_logits(self.target, hidden), self.params)
+            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head, head=self.head)
+        probs = probabilities(hidden_to_logits(self.target, hidden, head=self.head), self.params)
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
         uniform = [
             [position_uniform(self.seed, stream, p) for p in row_positions]
@@ -154,12 +171,14 @@ class RowChooser:
     requests: greedy and sampled rows side by side). Rows are named by the ids a
     :class:`~redrafter.decode.RunningBatch` gives them; :meth:`add` them before they decode."""
 
-    def __init__(self, target: PreTrainedModel, argmax_head: nn.Module | None = None) -> None:
-        self.target, self.argmax_head = target, argmax_head
+    def __init__(
+        self, target: PreTrainedModel, argmax_head: nn.Module | None = None, head: nn.Module | None = None
+    ) -> None:
+        self.target, self.argmax_head, self.head = target, argmax_head, head
         self.rows: dict[int, TokenChooser] = {}
 
     def add(self, row: int, params: SamplingParams) -> None:
-        self.rows[row] = TokenChooser(self.target, params, self.argmax_head)
+        self.rows[row] = TokenChooser(self.target, params, self.argmax_head, self.head)
 
     def remove(self, row: int) -> None:
         self.rows.pop(row, None)
@@ -176,7 +195,7 @@ class RowChooser:
         """
         choosers = [self.rows[row] for row in rows]
         if all(c.params.greedy for c in choosers):
-            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head)
+            return exact_argmax(self.target, hidden, argmax_head=self.argmax_head, head=self.head)
         counts = [hidden.shape[1]] * len(rows) if nodes is None else nodes.tolist()
         choice = torch.full(hidden.shape[:2], -2, dtype=torch.long, device=hidden.device)
         for i, (chooser, count) in enumerate(zip(choosers, counts, strict=True)):

@@ -126,7 +126,7 @@ class Engine:
             adaptive=adaptive,
             kinds=rd.decoder.kinds if adaptive else ("plain", "tree"),
         )
-        self.chooser = RowChooser(rd.target, rd.decoder.argmax_head)
+        self.chooser = RowChooser(rd.target, rd.decoder.argmax_head, rd.decoder.head)
         self.batch = RunningBatch(rd.decoder, self.chooser)
         self.metrics = Metrics()
         self.waiting: queue.Queue[Job] = queue.Queue()

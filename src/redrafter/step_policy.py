@@ -31,7 +31,11 @@ step's rate is known (every row emits one token), a tree's is an estimate, and o
 tree's error decides. At 16 rows a small tree took 1.5 plain steps' time for about 1.44 tokens a row
 and was taken on two thirds of the steps. Where the two are close, plain steps lose nothing against
 a plain server and a wrong tree does (and rows that emit unequal counts finish apart, so the last
-rows of a wave run on at a few rows, in steps that cost nearly what 16 rows' do). The others are
+rows of a wave run on at a few rows, in steps that cost nearly what 16 rows' do). Over one row there
+is no lead (``lone_lead``): no rows finish apart, and a wrong tree corrects itself, since each tree
+step measures the row, while a wrong plain step tells nothing and stays. With a lead of 10% there, a
+bench on Spec-Bench's first 2 prompts per category took 2.60 tokens per step, against 2.82 for a
+tree every step; without it, 2.75 (docs/serve/, Session 25). The others are
 still taken now and then, so their time (and, for trees, the rows' acceptance) stays measured: each
 once the time spent at that batch size since it was last taken reaches what makes one more of its
 steps ``explore_share`` of the time (a quarter of that while the chosen kind is more than ``margin``
@@ -44,8 +48,18 @@ not tried at all above a batch size where it lost to plain steps. A fixed thresh
 
 Acceptance is estimated per row and kind: ``a_i`` is the mean of the row's own recent steps of
 that kind, shrunk by ``prior_steps`` steps toward what all rows' recent steps of it say (below). A
-newly joined row starts there, and a row that drafts badly (a hard prompt) turns a lone row to
-plain steps within a few steps instead of after the many a shared mean needs.
+newly joined row starts there, and a row that drafts badly (a hard prompt) turns a lone row to plain
+steps within a few steps instead of after the many a shared mean needs. A row's own steps grow
+stale while it takes other kinds: each step it took since one told the kind's tokens adds
+``stale_weight`` steps of the prior. Without that, a tree whose last steps
+over a row were poor stopped being taken, so nothing refreshed the estimate that stopped it (only
+explorations, a step in 16 or 64): the low estimates stayed and the high ones were corrected. A
+row's acceptance moves from one stretch of its answer to the next, and its past stretches hardly
+tell its next one: replayed on every position of 80 MT-Bench prompts and 60 of Spec-Bench's other
+kinds (``docs/serve/stale_sim.py``), with a tree step costing twice a plain one, one row took plain
+steps on about half of the steps and lost 8% and 9% against a tree every step, though a tree every
+step was faster than plain steps on 133 of the 140 prompts (and at least 0.90x on the rest); with
+staleness and no lead at one row (below), 4.1% and 2.4%.
 
 Where the tree holds the small tree's tokens (the decode loop says so:
 :meth:`~redrafter.decode.SpeculativeDecoder.nested_small_tree`), every tree step also tells what the
@@ -151,7 +165,8 @@ class SpeculationPolicy:
             chosen (a quarter of it while the chosen one is more than ``margin`` faster).
         margin: how much faster (a share) one kind must be for exploring the other less.
         lead: how much faster (a share) a tree must be estimated than plain steps to be chosen
-            over them (see the module's docstring).
+            over them, over several rows (see the module's docstring).
+        lone_lead: the same over one row.
         time_window: steps of one kind at one batch size whose median is its step time.
         accept_window: steps of a tree kind (of all rows) whose mean tokens per row is a row's prior.
         row_window: a row's own recent steps of a tree kind its estimate averages.
@@ -171,6 +186,8 @@ class SpeculationPolicy:
         pair_window: rows' tree steps that told the smaller tree's tokens too, through which the line
             predicting the tree's acceptance from the smaller one's is drawn (:meth:`expected`).
         pair_warmup: such rows' steps before the line is drawn (until then the tree's own steps).
+        stale_weight: steps of the prior a row's estimate of a tree kind gains for each step the row
+            took since one told that kind's tokens (:meth:`row_estimate`).
     """
 
     prior: int = 2
@@ -179,6 +196,7 @@ class SpeculationPolicy:
     explore_share: float = 1 / 16
     margin: float = 0.4
     lead: float = 0.1
+    lone_lead: float = 0.0
     time_window: int = 8
     accept_window: int = 64
     row_window: int = 64
@@ -188,6 +206,7 @@ class SpeculationPolicy:
     verdict_steps: int = 3
     pair_window: int = 512
     pair_warmup: int = 32
+    stale_weight: float = 0.5
     accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
     accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
@@ -199,10 +218,13 @@ class SpeculationPolicy:
     last_step: tuple[tuple[int, ...], int, float] | None = None  # its rows, kind and seconds
     # (tree kind, smaller kind it holds) -> per row of its steps: (the smaller kind's tokens, the tree's)
     nested_pairs: dict[tuple[int, int], PairWindow] = field(default_factory=dict)
+    stale: dict[int, dict[int, int]] = field(default_factory=dict)  # row -> tree kind -> its steps since one told it
 
     def row_estimate(self, row: int, kind: int = 1) -> float | None:
         """Tokens ``row`` is expected to emit in a step of tree ``kind`` (None until ``warmup_rows``
-        rows took such steps): its own recent steps of that kind and ``prior_steps`` steps of all rows' mean."""
+        rows took such steps): its own recent steps of that kind and ``prior_steps`` steps of all rows'
+        mean, plus ``stale_weight`` more of it for each step the row took since one told that kind's
+        tokens (see the module's docstring)."""
         steps = self.accepted.get(kind)
         if steps is None or self.accepted_rows.get(kind, 0) < self.warmup_rows or steps.mean is None:
             return None
@@ -210,7 +232,8 @@ class SpeculationPolicy:
         own = self.rows_accepted.get(row, {}).get(kind)
         if own is None or not own.values:
             return prior
-        return (sum(own.values) + self.prior_steps * prior) / (len(own.values) + self.prior_steps)  # type: ignore[operator]
+        weight = self.prior_steps + self.stale_weight * self.stale.get(row, {}).get(kind, 0)
+        return (sum(own.values) + weight * prior) / (len(own.values) + weight)  # type: ignore[operator]
 
     def expected(self, kind: int, row: int | None = None) -> float | None:
         """Tokens per row a step of tree ``kind`` is expected to emit (of ``row``'s, or all rows'):
@@ -276,7 +299,8 @@ class SpeculationPolicy:
         rates = self.rates(rows)
         measured = all(rates[k] is not None for k in kinds)
         if measured:  # the first tree shape ahead of plain steps by the lead, else plain steps
-            ahead = [k for k in self._shapes(size, kinds) if rates[k] >= (1 + self.lead) * rates[0]]  # type: ignore[operator]
+            lead = self.lead if size > 1 else self.lone_lead
+            ahead = [k for k in self._shapes(size, kinds) if rates[k] >= (1 + lead) * rates[0]]  # type: ignore[operator]
             best = ahead[0] if ahead else 0
         else:  # still measuring: the guess, and the other kinds often
             best = guess if guess in kinds else 0
@@ -390,6 +414,10 @@ class SpeculationPolicy:
             self.waited[size, other] = 0.0 if other == kind else self.waited.get((size, other), 0.0) + seconds
         if kind:
             self._accept(rows, kind, tokens)
+        for row in rows:
+            stale = self.stale.setdefault(row, {})
+            for tree in range(1, len(self.kinds)):
+                stale[tree] = 0 if tree == kind or tree in (nested or {}) else stale.get(tree, 0) + 1
         for other, counts in (nested or {}).items():
             self._accept(rows, other, counts)
             pairs = self.nested_pairs.setdefault((kind, other), PairWindow(self.pair_window))
@@ -406,6 +434,7 @@ class SpeculationPolicy:
     def forget(self, row: int) -> None:
         """``row`` finished or was cancelled."""
         self.rows_accepted.pop(row, None)
+        self.stale.pop(row, None)
 
     def table(self) -> dict[str, dict[str, float | int | None]]:
         """What was measured: per batch size, each kind's tokens per second (at all rows' expected
