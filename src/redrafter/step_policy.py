@@ -34,10 +34,10 @@ a plain server and a wrong tree does (and rows that emit unequal counts finish a
 rows of a wave run on at a few rows, in steps that cost nearly what 16 rows' do). Over one row there
 is no lead (``lone_lead``): no rows finish apart, and a wrong tree corrects itself, since each tree
 step measures the row, while a wrong plain step tells nothing and stays. With a lead of 10% there, a
-bench on Spec-Bench's first 2 prompts per category took 2.60 tokens per step, against 2.82 for a
-tree every step; without it, 2.75 (docs/serve/, Session 25). The others are
-still taken now and then, so their time (and, for trees, the rows' acceptance) stays measured: each
-once the time spent at that batch size since it was last taken reaches what makes one more of its
+bench on Spec-Bench's first 2 prompts per category took 2.60 tokens per step (2.52 with staleness and
+a 1024-step prior), against 2.82 for a tree every step; without it, 2.75 (docs/serve/, Session 25).
+The others are still taken now and then, so their time (and, for trees, the rows' acceptance) stays
+measured: each once the time spent at that batch size since it was last taken reaches what makes one more of its
 steps ``explore_share`` of the time (a quarter of that while the chosen kind is more than ``margin``
 ahead: exploring a clear loser costs throughput). Counting time, not steps, matters: at four rows a
 tree step takes about five plain ones, so exploring one step in 16 would spend a quarter of the time
@@ -51,8 +51,8 @@ that kind, shrunk by ``prior_steps`` steps toward what all rows' recent steps of
 newly joined row starts there, and a row that drafts badly (a hard prompt) turns a lone row to plain
 steps within a few steps instead of after the many a shared mean needs. A row's own steps grow
 stale while it takes other kinds: each step it took since one told the kind's tokens adds
-``stale_weight`` steps of the prior. Without that, a tree whose last steps
-over a row were poor stopped being taken, so nothing refreshed the estimate that stopped it (only
+``stale_weight`` steps of the prior. Without that, a tree whose last steps over a row were poor
+stopped being taken, so nothing refreshed the estimate that stopped it (only
 explorations, a step in 16 or 64): the low estimates stayed and the high ones were corrected. A
 row's acceptance moves from one stretch of its answer to the next, and its past stretches hardly
 tell its next one: replayed on every position of 80 MT-Bench prompts and 60 of Spec-Bench's other
