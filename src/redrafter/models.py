@@ -212,7 +212,7 @@ def hidden_to_logits(
         bias = None if getattr(own, "bias", None) is None else own.bias.to(dtype)
         logits = torch.nn.functional.linear(hidden.to(dtype), own.weight.to(dtype), bias)
     else:
-        logits = (head or target.get_output_embeddings())(hidden)
+        logits = (head if head is not None else target.get_output_embeddings())(hidden)
     softcap = getattr(target.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
