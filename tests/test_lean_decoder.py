@@ -15,6 +15,7 @@ from redrafter.lean_decoder import (
     PackedForward,
     PackedProducts,
     SideBySide,
+    forward_head,
     fuse_linears,
     lean_support,
     packed_refusal,
@@ -187,6 +188,7 @@ def test_a_packed_lean_forward_is_the_unpacked_one_in_bfloat16():
     assert isinstance(packed, PackedForward) and packed.lean is lean and target_forward(model, packed=True) is packed
     head = model.get_output_embeddings()
     assert isinstance(packed.head, PackedLinear) and packed.head.linear is head
+    assert forward_head(packed) is packed.head and forward_head(lean) is None
     hidden = got[-1][..., : COMMON["hidden_size"]]
     assert torch.equal(packed.head(hidden), head(hidden))
     assert torch.equal(hidden_to_logits(model, hidden, head=packed.head), hidden_to_logits(model, hidden))

@@ -29,7 +29,7 @@ from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .files import atomic_write, write_json
 from .kv_cache import TreeKVCache
-from .lean_decoder import PackedForward, compile_refusal, packed_refusal, target_forward
+from .lean_decoder import compile_refusal, forward_head, packed_refusal, target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
 from .quant import WEIGHTS, gguf_argmax_head, quantize_target
@@ -970,8 +970,7 @@ def run_cost_curve(
                 start = clock(target.device)
                 hidden = forward(tokens, positions, mask, caches[weights])
                 middle = clock(target.device)
-                head = forward.head if isinstance(forward, PackedForward) else None
-                exact_argmax(target, hidden, argmax_head=heads[weights], head=head)
+                exact_argmax(target, hidden, argmax_head=heads[weights], head=forward_head(forward))
                 end = clock(target.device)
                 if repeat >= 2:
                     times[name][n].append(end - start)

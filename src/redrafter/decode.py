@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
 from .kv_cache import TreeKVCache
-from .lean_decoder import PackedForward, target_forward
+from .lean_decoder import forward_head, target_forward
 from .lookup import LookupBeams
 from .models import attention_windows, context_limit, decoder_features, decoder_of
 from .ngrams import NgramTable
@@ -186,8 +186,7 @@ class SpeculativeDecoder:
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean, compile, packed)
-        # The head's product where the forward packs it too (PackedForward), else the target's own.
-        self.head = self.forward.head if isinstance(self.forward, PackedForward) else None
+        self.head = forward_head(self.forward)  # a packed forward's packed head, else None
         self.proposer = proposer
         self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
         self.hidden_size = target.config.hidden_size

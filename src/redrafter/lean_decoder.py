@@ -449,6 +449,12 @@ class PackedForward:
         return self.lean(*args, packed=True, **kwargs)
 
 
+def forward_head(forward: TargetForward) -> nn.Module | None:
+    """The head's product that goes with ``forward`` (:func:`target_forward`): a packed forward's
+    packed head, else None (the target's own)."""
+    return forward.head if isinstance(forward, PackedForward) else None
+
+
 _built: weakref.WeakKeyDictionary[PreTrainedModel, LeanDecoder] = weakref.WeakKeyDictionary()
 _compiled: weakref.WeakKeyDictionary[PreTrainedModel, CompiledDecoder] = weakref.WeakKeyDictionary()
 _packed: weakref.WeakKeyDictionary[PreTrainedModel, PackedForward] = weakref.WeakKeyDictionary()

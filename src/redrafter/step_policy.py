@@ -52,8 +52,8 @@ newly joined row starts there, and a row that drafts badly (a hard prompt) turns
 steps within a few steps instead of after the many a shared mean needs. A row's own steps grow
 stale while it takes other kinds: each step it took since one told the kind's tokens adds
 ``stale_weight`` steps of the prior. Without that, a tree whose last steps over a row were poor
-stopped being taken, so nothing refreshed the estimate that stopped it (only
-explorations, a step in 16 or 64): the low estimates stayed and the high ones were corrected. A
+stopped being taken, so nothing refreshed the estimate that stopped it (only explorations, a step
+in 16 or 64): the low estimates stayed and the high ones were corrected. A
 row's acceptance moves from one stretch of its answer to the next, and its past stretches hardly
 tell its next one: replayed on every position of 80 MT-Bench prompts and 60 of Spec-Bench's other
 kinds (``docs/serve/stale_sim.py``), with a tree step costing twice a plain one, one row took plain
