@@ -422,11 +422,11 @@ class Trainer:
                         **metrics,
                     }
                 )
+            if self.step % config.checkpoint_every == 0 or self.step == end:  # before a long evaluation
+                self.save_checkpoint()
             if self.step % config.eval_every == 0 or self.step == config.steps:
                 self.last_eval = self.evaluate()
                 self.log({"step": self.step, "eval": self.last_eval})
-            if self.step % config.checkpoint_every == 0 or self.step == end:
-                self.save_checkpoint()
         bar.close()
         return self.unwrapped
 
