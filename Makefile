@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup demo test lint corpus corpus-more corpus-inputs drafter ngrams gemma3
+.PHONY: setup demo test lint corpus corpus-more corpus-inputs corpus-inputs-gpu drafter ngrams gemma3
 
 setup:
 	$(PYTHON) -m pip install --quiet torch==2.13.0
@@ -65,6 +65,15 @@ corpus-inputs:
 	$(INPUTS) --out $(CORPUS)-inputs-seed20 --seed 20
 	$(INPUTS) --out $(CORPUS)-inputs-seed21 --seed 21 & \
 	$(INPUTS) --out $(CORPUS)-inputs-seed22 --seed 22 & \
+	wait
+
+# More of them from one H200 (docs/inputs-gpu/run.sh: six generators for 240 s, batches and shards of
+# 512; these two finished a shard, the four others none). Complete folders: nothing to redo.
+INPUTS_GPU = redrafter distill --shard-size 512 --batch-size 512 --max-new-tokens 256 --num-prompts 512 \
+	$(OPENERS) --tasks default --device $(GPU_DEVICE)
+corpus-inputs-gpu:
+	$(INPUTS_GPU) --out $(CORPUS)-inputs-gpu-seed24 --seed 24 & \
+	$(INPUTS_GPU) --out $(CORPUS)-inputs-gpu-seed28 --seed 28 & \
 	wait
 
 # The shipped drafter, end to end from the corpus; resumable (run it again after an interruption).

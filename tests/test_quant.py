@@ -431,8 +431,33 @@ def test_float32_gemms_are_wired_into_every_float_layer_and_the_head(lean):
 
 
 def test_only_cpus_without_half_gemms_get_float32_gemms():
-    from redrafter.quant import lacks_half_gemm
+    from redrafter.quant import has_bf16_instructions, lacks_half_gemm
 
     assert not lacks_half_gemm("cpu", torch.float32) and not lacks_half_gemm("cpu", torch.float64)
     assert not lacks_half_gemm("cuda:0", torch.bfloat16)
-    assert lacks_half_gemm("cpu", torch.bfloat16) == (not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert lacks_half_gemm("cpu", torch.bfloat16) == (not has_bf16_instructions())
+
+
+@pytest.mark.parametrize(
+    "machine, onednn, avx512_bf16, amx, native",
+    [
+        ("x86_64", True, False, False, False),  # plain AVX-512 (an Ice Lake Xeon): oneDNN converts as it goes
+        ("x86_64", True, True, False, True),  # AVX-512 BF16 (Zen 4, Cooper Lake)
+        ("x86_64", True, False, True, True),  # AMX (Sapphire Rapids and later)
+        ("x86_64", False, False, False, False),  # AVX2 only
+        ("aarch64", True, False, False, True),  # elsewhere oneDNN's answer stands
+        ("aarch64", False, False, False, False),
+    ],
+)
+def test_bf16_instructions_need_more_than_onednns_emulation_on_x86(
+    monkeypatch, machine, onednn, avx512_bf16, amx, native
+):
+    from redrafter import quant
+
+    monkeypatch.setattr(quant.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert quant.has_bf16_instructions() == native
+    assert quant.lacks_half_gemm("cpu", torch.bfloat16) == (not native)
+    assert quant.packs_linears("cpu", torch.bfloat16) == native
