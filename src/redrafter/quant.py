@@ -33,16 +33,17 @@ head is read as its own int4 codes. Sampling and the float32 recomputation keep 
 
 **Float32 GEMMs for bfloat16 weights on CPUs without bfloat16 instructions.** Where the CPU has no
 native bfloat16 (float16) matrix instructions (x86 without AVX-512 BF16 or AMX: most laptops, AMD
-Zen 2 and 3, Intel Xeons up to Ice Lake), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8 GFLOP/s on a 2-core
-AVX2 machine, against 100 for float32: a 17-token tree forward of the default model took 8x a
-one-token one, and a 256-token prefill 3.7 to 5 s. A one-token product is bound by reading the weights and
-stays in bfloat16 (half the bytes); a product over at least :data:`FLOAT32_GEMM_MIN_ROWS` rows (a
-tree, a prompt's prefill, many batch rows) runs as float32 GEMM on a float32 copy of the weights, its
-output rounded back to bfloat16 (:class:`Float32GemmLinear`). The arithmetic is the bfloat16 layer's
-(float32 products and sums of the same bfloat16 values, rounded once), up to summation order; the
-copy costs twice the bfloat16 weights' memory. :func:`quantize_target` does this by itself where it
-pays (:func:`lacks_half_gemm`): the decoder's linear layers with float weights, and the output head
-with any weights.
+Zen 2 and 3, Intel Xeons up to Ice Lake), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8
+GFLOP/s on a 2-core AVX2 machine, against 100 for float32: a 17-token tree forward of the default
+model took 8x a one-token one, and a 256-token prefill 3.7 to 5 s. A one-token product is bound by
+reading the weights and stays in bfloat16 (half the bytes); a product over at least
+:data:`FLOAT32_GEMM_MIN_ROWS` rows (a tree, a prompt's prefill, many batch rows) runs as float32
+GEMM on a float32 copy of the weights, its output rounded back to bfloat16
+(:class:`Float32GemmLinear`). The arithmetic is the bfloat16 layer's (float32 products and sums of
+the same bfloat16 values, rounded once), up to summation order; the copy costs twice the bfloat16
+weights' memory. :func:`quantize_target` does this by itself where it pays
+(:func:`lacks_half_gemm`): the decoder's linear layers with float weights, and the output head with
+any weights.
 
 **Weights packed once for oneDNN** (:class:`PackedLinear`). Where oneDNN has native bfloat16
 (float16) products (AVX-512 BF16, AMX), PyTorch's ``F.linear`` reorders the weight into oneDNN's
@@ -397,8 +398,8 @@ def lacks_half_gemm(device: torch.device | str, dtype: torch.dtype) -> bool:
 def packs_linears(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether :class:`PackedLinear` serves ``dtype`` weights on ``device``: a CPU with native
     bfloat16 (float16) matrix instructions (:func:`lacks_half_gemm`). Where oneDNN converts as it
-    goes (plain AVX-512), a packed forward measured 11% slower for one token, though 9 to 13% faster over 4
-    to 8 (``docs/avx2/icelake_ab.py``)."""
+    goes (plain AVX-512), a packed forward measured 11% slower for one token, though 9 to 13% faster
+    over 4 to 8 (``docs/avx2/icelake_ab.py``)."""
     return _on_cpu(device) and dtype in (torch.bfloat16, torch.float16) and not lacks_half_gemm(device, dtype)
 
 
