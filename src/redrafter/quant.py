@@ -33,7 +33,7 @@ head is read as its own int4 codes. Sampling and the float32 recomputation keep 
 
 **Float32 GEMMs for bfloat16 weights on CPUs without bfloat16 instructions.** Where the CPU has no
 native bfloat16 (float16) matrix instructions (x86 without AVX-512 BF16 or AMX: most laptops, AMD
-Zen 2 and 3, Intel Xeons up to Ice Lake), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8
+Zen 2 and 3, Skylake to Ice Lake Xeons), PyTorch's bfloat16 GEMM converts as it goes and ran at 0.8
 GFLOP/s on a 2-core AVX2 machine, against 100 for float32: a 17-token tree forward of the default
 model took 8x a one-token one, and a 256-token prefill 3.7 to 5 s. A one-token product is bound by
 reading the weights and stays in bfloat16 (half the bytes); a product over at least
