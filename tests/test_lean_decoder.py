@@ -23,7 +23,16 @@ from redrafter.lean_decoder import (
     transformers_forward,
 )
 from redrafter.models import attention_windows, hidden_to_logits
-from redrafter.quant import PACKED_MAX_ROWS, Int4Linear, Int8Linear, PackedLinear, packs_linears, quantize_int4
+from redrafter.quant import (
+    FLOAT32_PACKED_MIN_ROWS,
+    PACKED_MAX_ROWS,
+    Float32GemmLinear,
+    Int4Linear,
+    Int8Linear,
+    PackedLinear,
+    packs_linears,
+    quantize_int4,
+)
 from redrafter.tree import layer_masks
 
 
@@ -192,6 +201,66 @@ def test_a_packed_lean_forward_is_the_unpacked_one_in_bfloat16():
     hidden = got[-1][..., : COMMON["hidden_size"]]
     assert torch.equal(packed.head(hidden), head(hidden))
     assert torch.equal(hidden_to_logits(model, hidden, head=packed.head), hidden_to_logits(model, hidden))
+
+
+def test_a_packed_float32_copy_gives_the_layers_products():
+    """A Float32GemmLinear's float32 copy reordered once: below FLOAT32_PACKED_MIN_ROWS the layer's own
+    product (bfloat16 below its ``min_rows``, float32 from there), bit for bit; up to PACKED_MAX_ROWS the
+    float32 product up to summation order (so within a bfloat16 rounding of it); past that the layer's
+    own product, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 160, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(160, 96, generator=generator))
+        linear.bias.copy_(torch.randn(160, generator=generator))
+    layer = Float32GemmLinear.wrap(linear, min_rows=3)
+    packed = PackedLinear(layer)  # on any CPU when asked for; packable() says where a forward asks
+    assert packed.linear is layer and packed.packed.is_mkldnn and packed.float32
+    assert FLOAT32_PACKED_MIN_ROWS == 4 and packed.min_rows == 4
+    for rows in (1, 2, 3):
+        x = torch.randn(1, rows, 96, generator=generator).to(torch.bfloat16)
+        assert torch.equal(packed(x), layer(x))
+    assert torch.equal(packed(x[:, :2]), linear(x[:, :2]))  # the bfloat16 product below min_rows
+    for shape in ((1, 4, 96), (2, 5, 96), (1, PACKED_MAX_ROWS, 96)):
+        x = torch.randn(*shape, generator=generator).to(torch.bfloat16)
+        got, float32 = packed(x), torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert got.dtype == torch.bfloat16 and got.shape == float32.shape
+        torch.testing.assert_close(got.float(), float32, rtol=2**-8, atol=1e-5)
+    wide = torch.randn(1, PACKED_MAX_ROWS + 1, 96, generator=generator).to(torch.bfloat16)
+    assert torch.equal(packed(wide), layer(wide))
+    with pytest.raises(ValueError, match="cannot pack"):
+        PackedLinear(torch.nn.Linear(4, 4, dtype=torch.float64))
+
+
+def test_where_onednn_converts_bfloat16_the_float32_copies_are_packed(monkeypatch):
+    """With float32 copies (float32 weights, so the copies are the weights), a packed forward is the
+    unpacked one up to summation order, its head packed too, and greedy decoding is unchanged."""
+    from test_parity import random_drafter, random_prompt, speculative
+
+    from redrafter import quant
+    from redrafter.decode import DrafterProposer, SpeculativeDecoder
+
+    monkeypatch.setattr(quant, "converts_bf16", lambda: True)
+    model = tiny_target("qwen2", dtype=torch.float32)  # biases on the fused projections
+    quant.quantize_target(model, "float", float32_gemms=True)
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(3))
+    tree, ancestors = a_tree(2)
+    lean = target_forward(model)
+    assert lean.packs() and packed_refusal(model) is None
+    expected = forward_twice(model, lean, prompt, tree, ancestors)
+    packed = target_forward(model, packed=None)
+    got = forward_twice(model, packed, prompt, tree, ancestors)
+    assert isinstance(packed, PackedForward) and lean.packed_layers[0].qkv.float32
+    assert isinstance(packed.head, PackedLinear) and packed.head.linear is model.get_output_embeddings()
+    for want, have in zip(expected, got, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    drafter = random_drafter(model, seed=2)
+    prompts = [random_prompt(n + 2, n) for n in (1, 14)]
+    outputs = []
+    for choice in (False, True):
+        proposer = DrafterProposer(drafter, 4, 4, tree_nodes=12)
+        outputs.append(speculative(SpeculativeDecoder(model, proposer, [], lookup_len=6, packed=choice), prompts, 24))
+    assert outputs[0] == outputs[1]
 
 
 def test_packing_is_refused_where_it_does_not_apply():

@@ -305,8 +305,10 @@ def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
 
 
 def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
-    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, DEFAULT_SMALL_TREE, ReDrafter
-    from redrafter.quant import WEIGHTS
+    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, DEFAULT_SMALL_TREE, ReDrafter, default_small_tree
+    from redrafter.quant import WEIGHTS, converts_bf16
+
+    converts = converts_bf16()  # float weights take the small tree where oneDNN converts bfloat16
 
     # a default for every precision
     assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS) == tuple(DEFAULT_SMALL_TREE)
@@ -320,7 +322,8 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
             shape.tree_nodes,
         )
         assert rd.quantization.weights == weights and rd.drafter_weights == DEFAULT_DRAFTER_WEIGHTS[weights]
-        assert ("small_tree" in rd.decoder.kinds) == DEFAULT_SMALL_TREE[weights] == (weights == "int4")
+        small = default_small_tree(weights, "cpu", torch.bfloat16)
+        assert ("small_tree" in rd.decoder.kinds) == small == (weights == "int4" or (weights == "float" and converts))
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
     # The int kernels run float32 activations unvectorized: a float32 drafter stays float unless asked.
@@ -461,3 +464,14 @@ def test_bf16_instructions_need_more_than_onednns_emulation_on_x86(
     assert quant.has_bf16_instructions() == native
     assert quant.lacks_half_gemm("cpu", torch.bfloat16) == (not native)
     assert quant.packs_linears("cpu", torch.bfloat16) == native
+    # Where oneDNN converts as it goes: float32 GEMMs from two rows, on float32 copies packed once.
+    converting = onednn and not native
+    assert quant.converts_bf16() == converting
+    from redrafter.api import default_small_tree as small
+
+    assert small("float", "cpu", torch.bfloat16) == converting and small("int4", "cpu", torch.bfloat16)
+    assert not small("float", "cpu", torch.float32) and not small("float", "cuda", torch.bfloat16)
+    assert quant.float32_gemm_min_rows() == (2 if converting else 12)
+    assert quant.packs_float32_copies("cpu") == converting and not quant.packs_float32_copies("cuda:0")
+    layer = quant.Float32GemmLinear.wrap(torch.nn.Linear(8, 4, dtype=torch.bfloat16))
+    assert quant.packable(layer) == converting

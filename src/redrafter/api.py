@@ -23,6 +23,8 @@ from .quant import (
     check_quantizable,
     drafter_packable,
     gguf_argmax_head,
+    lacks_half_gemm,
+    packs_float32_copies,
     quantization_refusal,
     quantize_drafter,
     quantize_target,
@@ -64,8 +66,22 @@ DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 # it against 1.07x without, MT-Bench 1.24x against 1.14x (docs/small-tree/); on an AVX2 CPU the small
 # shape gave 1.20x against the int4 tree's 0.92x (docs/avx2/). With float weights there it tied on
 # Spec-Bench (1.65x against 1.67x) and lost on MT-Bench (39.7 against 47.2 tokens/s), so it is on by
-# default for int4 only (int8: not measured).
+# default for int4 only (int8: not measured); and for float weights where oneDNN converts bfloat16 as
+# it goes (default_small_tree).
 DEFAULT_SMALL_TREE = {"float": False, "int8": False, "int4": True}
+
+
+def default_small_tree(weights: str, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether an adaptive engine also considers the small tree by default: :data:`DEFAULT_SMALL_TREE`,
+    and with float weights also where oneDNN converts bfloat16 as it goes (plain AVX-512), so that wide
+    products run on packed float32 copies (:func:`redrafter.quant.packs_float32_copies`). There, on an
+    Ice Lake Xeon in bfloat16, chosen on 16 MT-Bench prompts (1.17x over ``ar`` with it against 1.12x
+    without, 128 new tokens) and reported on 26 of Spec-Bench (1.13x against 1.08x; docs/avx2/)."""
+    if DEFAULT_SMALL_TREE[weights]:
+        return True
+    return weights == "float" and packs_float32_copies(device) and lacks_half_gemm(device, dtype)
+
+
 SMALL_SHAPE = TreeShape(num_beams=1, draft_len=2, lookup_len=2, ngram_len=2, tree_nodes=0)
 # The drafter's weights per target precision on a CPU (--drafter-weights), each measured on MT-Bench's
 # first 2 prompts per category (docs/drafter-weights/): with float weights the 6-beam tree drafts 6
@@ -155,7 +171,8 @@ class ReDrafter:
             calls, then cheaper steps; needs ``lean`` and a model the lean forward covers.
         packed: the lean forward's float products on weights reordered once for oneDNN
             (:class:`redrafter.quant.PackedLinear`: faster steps, a second copy of those weights);
-            None: where it applies (bfloat16 or float16 weights on a CPU with native products).
+            None: where it applies (bfloat16 or float16 weights on a CPU with native products, or
+            their float32 copies where oneDNN converts bfloat16 as it goes).
     """
 
     def __init__(
@@ -267,7 +284,7 @@ class ReDrafter:
         runs the file's own 4-bit values). The tree settings left None take the defaults of
         ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
         ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
-        and ``"float"`` elsewhere; ``small_tree`` left None takes :data:`DEFAULT_SMALL_TREE`.
+        and ``"float"`` elsewhere; ``small_tree`` left None takes :func:`default_small_tree`.
         ``quick_argmax``: greedy candidates from the file's own Q8_0 or 4-bit head where a GGUF holds
         one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
         float head, :func:`redrafter.sampling.exact_argmax`).
@@ -308,7 +325,7 @@ class ReDrafter:
             quantization=quantization,
             drafter_weights=drafter_weights,
             adaptive=adaptive,
-            small_tree=DEFAULT_SMALL_TREE[weights] if small_tree is None else small_tree,
+            small_tree=default_small_tree(weights, device, dtype) if small_tree is None else small_tree,
             argmax_head=argmax_head,
             compile=compile,
             packed=packed,

@@ -138,7 +138,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="keep one copy of the float weights: by default, on a CPU with native bfloat16 products, the lean "
-        "forward also holds its float layers' weights reordered once for oneDNN (faster steps, their memory twice)",
+        "forward also holds its float layers' weights reordered once for oneDNN (faster steps, their memory twice); "
+        "on one that converts bfloat16 as it goes (plain AVX-512), their float32 copies",
     )
 
 
@@ -158,7 +159,11 @@ def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
 def _add_small_tree_option(parser: argparse.ArgumentParser, serving: bool = False) -> None:
     """``--small-tree`` for every command that decodes adaptively (generate, bench, serve, bench-serve).
     ``serving``: the server's default, on (it pays with a few rows at once), else by the weights."""
-    default = "on (it pays with a few streams at once)" if serving else "on for int4 weights, off otherwise"
+    default = (
+        "on (it pays with a few streams at once)"
+        if serving
+        else "on for int4 weights, and for float ones on a CPU whose oneDNN converts bfloat16 as it goes; off otherwise"
+    )
     parser.add_argument(
         "--small-tree",
         action=argparse.BooleanOptionalAction,

@@ -164,7 +164,8 @@ class SpeculativeDecoder:
             (:class:`redrafter.lean_decoder.CompiledDecoder`; needs ``lean`` and a covered model).
         packed: the lean forward's float products, and the head's, on weights reordered once for
             oneDNN (:class:`redrafter.lean_decoder.PackedForward`); None: where it applies (a
-            bfloat16 or float16 target on a CPU with native products), not with ``compile``.
+            bfloat16 or float16 target on a CPU with native products, or float32 copies of its
+            weights where oneDNN converts bfloat16 as it goes), not with ``compile``.
     """
 
     def __init__(

@@ -15,7 +15,9 @@ the same model with fewer operations, in the style of gpt-fast:
 - where oneDNN has native bfloat16 products, the float layers' weights are reordered once into its
   blocked layout (:class:`redrafter.quant.PackedLinear`), which ``F.linear`` would do on every call:
   on the development machine a bfloat16 step's products became 1.2 to 2x faster, their results equal
-  bit for bit, at the cost of a second copy of those weights (``packed``, :func:`target_forward`).
+  bit for bit, at the cost of a second copy of those weights (``packed``, :func:`target_forward`);
+  where it converts bfloat16 as it goes (plain AVX-512), the layers' float32 copies
+  (:class:`redrafter.quant.Float32GemmLinear`) are reordered instead.
 
 The arithmetic is the model's: norms in float32 then cast, as the model's RMSNorm; rotary values
 from the model's module; the model's attention scaling. Outputs equal transformers' up to
@@ -424,7 +426,10 @@ def packed_refusal(target: PreTrainedModel, lean: bool = True, compile: bool = F
     if (reason := compile_refusal(target, lean)) is not None:
         return reason.replace("a compiled forward", "a packed forward")
     if not target_forward(target, lean).packs():
-        return "it needs float weights in bfloat16 or float16 on a CPU whose oneDNN has native products for them"
+        return (
+            "it needs float weights in bfloat16 or float16 on a CPU whose oneDNN has native products for them,"
+            " or float32 copies of them where oneDNN converts bfloat16 as it goes"
+        )
     return None
 
 
@@ -438,7 +443,7 @@ class PackedForward:
             product: the decode loop's choice of tokens, :class:`~redrafter.sampling.TokenChooser`),
             or None where the head is not :func:`~redrafter.quant.packable` (a quantized or float32
             one). A tied head keeps its weight; the packed copy is a second one (56 MiB for the
-            default model).
+            default model; 113 MiB where its float32 copy is packed).
     """
 
     def __init__(self, lean: LeanDecoder, head: nn.Module | None) -> None:

@@ -43,7 +43,10 @@ GEMM on a float32 copy of the weights, its output rounded back to bfloat16
 the same bfloat16 values, rounded once), up to summation order; the copy costs twice the bfloat16
 weights' memory. :func:`quantize_target` does this by itself where it pays
 (:func:`lacks_half_gemm`): the decoder's linear layers with float weights, and the output head with
-any weights.
+any weights. Where oneDNN converts bfloat16 as it goes (plain AVX-512, :func:`converts_bf16`), even two
+rows pay: the products of one forward of the default model over 2 rows took 26.1 ms in float32 against
+36.7 in bfloat16 (Ice Lake Xeon, 2 threads, ``docs/avx2/products.py``; one row: 25.0 against 21.6), so
+there float32 GEMMs start at :data:`FLOAT32_GEMM_MIN_ROWS_CONVERTING` rows.
 
 **Weights packed once for oneDNN** (:class:`PackedLinear`). Where oneDNN has native bfloat16
 (float16) products (AVX-512 BF16, AMX), PyTorch's ``F.linear`` reorders the weight into oneDNN's
@@ -55,7 +58,11 @@ the whole weight again, and costs as much as the product. The lean forward
 Xeon with AMX, 2 threads) this made the default model's products 1.2 to 2x faster over 1 to 128 rows,
 with results equal to ``F.linear``'s bit for bit there; over more rows (a long prompt's prefill) the
 reorder is a small share and ``F.linear`` runs. The reordered copy costs the layers' float weights'
-memory once more (the model's own modules keep theirs).
+memory once more (the model's own modules keep theirs). Where oneDNN converts bfloat16 as it goes, the
+float32 copies of :class:`Float32GemmLinear` are reordered instead (float32 GEMM repacks its weight on
+every call too), for products of :data:`FLOAT32_PACKED_MIN_ROWS` to :data:`PACKED_MAX_ROWS` rows: on
+an Ice Lake Xeon (2 threads) a forward of the default model of 8 tokens took 59.0 ms against 76.6 (12:
+65.7 against 95.5, 32: 91.2 against 95.1; ``docs/avx2/packed_float32.py``).
 
 The drafter can run quantized too (:func:`quantize_drafter`, ``--drafter-weights``), from its own
 weights in the same forms (its tied vocabulary rows included): a draft step reads its weights three
@@ -91,12 +98,20 @@ ARGMAX_HEAD_MAX_ROWS = 4
 # Products over at least this many rows run as float32 GEMMs where the CPU lacks bfloat16 ones: on a
 # 2-core AVX2 machine a forward of the default model cost the same both ways at about 10 tokens.
 FLOAT32_GEMM_MIN_ROWS = 12
+# The same where oneDNN converts bfloat16 as it goes (converts_bf16: plain AVX-512), from two rows: the
+# products of one forward of the default model over 2, 4 and 8 rows took 26.1, 42.7 and 55.5 ms in
+# float32 against 36.7, 53.1 and 70.6 in bfloat16 on an Ice Lake Xeon (2 threads, docs/avx2/products.py).
+FLOAT32_GEMM_MIN_ROWS_CONVERTING = 2
 # Rows up to which :class:`PackedLinear` runs oneDNN's product on its reordered weight, and the row
 # count oneDNN chooses that layout for. Measured on an Intel Xeon with AMX (2 threads, the default
 # model's layers): 1.2 to 2x faster than ``F.linear`` from 1 to 128 rows, equal bit for bit there;
 # at 512 to 2048 rows about as fast, and at 300 rows no longer equal bit for bit.
 PACKED_MAX_ROWS = 128
 PACKED_LAYOUT_ROWS = 16
+# Rows from which :class:`PackedLinear` runs a Float32GemmLinear's reordered float32 copy: on an Ice Lake
+# Xeon (2 threads, the default model's products, docs/avx2/products.py) 32.3 against 42.7 ms at 4 rows,
+# but 30.7 against 27.7 at 3 and 30.7 against 26.1 at 2, where the float32 GEMM as it is runs faster.
+FLOAT32_PACKED_MIN_ROWS = 4
 
 
 class QuantizationError(RedrafterError):
@@ -382,6 +397,19 @@ def has_bf16_instructions() -> bool:
     return True
 
 
+def converts_bf16() -> bool:
+    """Whether oneDNN offers bfloat16 products on this CPU without its bfloat16 instructions,
+    converting as it goes (plain AVX-512: :func:`has_bf16_instructions`)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported() and not has_bf16_instructions()
+
+
+def float32_gemm_min_rows() -> int:
+    """Rows from which :class:`Float32GemmLinear` runs float32 GEMMs on this CPU:
+    :data:`FLOAT32_GEMM_MIN_ROWS_CONVERTING` where :func:`converts_bf16`, else
+    :data:`FLOAT32_GEMM_MIN_ROWS`."""
+    return FLOAT32_GEMM_MIN_ROWS_CONVERTING if converts_bf16() else FLOAT32_GEMM_MIN_ROWS
+
+
 def lacks_half_gemm(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bfloat16 or float16) matrix products on ``device`` lack native CPU
     instructions (:func:`has_bf16_instructions`; oneDNN's check for float16), so that
@@ -396,46 +424,66 @@ def lacks_half_gemm(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def packs_linears(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether :class:`PackedLinear` serves ``dtype`` weights on ``device``: a CPU with native
-    bfloat16 (float16) matrix instructions (:func:`lacks_half_gemm`). Where oneDNN converts as it
-    goes (plain AVX-512), a packed forward measured 11% slower for one token, though 9 to 13% faster
-    over 4 to 8 (``docs/avx2/icelake_ab.py``)."""
+    """Whether :class:`PackedLinear` serves ``dtype`` weights themselves on ``device``: a CPU with
+    native bfloat16 (float16) matrix instructions (:func:`lacks_half_gemm`). Where oneDNN converts as
+    it goes (plain AVX-512), a packed bfloat16 forward measured 11% slower for one token, though 9 to
+    13% faster over 4 to 8 (``docs/avx2/icelake_ab.py``); there the float32 copies are packed instead
+    (:func:`packs_float32_copies`)."""
     return _on_cpu(device) and dtype in (torch.bfloat16, torch.float16) and not lacks_half_gemm(device, dtype)
 
 
+def packs_float32_copies(device: torch.device | str) -> bool:
+    """Whether :class:`PackedLinear` serves :class:`Float32GemmLinear` layers on ``device``: a CPU where
+    oneDNN converts bfloat16 as it goes (:func:`converts_bf16`), where it was measured to pay. On AVX2
+    CPUs (no bfloat16 in oneDNN at all) it is not measured, so their layers stay unpacked."""
+    return _on_cpu(device) and converts_bf16()
+
+
 def packable(module: nn.Module) -> bool:
-    """Whether :class:`PackedLinear` can take ``module``: a plain float linear layer where
-    :func:`packs_linears`."""
+    """Whether :class:`PackedLinear` takes ``module`` in a packed forward: a plain float linear layer
+    where :func:`packs_linears`, or a :class:`Float32GemmLinear` where :func:`packs_float32_copies`."""
+    if type(module) is Float32GemmLinear:
+        return packs_float32_copies(module.weight.device)
     return type(module) is nn.Linear and packs_linears(module.weight.device, module.weight.dtype)
 
 
 class PackedLinear(nn.Module):
     """A float linear layer whose weight is also held in oneDNN's blocked layout, reordered once
     (see the module docstring). Products over at most :data:`PACKED_MAX_ROWS` rows run on that copy;
-    over more, the layer's own product. A compiled forward does not use it (Inductor lays out its own).
+    over more, the layer's own product. A :class:`Float32GemmLinear` has its float32 copy reordered,
+    and runs its own product below :data:`FLOAT32_PACKED_MIN_ROWS` rows (and below its ``min_rows``)
+    too. A compiled forward does not use it (Inductor lays out its own).
 
     Args:
-        linear: a :class:`torch.nn.Linear` on the CPU in bfloat16 or float16 (:func:`packs_linears`);
-            it is kept as it is, with its weight.
+        linear: a :class:`torch.nn.Linear` on the CPU in bfloat16 or float16 (:func:`packs_linears`),
+            or a :class:`Float32GemmLinear` on the CPU; it is kept as it is, with its weights.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        if not packable(linear):
+        self.float32 = type(linear) is Float32GemmLinear
+        if not (self.float32 and _on_cpu(linear.weight.device)) and not packable(linear):
             raise ValueError(f"cannot pack {linear} ({linear.weight.dtype} on {linear.weight.device})")
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.min_rows = max(linear.min_rows, FLOAT32_PACKED_MIN_ROWS) if self.float32 else 1
+        weight, self.bias = (linear.weight32, linear.bias32) if self.float32 else (linear.weight.detach(), linear.bias)
         # An opaque oneDNN tensor, a plain attribute: Module.to() could not convert it.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACKED_LAYOUT_ROWS)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_LAYOUT_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., K]`` -> ``[..., N]``."""
-        if x.numel() > PACKED_MAX_ROWS * self.in_features:
+        if not self.min_rows * self.in_features <= x.numel() <= PACKED_MAX_ROWS * self.in_features:
             return self.linear(x)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.linear.bias, "none", [], "")
+        inputs = x.float().contiguous() if self.float32 else x.contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(inputs, self.packed, self.bias, "none", [], "")
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed up to {PACKED_MAX_ROWS} rows"
+        rows = f"from {self.min_rows} " if self.min_rows > 1 else ""
+        kind = "float32 copy " if self.float32 else ""
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, {kind}packed {rows}up to {PACKED_MAX_ROWS} rows"
 
 
 class Float32GemmLinear(nn.Linear):
@@ -635,7 +683,7 @@ def quantize_target(
         head = target.get_output_embeddings()
         for name, module in list(target.named_modules()):
             if type(module) is nn.Linear and (weights == "float" or module is head):
-                _set_module(target, name, Float32GemmLinear.wrap(module))
+                _set_module(target, name, Float32GemmLinear.wrap(module, float32_gemm_min_rows()))
                 report.float32_gemm_layers += 1
     return report
 
