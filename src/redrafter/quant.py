@@ -61,8 +61,8 @@ reorder is a small share and ``F.linear`` runs. The reordered copy costs the lay
 memory once more (the model's own modules keep theirs). Where oneDNN converts bfloat16 as it goes, the
 float32 copies of :class:`Float32GemmLinear` are reordered instead (float32 GEMM repacks its weight on
 every call too), for products of :data:`FLOAT32_PACKED_MIN_ROWS` to :data:`PACKED_MAX_ROWS` rows: on
-an Ice Lake Xeon (2 threads) a forward of the default model of 8 tokens took 59.0 ms against 76.6 (12:
-65.7 against 95.5, 32: 91.2 against 95.1; ``docs/avx2/packed_float32.py``).
+an Ice Lake Xeon (2 threads) a forward of the default model of 8 tokens took 56.3 ms against 73.4 (12:
+64.7 against 92.3, 32: 96.0 against 99.8; ``docs/avx2/cost_curve.py --packed``).
 
 The drafter can run quantized too (:func:`quantize_drafter`, ``--drafter-weights``), from its own
 weights in the same forms (its tied vocabulary rows included): a draft step reads its weights three
