@@ -14,7 +14,15 @@ from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.distill import DistillConfig, distill, make_batch
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.ngrams import build_table
-from redrafter.train import TrainConfig, Trainer, choose_draft_vocab, coverage, draft_targets, plot_metrics
+from redrafter.train import (
+    TrainConfig,
+    Trainer,
+    choose_draft_vocab,
+    coverage,
+    draft_targets,
+    plot_metrics,
+    walk_answers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +99,7 @@ def test_training_raises_heldout_acceptance_well_above_random(setup, tmp_path):
         ids, attention, start = make_batch([pairs[index]], pad=0)
         inputs, labels, valid = draft_targets(ids, attention, start, 4)
         hidden = trainer.target_states([index], ids, attention)
-        walk = trainer._walk(loaded, hidden, inputs, labels, valid.all(dim=2), start, attention.sum(1))
+        walk = walk_answers(loaded, hidden, inputs, labels, valid.all(dim=2), start, attention.sum(1), trainer.config)
         assert walk and walk == loop[: len(walk)], (walk, loop)
     assert after["tokens_per_step_walk"] <= after["tokens_per_step"] + 0.2
     # Metrics were logged and plotted.

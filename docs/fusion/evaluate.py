@@ -8,12 +8,11 @@ first d columns of the same cache.
 
 import json
 import sys
-import tempfile
 
 from redrafter.api import resolve_drafter
 from redrafter.hidden_cache import HiddenStates
 from redrafter.models import load_target
-from redrafter.train import TrainConfig, Trainer, load_corpora
+from redrafter.train import TrainConfig, evaluate_drafter, load_corpora
 
 out_path, rest = sys.argv[1], sys.argv[2:]
 split = rest.index("--")
@@ -23,19 +22,17 @@ target, _ = load_target("default")
 d = target.config.hidden_size
 features = HiddenStates("build/hidden-eval-" + "-".join(f.rstrip("/").split("-")[-1] for f in folders), pairs, target,
                         layers=(2, 15))
-config = TrainConfig(heldout_every=1, batch_size=8, eval_positions=1024, autocast=False)
+config = TrainConfig(batch_size=8, eval_positions=1024)
 results = {"corpora": folders, "conversations": len(pairs), "drafters": {}}
 for name in drafters:
-    drafter = resolve_drafter(name, "default")
+    drafter = resolve_drafter(name, "default").float()
+    drafter.attach(target.get_input_embeddings(), target.get_output_embeddings())
     width = drafter.feature_size
 
-    class Reader(Trainer):
-        def target_states(self, indices, ids, attention):
-            return features.batch(indices)[..., :width]
+    def states(indices, ids, attention, width=width):
+        return features.batch(indices)[..., :width]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Reader(target, config, pairs, tmp, drafter=drafter, progress=False)
-        results["drafters"][name] = trainer.evaluate()
+    results["drafters"][name] = evaluate_drafter(drafter, pairs, states, config)
     print(name, json.dumps(results["drafters"][name]), file=sys.stderr, flush=True)
 with open(out_path, "w") as handle:
     json.dump(results, handle, indent=1)

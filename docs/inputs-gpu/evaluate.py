@@ -12,7 +12,6 @@ python docs/inputs-gpu/evaluate.py OUT.json DRAFTER... [--only SUBSET...]   (hid
 import argparse
 import json
 import sys
-import tempfile
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from redrafter.api import resolve_drafter
 from redrafter.distill import Corpus
 from redrafter.hidden_cache import HiddenStates
 from redrafter.models import load_target
-from redrafter.train import TrainConfig, Trainer, load_corpora, split_heldout
+from redrafter.train import TrainConfig, evaluate_drafter, load_corpora, split_heldout
 
 C = "data/corpus/smollm2-135m-instruct"
 FOLDERS = (  # `ls -d` order on the GPU machine, as run.sh passed them
@@ -66,19 +65,18 @@ subsets = {
     if name in only
 }
 results = {"conversations": {k: len(v) for k, v in subsets.items()}, "drafters": {}}
-config = TrainConfig(heldout_every=1, batch_size=8, eval_positions=1024, autocast=False)
+config = TrainConfig(batch_size=8, eval_positions=1024)
 for name in names:
-    drafter = resolve_drafter(name, "default")
+    drafter = resolve_drafter(name, "default").float()
+    drafter.attach(target.get_input_embeddings(), target.get_output_embeddings())
     results["drafters"][name] = {}
     for subset, indices in subsets.items():
 
-        class Reader(Trainer):
-            def target_states(self, batch, ids, attention, indices=indices):
-                return features.batch([indices[i] for i in batch])
+        def states(batch, ids, attention, indices=indices):
+            return features.batch([indices[i] for i in batch])
 
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Reader(target, config, [pairs[chosen[i]] for i in indices], tmp, drafter=drafter, progress=False)
-            results["drafters"][name][subset] = trainer.evaluate()
+        conversations = [pairs[chosen[i]] for i in indices]
+        results["drafters"][name][subset] = evaluate_drafter(drafter, conversations, states, config)
         print(name, subset, json.dumps(results["drafters"][name][subset]), file=sys.stderr, flush=True)
 with open(out_path, "w") as handle:
     json.dump(results, handle, indent=1)

@@ -8,12 +8,11 @@ python docs/stage3/evaluate.py OUT.json DRAFTER...   (reads the hidden-state cac
 
 import json
 import sys
-import tempfile
 
 from redrafter.api import resolve_drafter
 from redrafter.hidden_cache import HiddenStates
 from redrafter.models import load_target
-from redrafter.train import TrainConfig, Trainer, load_corpora, split_heldout
+from redrafter.train import TrainConfig, evaluate_drafter, load_corpora, split_heldout
 
 C = "data/corpus/smollm2-135m-instruct"
 INPUTS = [f"{C}-inputs-seed20", f"{C}-inputs-seed21", f"{C}-inputs-seed22"]
@@ -26,19 +25,18 @@ features = HiddenStates("build/hidden-stage3", pairs, target, progress=False)
 _, heldout = split_heldout(len(pairs), 25)
 subsets = {"long_inputs": [i for i in heldout if i < boundary], "chat": [i for i in heldout if i >= boundary]}
 results = {"conversations": {k: len(v) for k, v in subsets.items()}, "drafters": {}}
-config = TrainConfig(heldout_every=1, batch_size=8, eval_positions=1024, autocast=False)
+config = TrainConfig(batch_size=8, eval_positions=1024)
 for name in names:
-    drafter = resolve_drafter(name, "default")
+    drafter = resolve_drafter(name, "default").float()
+    drafter.attach(target.get_input_embeddings(), target.get_output_embeddings())
     results["drafters"][name] = {}
     for subset, indices in subsets.items():
 
-        class Reader(Trainer):
-            def target_states(self, batch, ids, attention, indices=indices):
-                return features.batch([indices[i] for i in batch])
+        def states(batch, ids, attention, indices=indices):
+            return features.batch([indices[i] for i in batch])
 
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Reader(target, config, [pairs[i] for i in indices], tmp, drafter=drafter, progress=False)
-            results["drafters"][name][subset] = trainer.evaluate()
+        conversations = [pairs[i] for i in indices]
+        results["drafters"][name][subset] = evaluate_drafter(drafter, conversations, states, config)
         print(name, subset, json.dumps(results["drafters"][name][subset]), file=sys.stderr, flush=True)
 with open(out_path, "w") as handle:
     json.dump(results, handle, indent=1)

@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +111,104 @@ def draft_targets(
     lengths = attention.sum(dim=1)[:, None, None]
     valid = (offsets + 2 < lengths) & (torch.arange(width)[None, :, None] >= response_start[:, None, None] - 1)
     return inputs, labels, valid
+
+
+# ``(positions in the pairs, ids [B, T], attention [B, T]) -> [B, T, (1 + n) d]``: the frozen target's
+# features of a batch of the pairs evaluated (Trainer.target_states, or a hidden-state cache).
+TargetStates = Callable[[list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate_drafter(drafter: RecurrentDrafter, pairs: list, states: TargetStates, config: TrainConfig) -> dict:
+    """Teacher-forced top-1 accuracy per draft step on ``pairs``, and simulated tokens per step.
+
+    ``drafter``: float, attached to the target's embeddings (:meth:`RecurrentDrafter.attach`).
+    ``states``: the target's features of a batch of ``pairs`` (:data:`TargetStates`). ``config``: its
+    ``draft_steps``, ``batch_size``, ``eval_positions`` and ``eval_beams``.
+
+    ``tokens_per_step``: at sampled positions (``eval_positions`` of them), beam search drafts
+    ``eval_beams`` beams of ``draft_steps + 1`` tokens from ``(h_t, x_{t+1})``; the longest prefix that
+    matches the corpus continuation (the target's greedy output) is accepted, plus the bonus token.
+    ``tokens_per_step_walk``: the same drafts, but along each answer as the decode loop walks it (from
+    the prompt's end, jump past what a step accepts). It is the lower and more honest of the two: the
+    loop spends more steps where drafting is hard, a position average weights every position alike.
+    """
+    training = drafter.training
+    drafter.eval()
+    steps = config.draft_steps
+    correct, counted, accepted, walked = torch.zeros(steps), torch.zeros(steps), [], []
+    generator = torch.Generator().manual_seed(1234)
+    budget = config.eval_positions
+    for start in range(0, len(pairs), config.batch_size):
+        batch = list(range(start, min(start + config.batch_size, len(pairs))))
+        ids, attention, response_start = make_batch([pairs[i] for i in batch], pad=0)
+        hidden = states(batch, ids, attention).float()
+        inputs, labels, valid = draft_targets(ids, attention, response_start, steps)
+        logits = drafter(hidden, inputs.to(hidden.device))
+        predicted = drafter.to_target_ids(logits.argmax(-1)).cpu()
+        correct += ((predicted == labels) & valid).sum((0, 1))
+        counted += valid.sum((0, 1))
+        # Simulated acceptance at positions with a full continuation.
+        rows, positions = valid.all(dim=2).nonzero(as_tuple=True)
+        if budget > 0 and len(rows):
+            pick = torch.randperm(len(rows), generator=generator)[:budget]
+            rows, positions = rows[pick], positions[pick]
+            first = inputs[rows, positions, 0].to(hidden.device)
+            beams = beam_search(drafter, hidden[rows, positions], first, config.eval_beams, steps + 1).cpu()
+            truth = labels[rows, positions]  # [P, S]
+            match = (beams[:, :, 1:] == truth[:, None, :]).long().cumprod(-1).sum(-1)  # [P, W]
+            accepted += (match.max(dim=1).values + 1).tolist()
+            budget -= len(rows)
+        full = valid.all(dim=2)
+        walked += walk_answers(drafter, hidden, inputs, labels, full, response_start, attention.sum(1), config)
+    drafter.train(training)
+    accuracy = (correct / counted.clamp(min=1)).tolist()
+    return {
+        "accuracy": [round(a, 4) for a in accuracy],
+        "tokens_per_step": round(float(np.mean(accepted)), 4) if accepted else None,
+        "tokens_per_step_walk": round(float(np.mean(walked)), 4) if walked else None,
+        "positions": int(counted[0]),
+    }
+
+
+def walk_answers(
+    drafter: RecurrentDrafter,
+    hidden: torch.Tensor,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    full: torch.Tensor,
+    response_start: torch.Tensor,
+    lengths: torch.Tensor,
+    config: TrainConfig,
+) -> list[int]:
+    """Tokens emitted by each simulated decode step along the answers of one batch.
+
+    ``hidden [B, T, d]``, ``inputs``/``labels [B, T, S]``, ``full [B, T]`` (a whole continuation
+    is known there), ``response_start``/``lengths [B]``. Row ``b`` starts at ``t = response_start
+    - 1`` (the prompt's last position; ``x_{t+1}`` is the answer's first token) and moves by
+    ``a + 1``; a step at the answer's end emits only up to its last token, as the loop does. Beam
+    search drafts ``config.eval_beams`` beams of ``config.draft_steps + 1`` tokens.
+    """
+    batch, width = full.shape
+    position = (response_start - 1).clamp(min=0)
+    emitted: list[int] = []
+    rows = torch.arange(batch)
+    while True:
+        active = rows[(position < width) & full[rows, position.clamp(max=width - 1)]]
+        if len(active) == 0:
+            return emitted
+        t = position[active]
+        beams = beam_search(
+            drafter,
+            hidden[active, t],
+            inputs[active, t, 0].to(hidden.device),
+            config.eval_beams,
+            config.draft_steps + 1,
+        ).cpu()
+        match = (beams[:, :, 1:] == labels[active, t][:, None, :]).long().cumprod(-1).sum(-1)  # [A, W]
+        step = torch.minimum(match.max(dim=1).values + 1, lengths[active] - 2 - t)
+        emitted += step.tolist()
+        position[active] = t + step
 
 
 class Trainer:
@@ -258,96 +357,14 @@ class Trainer:
         return self.accelerator.unwrap_model(self.drafter)
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out teacher-forced top-1 accuracy per draft step, and simulated tokens per step.
-
-        ``tokens_per_step``: at sampled held-out positions, beam search drafts ``eval_beams`` beams
-        of ``draft_steps + 1`` tokens from ``(h_t, x_{t+1})``; the longest prefix that matches the
-        corpus continuation (the target's greedy output) is accepted, plus the bonus token.
-        ``tokens_per_step_walk``: the same drafts, but along each held-out answer as the decode loop
-        walks it (from the prompt's end, jump past what a step accepts). It is the lower and more
-        honest of the two: the loop spends more steps where drafting is hard, a position average
-        weights every position alike.
-        """
-        drafter = self.unwrapped.eval()
-        steps = self.config.draft_steps
-        correct, counted, accepted, walked = torch.zeros(steps), torch.zeros(steps), [], []
-        generator = torch.Generator().manual_seed(1234)
-        budget = self.config.eval_positions
+        """:func:`evaluate_drafter` on the held-out conversations."""
         heldout = self.heldout_idx
-        for start in range(0, len(heldout), self.config.batch_size):
-            indices = list(heldout[start : start + self.config.batch_size])
-            ids, attention, response_start = make_batch([self.pairs[i] for i in indices], pad=0)
-            hidden = self.target_states(indices, ids, attention).float()
-            inputs, labels, valid = draft_targets(ids, attention, response_start, steps)
-            logits = drafter(hidden, inputs.to(hidden.device))
-            predicted = drafter.to_target_ids(logits.argmax(-1)).cpu()
-            correct += ((predicted == labels) & valid).sum((0, 1))
-            counted += valid.sum((0, 1))
-            # Simulated acceptance at positions with a full continuation.
-            rows, positions = valid.all(dim=2).nonzero(as_tuple=True)
-            if budget > 0 and len(rows):
-                pick = torch.randperm(len(rows), generator=generator)[:budget]
-                rows, positions = rows[pick], positions[pick]
-                beams = beam_search(
-                    drafter,
-                    hidden[rows, positions],
-                    inputs[rows, positions, 0].to(hidden.device),
-                    self.config.eval_beams,
-                    steps + 1,
-                ).cpu()
-                truth = labels[rows, positions]  # [P, S]
-                match = (beams[:, :, 1:] == truth[:, None, :]).long().cumprod(-1).sum(-1)  # [P, W]
-                accepted += (match.max(dim=1).values + 1).tolist()
-                budget -= len(rows)
-            walked += self._walk(drafter, hidden, inputs, labels, valid.all(dim=2), response_start, attention.sum(1))
-        drafter.train()
-        accuracy = (correct / counted.clamp(min=1)).tolist()
-        return {
-            "accuracy": [round(a, 4) for a in accuracy],
-            "tokens_per_step": round(float(np.mean(accepted)), 4) if accepted else None,
-            "tokens_per_step_walk": round(float(np.mean(walked)), 4) if walked else None,
-            "positions": int(counted[0]),
-        }
 
-    def _walk(
-        self,
-        drafter: RecurrentDrafter,
-        hidden: torch.Tensor,
-        inputs: torch.Tensor,
-        labels: torch.Tensor,
-        full: torch.Tensor,
-        response_start: torch.Tensor,
-        lengths: torch.Tensor,
-    ) -> list[int]:
-        """Tokens emitted by each simulated decode step along the answers of one batch.
+        def states(batch: list[int], ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+            return self.target_states([heldout[i] for i in batch], ids, attention)
 
-        ``hidden [B, T, d]``, ``inputs``/``labels [B, T, S]``, ``full [B, T]`` (a whole continuation
-        is known there), ``response_start``/``lengths [B]``. Row ``b`` starts at ``t = response_start
-        - 1`` (the prompt's last position; ``x_{t+1}`` is the answer's first token) and moves by
-        ``a + 1``; a step at the answer's end emits only up to its last token, as the loop does.
-        """
-        batch, width = full.shape
-        position = (response_start - 1).clamp(min=0)
-        emitted: list[int] = []
-        rows = torch.arange(batch)
-        while True:
-            active = rows[(position < width) & full[rows, position.clamp(max=width - 1)]]
-            if len(active) == 0:
-                return emitted
-            t = position[active]
-            beams = beam_search(
-                drafter,
-                hidden[active, t],
-                inputs[active, t, 0].to(hidden.device),
-                self.config.eval_beams,
-                self.config.draft_steps + 1,
-            ).cpu()
-            match = (beams[:, :, 1:] == labels[active, t][:, None, :]).long().cumprod(-1).sum(-1)  # [A, W]
-            step = torch.minimum(match.max(dim=1).values + 1, lengths[active] - 2 - t)
-            emitted += step.tolist()
-            position[active] = t + step
+        return evaluate_drafter(self.unwrapped, [self.pairs[i] for i in heldout], states, self.config)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
