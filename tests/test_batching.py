@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_target
 from test_parity import hf_greedy, random_drafter, random_prompt
 
-from redrafter.decode import DrafterProposer, RunningBatch, SpeculativeDecoder
+from redrafter.decode import PREFILL_FORWARD_ROWS, DrafterProposer, RunningBatch, SpeculativeDecoder, prefill_groups
 from redrafter.sampling import RowChooser, SamplingParams, TokenChooser
 
 
@@ -129,3 +129,37 @@ def test_a_batch_drops_the_padding_its_rows_no_longer_need(kinds):
     assert lengths[0][0] >= 60
     assert all(shared - longest < max(16, shared / 4) for shared, longest in lengths)
     assert lengths[-1][0] < 60
+
+
+def test_prompts_that_join_together_are_prefilled_in_groups_of_similar_length():
+    """The fewest rows computed, counting PREFILL_FORWARD_ROWS per forward: prompts of close lengths
+    share a forward, far ones do not; every prompt is in exactly one group; on a GPU one group."""
+    assert PREFILL_FORWARD_ROWS == 64
+    assert prefill_groups([6, 7]) == [[0, 1]] and prefill_groups([100] * 16) == [list(range(16))]
+    lengths = [402, 50, 60, 100, 120, 30, 35, 200]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert groups == [[5, 6, 1, 2], [3, 4], [7], [0]]  # 4 forwards: 4 * 64 + 240 + 240 + 200 + 402 rows
+
+    def rows(split):
+        return sum(PREFILL_FORWARD_ROWS + len(g) * max(lengths[i] for i in g) for g in split)
+
+    assert rows(groups) == 1338 < rows([list(range(8))]) == 64 + 8 * 402  # one forward: 3,280 rows
+    assert rows(groups) < rows([[5, 6, 1, 2, 3, 4], [7], [0]])  # merging the first two groups: 1,514
+    assert prefill_groups(lengths, "cuda") == [list(range(8))] and prefill_groups([5]) == [[0]]
+
+
+def test_rows_prefilled_in_separate_groups_decode_as_alone():
+    """A short and a long prompt joining together take two prefill forwards; each row's greedy output
+    is still transformers' (float64), and the rows keep the order of the prompts."""
+    model = tiny_target("llama", seed=13)
+    decoder = SpeculativeDecoder(model, DrafterProposer(random_drafter(model, seed=13), 2, 3), [], lookup_len=4)
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    prompts = [random_prompt(150, 4), random_prompt(3, 5), random_prompt(140, 6)]
+    assert prefill_groups([len(p) for p in prompts]) == [[1], [2, 0]]
+    outputs: dict[int, list[int]] = {}
+    drive(batch, {0: [(prompt, 16) for prompt in prompts]}, outputs)
+    for row, prompt in enumerate(prompts):
+        assert outputs[row] == hf_greedy(model, prompt, 16), row
+    batch = RunningBatch(decoder, TokenChooser(model, SamplingParams()))
+    assert batch.add(prompts, [4, 4, 4]).rows == [0, 1, 2] and batch.rows.ids == [0, 1, 2]

@@ -481,6 +481,37 @@ class _Rows:
         self.ids = self.ids + other.ids
 
 
+# On a CPU, the rows (tokens, padding included) that one more prefill forward is worth: splitting
+# prompts that join together into groups of similar length saves their padding, at the price of
+# reading the weights once more per group (prefill_groups). On the Ice Lake Xeon (2 threads) a
+# forward of the default model costs about 31 ms for one token and a prefill about 1 ms per row.
+PREFILL_FORWARD_ROWS = 64
+
+
+def prefill_groups(lengths: list[int], device: torch.device | str = "cpu") -> list[list[int]]:
+    """The prompts of ``lengths`` that join together, as groups (indices) each prefilled in one forward,
+    left-padded to its longest. On a CPU: consecutive runs of the prompts sorted by length, chosen to
+    make the fewest rows computed, counting :data:`PREFILL_FORWARD_ROWS` for each forward (exact, by
+    dynamic programming over the sorted lengths). A group of 16 MT-Bench prompts (mean 100 tokens, up to
+    402) is 52% padding in one forward. Elsewhere one group: a GPU's forward costs its launches more
+    than its rows."""
+    if torch.device(device).type != "cpu" or len(lengths) < 2:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    # best[j]: the fewest rows for the shortest j prompts, and where their last group starts.
+    best: list[tuple[float, int]] = [(0.0, 0)]
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        costs = ((best[start][0] + PREFILL_FORWARD_ROWS + (end - start) * longest, start) for start in range(end))
+        best.append(min(costs))
+    groups, end = [], len(order)
+    while end:
+        start = best[end][1]
+        groups.append(order[start:end])
+        end = start
+    return groups[::-1]
+
+
 # Compact a running batch's cache once this share of it (and at least this many entries) is padding.
 COMPACT_SHARE, COMPACT_MIN = 0.25, 16
 
@@ -497,8 +528,8 @@ _ROW_TENSORS = (
 class RunningBatch:
     """Rows decoding together, joining and leaving between target forwards (continuous batching).
 
-    :meth:`add` prefills new rows (one forward over them alone) and merges them into the running
-    cache; :meth:`step` runs one speculative step (draft, one tree forward, verify, keep) for every
+    :meth:`add` prefills new rows (forwards over them alone, grouped by length) and merges them into
+    the running cache; :meth:`step` runs one speculative step (draft, one tree forward, verify, keep) for every
     running row. Both return what each row emitted, and finished rows (EOS, token budget, context
     end) leave the batch at once. A row's output does not depend on which rows it ran beside.
 
@@ -529,20 +560,43 @@ class RunningBatch:
 
     @torch.inference_mode()
     def add(self, prompts: list[list[int]], max_new_tokens: list[int]) -> StepOutput:
-        """Prefill ``prompts`` (one forward over them alone) and let them join the batch.
+        """Prefill ``prompts`` (forwards over them alone: one per group of similar lengths,
+        :func:`prefill_groups`) and let them join the batch, in their order.
 
         Returns the prefill's emission: one token per new row, named by the ids given to them
         (consecutive, from 0 for the first rows of this batch).
         """
-        d = self.decoder
         ids = list(range(self.next_id, self.next_id + len(prompts)))
         self.next_id += len(prompts)
         self.budget.update(zip(ids, max_new_tokens, strict=True))
         self.emitted.update(dict.fromkeys(ids, 0))
-        cache, hidden, valid = d._prefill(prompts, max(max_new_tokens))
+        new: _Rows | None = None
+        for group in prefill_groups([len(p) for p in prompts], self.decoder.target.device):
+            budget = max(max_new_tokens[i] for i in group)
+            rows = self._prefilled([ids[i] for i in group], [prompts[i] for i in group], budget)
+            if new is None:
+                new = rows
+            else:
+                new.merge(rows)
+        order = [new.ids.index(row) for row in ids]
+        if order != sorted(order):  # the rows in the order of ``prompts``
+            new.select(order)
+        out = self._emit(new)
+        if new.ids:
+            if self.rows is None:
+                self.rows = new
+            else:
+                self.rows.merge(new)
+        return out
+
+    def _prefilled(self, ids: list[int], prompts: list[list[int]], max_new_tokens: int) -> _Rows:
+        """Rows ``ids`` of ``prompts`` after one prefill forward over them (left-padded), each with its
+        first token chosen."""
+        d = self.decoder
+        cache, hidden, valid = d._prefill(prompts, max_new_tokens)
         chosen_at = valid.sum(dim=1, keepdim=True)  # [B, 1]: the first new token's position
         first = self.choose(hidden[:, None, : d.hidden_size], ids, None, chosen_at)[:, 0]  # [B]
-        new = _Rows(
+        return _Rows(
             ids=ids,
             cache=cache,
             hidden=hidden,
@@ -553,13 +607,6 @@ class RunningBatch:
             step_counts=torch.ones_like(first),
             lookup=d._lookup(prompts),
         )
-        out = self._emit(new)
-        if new.ids:
-            if self.rows is None:
-                self.rows = new
-            else:
-                self.rows.merge(new)
-        return out
 
     @torch.inference_mode()
     def step(self, kind: int = 1) -> StepOutput:
