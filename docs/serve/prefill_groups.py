@@ -4,7 +4,7 @@ interleaved, medians of 5; and whether every row's first token agrees. Default m
 threads, through the chat template: MT-Bench's first 16 (then 4) prompts, and 16 (then 4) of
 Spec-Bench's other kinds (every 25th from the 81st: translation, summarization, QA, math, RAG).
 
-    python docs/avx2/prefill_groups.py docs/avx2/prefill_groups.json
+    python docs/serve/prefill_groups.py docs/serve/prefill_groups.json
 """
 
 import json
