@@ -529,9 +529,9 @@ class RunningBatch:
     """Rows decoding together, joining and leaving between target forwards (continuous batching).
 
     :meth:`add` prefills new rows (forwards over them alone, grouped by length) and merges them into
-    the running cache; :meth:`step` runs one speculative step (draft, one tree forward, verify, keep) for every
-    running row. Both return what each row emitted, and finished rows (EOS, token budget, context
-    end) leave the batch at once. A row's output does not depend on which rows it ran beside.
+    the running cache; :meth:`step` runs one speculative step (draft, one tree forward, verify, keep)
+    for every running row. Both return what each row emitted, and finished rows (EOS, token budget,
+    context end) leave the batch at once. A row's output does not depend on which rows it ran beside.
 
     Args:
         decoder: the :class:`SpeculativeDecoder` (target, proposer, lookup settings).
