@@ -43,6 +43,17 @@ FAMILIES = {
 }
 
 
+def random_linear(in_features: int, out_features: int, seed: int) -> tuple[torch.nn.Linear, torch.Generator]:
+    """A bfloat16 linear layer with random weights and bias, and the generator that made them (seeded
+    ``seed``), for the test's inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        linear.bias.copy_(torch.randn(out_features, generator=generator))
+    return linear, generator
+
+
 def tiny_target(family: str, seed: int = 0, dtype: torch.dtype = torch.float64, config=None):
     """A random ``family`` causal LM in eval mode (``config``: another than :data:`FAMILIES`' one).
     Weights are scaled up so logits are peaked (a random model with tiny logits would make every

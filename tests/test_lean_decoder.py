@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import COMMON, tiny_target
+from conftest import COMMON, random_linear, tiny_target
 from test_parity import WINDOWED
 from transformers import LlamaConfig
 
@@ -157,11 +157,7 @@ needs_packing = pytest.mark.skipif(
 def test_a_packed_linear_gives_its_layers_products():
     """oneDNN's product on the weight reordered once: the layer's own up to rounding (on the
     development machine bit for bit), its own product past PACKED_MAX_ROWS rows."""
-    generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(96, 160, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(160, 96, generator=generator))
-        linear.bias.copy_(torch.randn(160, generator=generator))
+    linear, generator = random_linear(96, 160, seed=0)
     packed = PackedLinear(linear)
     assert packed.linear is linear and packed.packed.is_mkldnn
     for shape in ((1, 96), (2, 3, 96), (1, 24, 96), (1, PACKED_MAX_ROWS, 96)):
@@ -208,11 +204,7 @@ def test_a_packed_float32_copy_gives_the_layers_products():
     product (bfloat16 below its ``min_rows``, float32 from there), bit for bit; up to PACKED_MAX_ROWS the
     float32 product up to summation order (so within a bfloat16 rounding of it); past that the layer's
     own product, bit for bit."""
-    generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(96, 160, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(160, 96, generator=generator))
-        linear.bias.copy_(torch.randn(160, generator=generator))
+    linear, generator = random_linear(96, 160, seed=0)
     layer = Float32GemmLinear.wrap(linear, min_rows=3)
     packed = PackedLinear(layer)  # on any CPU when asked for; packable() says where a forward asks
     assert packed.linear is layer and packed.packed.is_mkldnn and packed.float32

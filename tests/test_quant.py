@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_target
+from conftest import random_linear, tiny_target
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
@@ -390,11 +390,7 @@ def test_float32_gemms_round_what_the_layer_computes():
     rounded once to bfloat16."""
     from redrafter.quant import Float32GemmLinear
 
-    generator = torch.Generator().manual_seed(3)
-    linear = torch.nn.Linear(64, 48, dtype=torch.bfloat16)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(48, 64, generator=generator))
-        linear.bias.copy_(torch.randn(48, generator=generator))
+    linear, generator = random_linear(64, 48, seed=3)
     layer = Float32GemmLinear.wrap(linear, min_rows=4)
     assert layer.weight is linear.weight and "weight32" not in layer.state_dict()
     x = torch.randn(1, 5, 64, generator=generator).bfloat16()
