@@ -215,6 +215,7 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
         (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),
         (["--variant", "d2", "drafter=/no/such/folder"], "drafter not found: /no/such/folder"),
         (["--variant", "p", "packed=1"], "packed weights: it needs float weights in bfloat16 or float16"),
+        (["--variant", "q", "weights=int5"], "--variant q: weights is one of float, int8, int4, not 'int5'"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):
@@ -275,6 +276,42 @@ def test_int4_bench_with_a_stratified_subset_and_the_cost_curve(capsys, model_di
     assert set(curve) == {"float", "int8", "int4"} and all(set(row) == {"1", "4"} for row in curve.values())
     assert all(ms > 0 for row in curve.values() for ms in row.values()) and "cost int4" in stdout
     assert (out / "cost_curve.png").is_file()
+
+
+def test_a_variant_on_other_weights_is_held_to_plain_decoding_with_them(
+    capsys, model_dir, drafter_dir, prompt_file, tmp_path
+):
+    """``--variant q4 weights=int4``: the model loaded again with int4 weights, its forwards counted,
+    its output held to (and its drafts replayed along) plain decoding with int4 weights, ``ar-int4``,
+    added for it; a ``drafter=none`` variant of those weights takes that place when there is one."""
+    out = tmp_path / "w"
+    extra = [
+        "--dtype",
+        "float32",
+        "--methods",
+        "redrafter",
+        "--speculation",
+        "always",
+        "--variant",
+        "q4",
+        "weights=int4",
+    ]
+    code, stdout, _ = run(capsys, *bench_args(model_dir, drafter_dir, prompt_file, out, *extra))
+    assert code == 0 and "x ar-int4" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["ar", "redrafter", "q4", "ar-int4"]
+    assert results["config"]["weights"] == "float"
+    assert results["methods"]["q4"]["reference"] == results["methods"]["ar-int4"]["reference"] == "ar-int4"
+    for record in results["prompts"]:
+        q4, plain = record["methods"]["q4"], record["methods"]["ar-int4"]
+        assert q4["identical"] and q4["reference"] == "ar-int4"  # float32 int4 kernels: row-exact
+        assert plain["steps"] == plain["new_tokens"] and q4["replayed_steps"] == q4["steps"]
+    assert results["methods"]["q4"]["replayed_tokens_per_step"] == results["methods"]["q4"]["tokens_per_step"]
+    extra += ["--variant", "q4-plain", "weights=int4,drafter=none"]
+    code, _, _ = run(capsys, *bench_args(model_dir, drafter_dir, prompt_file, out, *extra))
+    results = json.loads((out / "results.json").read_text())
+    assert code == 0 and list(results["methods"]) == ["ar", "redrafter", "q4", "q4-plain"]
+    assert results["methods"]["q4"]["reference"] == "q4-plain"
 
 
 def test_llama_cpp_runs_greedy_from_a_fresh_context(monkeypatch, model_dir, tmp_path):

@@ -112,11 +112,15 @@ class EnergyMeter:
 @dataclass
 class Method:
     """A benchmarked method: ``run`` decodes a prompt's ids; ``engine`` is set for our drafting loop
-    (its drafts are then also replayed along ``ar``'s output, see
-    :meth:`~redrafter.decode.SpeculativeDecoder.replay`)."""
+    (its drafts are then also replayed along its reference's output, see
+    :meth:`~redrafter.decode.SpeculativeDecoder.replay`). ``reference``: the method whose output this
+    one's must equal (plain decoding with the same target weights), and ``target`` that target (whose
+    top-2 logits tell a near-tie where they differ; None: the benchmark's own)."""
 
     run: Callable[[list[int]], Run]
     engine: ReDrafter | None = None
+    reference: str = "ar"
+    target: PreTrainedModel | None = None
 
 
 class FirstTokenClock(BaseStreamer):
@@ -135,14 +139,20 @@ class FirstTokenClock(BaseStreamer):
 
 
 class ForwardCounter:
-    """Counts the target's forward passes (hooks on the model's decoder and on its lean forward)."""
+    """Counts the target's forward passes (hooks on the model's decoder and on its lean forward), and
+    those of every other target it is told to :meth:`watch` (another precision's, one count for all)."""
 
     def __init__(self, target: PreTrainedModel) -> None:
         self.count = 0
+        self.handles: list = []
+        self.watch(target)
+
+    def watch(self, target: PreTrainedModel) -> None:
+        """Count ``target``'s forward passes too."""
         modules = [decoder_of(target), target_forward(target)]
         if compile_refusal(target) is None:  # built lazily: nothing compiles unless a method runs it
             modules.append(target_forward(target, compile=True))
-        self.handles = [m.register_forward_hook(self._hook) for m in modules if isinstance(m, torch.nn.Module)]
+        self.handles += [m.register_forward_hook(self._hook) for m in modules if isinstance(m, torch.nn.Module)]
 
     def _hook(self, *args) -> None:
         self.count += 1
@@ -190,6 +200,7 @@ VARIANT_SETTINGS = {
     "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
     "compile": "compile",  # 1: the lean forward through torch.compile; 0: eager
     "packed": "packed",  # 0: the lean forward's float products through F.linear (weights reordered every call)
+    "weights": "weights",  # float, int8 or int4: another target with these weights, at their default tree
 }
 
 
@@ -207,10 +218,10 @@ def parse_variant(name: str, settings: str) -> dict[str, int | str]:
         if key == "drafter":
             changes["drafter"] = value
             continue
-        if key == "drafter-weights":
+        if key in ("drafter-weights", "weights"):
             if value not in WEIGHTS:
-                raise RedrafterError(f"--variant {name}: drafter-weights is one of {', '.join(WEIGHTS)}, not {value!r}")
-            changes["drafter_weights"] = value
+                raise RedrafterError(f"--variant {name}: {key} is one of {', '.join(WEIGHTS)}, not {value!r}")
+            changes[VARIANT_SETTINGS[key]] = value
             continue
         try:
             changes[VARIANT_SETTINGS[key]] = int(value)
@@ -227,15 +238,21 @@ def make_methods(
     counter: ForwardCounter,
     variants: dict[str, dict[str, int]] | None = None,
     gguf: Path | None = None,
+    load: Callable[[str], ReDrafter] | None = None,
 ) -> dict[str, Method]:
     """The benchmark's methods by name; ``variants`` adds our loop with some settings changed
     (name -> keyword arguments of :class:`ReDrafter`, as from :func:`parse_variant`). ``llama.cpp``
     decodes greedily through llama-cpp-python on ``gguf`` (the file the target was loaded from) with
-    as many threads as torch; without the package or a GGUF file it is skipped with a note."""
+    as many threads as torch; without the package or a GGUF file it is skipped with a note.
+
+    A variant with other ``weights`` runs on a second target, ``load(weights)`` (one per precision,
+    at that precision's default tree; the variant's other settings apply on top), and its output is
+    held to plain decoding with those weights: the first such variant with ``drafter=none``, else
+    ``ar-<weights>``, added for it."""
     target = rd.target
     eos = sorted(rd.decoder.eos_token_ids)
 
-    def ours(engine: ReDrafter) -> Method:
+    def ours(engine: ReDrafter, reference: str = "ar") -> Method:
         def run(ids: list[int]) -> Run:
             before = counter.count
             result = engine.generate_ids([ids], max_new_tokens)[0]
@@ -243,7 +260,8 @@ def make_methods(
                 result.token_ids, result.seconds, counter.count - before, result.accepted, result.first_token_seconds
             )
 
-        return Method(run, engine if engine.drafter is not None else None)
+        other = engine.target if engine.target is not target else None
+        return Method(run, engine if engine.drafter is not None else None, reference, other)
 
     def hf(**kwargs) -> Method:
         def run(ids: list[int]) -> Run:
@@ -326,8 +344,27 @@ def make_methods(
             print(f"redrafter: bench: skipping llama.cpp: {why}", file=sys.stderr)
             names = [n for n in names if n != "llama.cpp"]
     methods = {name: available[name]() for name in names}
+    engines = {rd.quantization.weights: rd}  # per precision, the engine whose target a variant runs on
+    plain_of: dict[str, str] = {}  # precision -> the name of its plain decoding
     for name, changes in variants.items():
-        methods[name] = ours(variant(rd, **changes))
+        weights = str(changes.get("weights", rd.quantization.weights))
+        if weights not in engines:
+            if load is None:
+                raise RedrafterError(f"--variant {name}: weights={weights} needs the model loaded again")
+            engines[weights] = load(weights)
+            counter.watch(engines[weights].target)
+        if changes.get("drafter", engines[weights].drafter) is None:
+            plain_of.setdefault(weights, name)
+    for weights in engines.keys() - {rd.quantization.weights} - plain_of.keys():
+        plain_of[weights] = f"ar-{weights}"
+        if plain_of[weights] in methods or plain_of[weights] in variants:
+            raise RedrafterError(f"--variant {plain_of[weights]}: the name of {weights} plain decoding; choose another")
+        variants = variants | {plain_of[weights]: {"weights": weights, "drafter": None}}
+    for name, changes in variants.items():
+        weights = str(changes.get("weights", rd.quantization.weights))
+        settings = {key: value for key, value in changes.items() if key != "weights"}
+        reference = "ar" if weights == rd.quantization.weights else plain_of[weights]
+        methods[name] = ours(variant(engines[weights], **settings), reference)
     return methods
 
 
@@ -419,14 +456,15 @@ def run_benchmark(
     progress: bool = True,
     variants: dict[str, dict[str, int]] | None = None,
     gguf: Path | None = None,
+    load: Callable[[str], ReDrafter] | None = None,
 ) -> dict:
-    """Measure ``methods`` (and ``variants``, see :func:`make_methods`) on ``prompts``; write
-    ``out/results.json`` and the plots; return the results."""
+    """Measure ``methods`` (and ``variants``, see :func:`make_methods`, with ``load``) on ``prompts``;
+    write ``out/results.json`` and the plots; return the results."""
     if "ar" not in methods:
         methods = ["ar", *methods]  # the reference for speed and for identical output
     counter = ForwardCounter(rd.target)
     try:
-        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants, gguf)
+        runners = make_methods(rd, methods, max_new_tokens, ablation_drafter, counter, variants, gguf, load)
         methods = list(runners)
         meter = EnergyMeter(rd.target.device)
         records = _measure(rd, prompts, methods, runners, raw, progress, meter)
@@ -437,6 +475,8 @@ def run_benchmark(
     for name, runner in runners.items():  # what an adaptive method measured: tree and plain steps' rates, counts
         if runner.engine is not None and runner.engine.decoder.policy is not None:
             results["methods"][name]["policy"] = runner.engine.decoder.policy.table()
+        if runner.reference != "ar":  # on other weights: held to, and measured against, plain decoding with them
+            results["methods"][name]["reference"] = runner.reference
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     plot_speedup(results, out / "speedup.png")
@@ -457,7 +497,7 @@ def _measure(
 ) -> list[dict]:
     """Warm every method up, then run them all on each prompt, in an order rotating per prompt, each
     run's process CPU time (and energy, with a ``meter``) taken around it; then (untimed) replay each
-    drafting method along ``ar``'s output."""
+    drafting method along its reference's output (``ar``'s, or plain decoding's with its weights)."""
     encoded = [rd.encode(p.text, raw) for p in prompts]
     for runner in runners.values():
         if runner.engine is not None and runner.engine.compile:  # a graph per shape, none inside a timed run
@@ -474,23 +514,24 @@ def _measure(
             runs[name].cpu_seconds = time.process_time() - cpu
             runs[name].joules = meter.since(energy) if meter else None
             bar.update(1)
-        record = prompt_record(rd.target, prompt, ids, methods, runs)
+        record = prompt_record(rd.target, prompt, ids, runners, runs)
         for name in methods:
-            engine = runners[name].engine
-            if engine is not None and "ar" in runs:
-                record["methods"][name]["replayed_steps"] = len(engine.decoder.replay(ids, runs["ar"].token_ids))
+            engine, reference = runners[name].engine, runs[runners[name].reference]
+            if engine is not None:
+                record["methods"][name]["replayed_steps"] = len(engine.decoder.replay(ids, reference.token_ids))
         records.append(record)
         bar.set_postfix_str(f"redrafter/ar {_ratio(records, 'redrafter', 'ar'):.2f}x" if "redrafter" in runs else "")
     bar.close()
     return records
 
 
-def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], runs: dict[str, Run]) -> dict:
-    """Per-prompt statistics of every method, and where it first differs from ``ar``."""
-    reference = runs["ar"].token_ids
+def prompt_record(target, prompt: Prompt, ids: list[int], runners: dict[str, Method], runs: dict[str, Run]) -> dict:
+    """Per-prompt statistics of every method, and where it first differs from its reference: ``ar``,
+    or for a method on other weights plain decoding with those (:attr:`Method.reference`)."""
     record = {"question_id": prompt.question_id, "category": prompt.category, "prompt_tokens": len(ids), "methods": {}}
-    for name in methods:
+    for name, method in runners.items():
         run = runs[name]
+        reference = runs[method.reference].token_ids
         entry = {
             "new_tokens": len(run.token_ids),
             "seconds": round(run.seconds, 4),
@@ -505,8 +546,10 @@ def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], ru
             entry["accepted_histogram"] = {str(k): v for k, v in sorted(Counter(run.accepted[1:]).items())}
         diff = first_difference(run.token_ids, reference)
         entry["identical"] = diff is None
+        if method.reference != "ar":
+            entry["reference"] = method.reference
         if diff is not None:
-            gap = top2_gap(target, ids + reference[:diff]) if diff < len(reference) else None
+            gap = top2_gap(method.target or target, ids + reference[:diff]) if diff < len(reference) else None
             entry.update(
                 first_difference=diff,
                 top2_gap=None if gap is None else round(gap, 4),
@@ -518,7 +561,7 @@ def prompt_record(target, prompt: Prompt, ids: list[int], methods: list[str], ru
 
 def _totals(records: list[dict], method: str, category: str | None = None) -> dict:
     """A method's sums over the prompts (of one category); ``replayed_tokens_per_step`` for a
-    drafting method: ``ar``'s tokens over the steps its drafts take when replayed along them."""
+    drafting method: its reference's tokens (``ar``'s) over the steps its drafts take replayed along them."""
     chosen = [r for r in records if category is None or r["category"] == category]
     rows = [r["methods"][method] for r in chosen]
     tokens = sum(r["new_tokens"] for r in rows)
@@ -536,8 +579,10 @@ def _totals(records: list[dict], method: str, category: str | None = None) -> di
     }
     replayed_steps = sum(row.get("replayed_steps", 0) for row in rows)
     if replayed_steps:
-        ar_tokens = sum(r["methods"]["ar"]["new_tokens"] for r in chosen)
-        totals["replayed_tokens_per_step"] = round(ar_tokens / replayed_steps, 4)
+        reference = rows[0].get("reference", "ar")
+        totals["replayed_tokens_per_step"] = round(
+            sum(r["methods"][reference]["new_tokens"] for r in chosen) / replayed_steps, 4
+        )
     return totals
 
 
@@ -888,6 +933,10 @@ def format_table(results: dict) -> str:
             f"{ms(row['ttft_p50_ms'], 10)}{ms(row['tpot_p50_ms'], 11)}{ms(row['tpot_p99_ms'], 8)}"
             f"{row['cpu_seconds_per_token']:>11.4f}"
         )
+    for name, row in results["methods"].items():
+        if "reference" in row and row["reference"] != name:
+            reference = results["methods"][row["reference"]]["tokens_per_second"]
+            lines.append(f"{name:<18}{row['tokens_per_second'] / reference:>18.2f}x {row['reference']}")
     lines.append("")
     lines.append(f"{'category':<18}{'speedup':>9}{'tok/step':>10}{'on ar text':>13}{'tokens/s':>10}")
     for name, row in results["per_category"].items():

@@ -74,7 +74,7 @@ def _drafter_weights_defaults() -> str:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .api import DEFAULT_SHAPES, DTYPES
+    from .api import DEFAULT_SHAPES, DTYPES, WEIGHT_CHOICES
 
     parser.add_argument("--model", default="default", help=MODEL_HELP)
     parser.add_argument(
@@ -82,10 +82,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weights",
-        choices=list(DEFAULT_SHAPES),
-        default="float",
-        help="the target's linear layers: float (in --dtype, default), int8 (per-row scales) or int4 (groups of 32; "
-        "a Q4_0/Q4_1 GGUF runs its own 4-bit values); weight-only, activations in --dtype, CPU only",
+        choices=list(WEIGHT_CHOICES),
+        default="auto",
+        help="the target's linear layers: float (in --dtype), int8 (per-row scales) or int4 (groups of 32; "
+        "a Q4_0/Q4_1 GGUF runs its own 4-bit values); weight-only, activations in --dtype, CPU only; "
+        "auto (default): int4 for a GGUF whose decoder is all Q4_0/Q4_1 (the default model) on a CPU in "
+        "bfloat16 or float16, float otherwise",
     )
     parser.add_argument(
         "--drafter-weights",
@@ -437,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
         "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4, "
         "quick-argmax=0 for the float head's argmax candidates, compile=1 or 0 for the compiled forward or the "
-        "eager one, and packed=0 for float weights not reordered once for oneDNN; repeatable)",
+        "eager one, packed=0 for float weights not reordered once for oneDNN, and weights=float|int8|int4 for "
+        "the model loaded again with those weights, at their own default tree, held to and measured against "
+        "plain decoding with them (a drafter=none variant of them, else ar-WEIGHTS, added); repeatable)",
     )
     be.add_argument("--out", required=True, help="results folder")
     be.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -791,6 +795,13 @@ def run_bench(args: argparse.Namespace) -> int:
                 raise RedrafterError(f"--variant {name}: drafter={changes['drafter']} is no drafter")
             changes["drafter"] = other
     rd = _load_engine(args, drafter)
+
+    def with_weights(weights: str) -> ReDrafter:
+        """The engine these options describe on a target with other weights, at their own default tree."""
+        shape = dict.fromkeys(["beams", "draft_len", "lookup_len", "ngram_len", "tree_nodes", "drafter_weights"])
+        other = argparse.Namespace(**vars(args) | shape | {"weights": weights})
+        return _load_engine(other, resolve_drafter(args.drafter, args.model))
+
     results = run_benchmark(
         rd,
         prompts,
@@ -801,6 +812,7 @@ def run_bench(args: argparse.Namespace) -> int:
         args.raw,
         variants=variants,
         gguf=gguf_source(args.model),
+        load=with_weights,
     )
     print(format_table(results))
     encoded = [rd.encode(p.text, args.raw) for p in prompts]
