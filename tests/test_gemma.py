@@ -53,3 +53,13 @@ def test_gemma3_windowed_long_prompt_is_lossless_with_a_drafter():
             print(f"gemma3: {name} differs at token {first}; top-2 gap {gap:.2e}")
             assert gap <= FLOAT32_NEAR_TIE
     assert got.steps < 40  # the lookup beam copies from the long prompt: some steps accept drafts
+
+
+def test_gemma3_q4_k_m_keeps_float_weights_by_default():
+    """Q4_K blocks are not int4 groups of 32 with a scale and a minimum: ``weights="auto"`` keeps float
+    weights for this file (int4 would re-quantize it, not run the file's own values)."""
+    from redrafter.api import default_weights
+    from redrafter.quant import gguf_stores_int4
+
+    assert not gguf_stores_int4(gguf_source(PACKAGE))
+    assert default_weights(PACKAGE, "cpu", torch.bfloat16) == "float"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from redrafter import ReDrafter
+from redrafter.api import default_weights
 from redrafter.bench import NEAR_TIE, top2_gap
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.models import ModelError, default_gguf_path
@@ -33,7 +34,7 @@ NEW_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def engines():
-    ar = ReDrafter.from_pretrained("default", drafter="none", dtype="bfloat16")
+    ar = ReDrafter.from_pretrained("default", drafter="none", dtype="bfloat16", weights="float")
     torch.manual_seed(0)
     config = DrafterConfig(
         hidden_size=ar.target.config.hidden_size, vocab_size=ar.target.config.vocab_size, draft_vocab_size=4096
@@ -103,7 +104,7 @@ def tokens_per_step_against_ar(ar, rd, lines: list[int], label: str) -> float:
 def shipped(engines):
     ar, _ = engines
     # A tree every step: these tests measure what the drafter accepts, whatever this machine's speed.
-    rd = ReDrafter.from_pretrained("default", drafter="default", dtype="bfloat16", adaptive=False)
+    rd = ReDrafter.from_pretrained("default", drafter="default", dtype="bfloat16", weights="float", adaptive=False)
     assert rd.drafter is not None, "no drafter is shipped for the default model"
     return ar, rd
 
@@ -115,6 +116,17 @@ def test_shipped_drafter_is_lossless_up_to_near_ties_and_accepts_drafts(shipped)
     rate = tokens_per_step_against_ar(ar, rd, [index * 4 + 1 for index in range(4)], "shipped drafter")
     print(f"shipped drafter: {rate:.2f} tokens per step on 4 prompts x {NEW_TOKENS} tokens")
     assert rate > 1.5
+
+
+def test_default_model_runs_its_own_4_bit_weights_by_default(tmp_path):
+    """``weights="auto"``: int4 for the default GGUF (all its decoder's matrices are Q4_1) on a CPU in
+    bfloat16 or float16; float in float32, on another device, and for a model that is not such a GGUF."""
+    assert default_weights("default", "cpu", torch.bfloat16) == "int4"
+    assert default_weights("default", "cpu", torch.float16) == "int4"
+    assert default_weights("default", "cpu", torch.float32) == "float"
+    assert default_weights("default", "cuda", torch.bfloat16) == "float"
+    (tmp_path / "config.json").write_text("{}")
+    assert default_weights(tmp_path, "cpu", torch.bfloat16) == "float"
 
 
 @pytest.mark.parametrize("weights", ["int8", "int4"])
@@ -172,8 +184,10 @@ def test_served_default_model_answers_as_generate(shipped):
 def test_the_quick_argmax_head_leaves_greedy_output_unchanged():
     """The default GGUF stores its head as Q8_0; ``from_pretrained`` reads it through the int4 kernel
     (half the bytes of the bfloat16 head) for the greedy argmax's candidates, and the winner is still
-    recomputed in float32 from the bfloat16 head: the same tokens as with the bfloat16 head's candidates."""
-    rd = ReDrafter.from_pretrained("default", drafter="none", dtype="bfloat16", weights="int4")
+    recomputed in float32 from the bfloat16 head: the same tokens as with the bfloat16 head's candidates.
+    Loaded with the default settings: int4 weights (the file's own, :func:`default_weights`)."""
+    rd = ReDrafter.from_pretrained("default", drafter="none")
+    assert rd.quantization.weights == "int4" and rd.quantization.from_file == 210
     assert rd.argmax_head is not None and rd.argmax_head.doubled
     plain = ReDrafter(rd.target, rd.tokenizer, None)
     texts = PROMPTS.read_text().splitlines()

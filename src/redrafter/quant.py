@@ -556,6 +556,15 @@ class QuantizationReport:
         return dict(self.__dict__)
 
 
+def gguf_stores_int4(gguf_file: str | os.PathLike) -> bool:
+    """Whether ``gguf_file`` stores every matrix of its transformer blocks (``blk.N.*``, the decoder's
+    linear layers) as Q4_0 or Q4_1, so that int4 weights run the file's own values throughout."""
+    import gguf
+
+    matrices = [t for t in gguf.GGUFReader(gguf_file).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return bool(matrices) and all(t.tensor_type.name in GGUF_INT4_TYPES for t in matrices)
+
+
 def _file_int4_weights(target: nn.Module, gguf_file: Path) -> dict[str, tuple[np.ndarray, str]]:
     """Raw Q4_0/Q4_1 blocks of ``gguf_file`` by the target's module name (``model.layers.0.self_attn.q_proj``)."""
     import gguf
