@@ -355,7 +355,7 @@ def make_methods(
             counter.watch(engines[weights].target)
         if changes.get("drafter", engines[weights].drafter) is None:
             plain_of.setdefault(weights, name)
-    for weights in engines.keys() - {rd.quantization.weights} - plain_of.keys():
+    for weights in [w for w in engines if w != rd.quantization.weights and w not in plain_of]:
         plain_of[weights] = f"ar-{weights}"
         if plain_of[weights] in methods or plain_of[weights] in variants:
             raise RedrafterError(f"--variant {plain_of[weights]}: the name of {weights} plain decoding; choose another")
