@@ -118,6 +118,14 @@ def test_shipped_drafter_is_lossless_up_to_near_ties_and_accepts_drafts(shipped)
     assert rate > 1.5
 
 
+def test_no_packed_copies_means_no_dense_copies_for_prefills():
+    """``packed=False`` (``--no-packed``): the int4 target keeps no dequantized copies, and the lean
+    forward prefills through the int4 kernel."""
+    rd = ReDrafter.from_pretrained("default", drafter="none", packed=False)
+    assert rd.quantization.weights == "int4" and rd.quantization.dense_bytes == 0
+    assert rd.decoder.forward.dense_layers is None
+
+
 def test_default_model_runs_its_own_4_bit_weights_by_default(tmp_path):
     """``weights="auto"``: int4 for the default GGUF (all its decoder's matrices are Q4_1) on a CPU in
     bfloat16 or float16; float in float32, on another device, and for a model that is not such a GGUF."""
@@ -188,6 +196,8 @@ def test_the_quick_argmax_head_leaves_greedy_output_unchanged():
     Loaded with the default settings: int4 weights (the file's own, :func:`default_weights`)."""
     rd = ReDrafter.from_pretrained("default", drafter="none")
     assert rd.quantization.weights == "int4" and rd.quantization.from_file == 210
+    # Its 106,168,320 decoder weights also dequantized for prefills, in float32 or bfloat16.
+    assert rd.quantization.dense_bytes in (4 * 106_168_320, 2 * 106_168_320)
     assert rd.argmax_head is not None and rd.argmax_head.doubled
     plain = ReDrafter(rd.target, rd.tokenizer, None)
     texts = PROMPTS.read_text().splitlines()

@@ -31,7 +31,9 @@ from redrafter.drafter import DrafterError
 from redrafter.lean_decoder import padded_product
 from redrafter.quant import (
     ArgmaxHead,
+    Int4Dense,
     Int4Linear,
+    Int4Weight,
     Int8Linear,
     QuantizationError,
     _match_rows,
@@ -471,3 +473,65 @@ def test_bf16_instructions_need_more_than_onednns_emulation_on_x86(
     assert quant.packs_float32_copies("cpu") == converting and not quant.packs_float32_copies("cuda:0")
     layer = quant.Float32GemmLinear.wrap(torch.nn.Linear(8, 4, dtype=torch.bfloat16))
     assert quant.packable(layer) == converting
+
+
+def test_an_int4_layer_keeps_the_values_its_kernel_runs_for_prefills():
+    """``dense_dtype``: the layer also holds its weights dequantized (float32 here) as the kernel runs
+    them, its scales and zeros rounded to the activations' dtype: the float32 kernel fed those
+    rounded tables multiplies by exactly these values. Fused layers keep their parts' rows in order."""
+    weight = quantize_int4(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)))
+    layer = Int4Linear(weight, None, torch.bfloat16, dense_dtype=torch.float32)
+    rounded = Int4Weight(weight.codes, weight.scale.bfloat16().float(), weight.zero.bfloat16().float())
+    exact = Int4Linear(rounded, None, torch.float32)
+    assert torch.equal(layer.dense, exact(torch.eye(128)).T)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    assert torch.allclose(layer.dense_product(x).float(), layer(x).float(), rtol=0.02, atol=0.02)
+    other = Int4Linear(quantize_int4(torch.randn(64, 128)), None, torch.bfloat16, dense_dtype=torch.float32)
+    fused = Int4Linear.fused([layer, other])
+    assert torch.equal(fused.dense, torch.cat([exact(torch.eye(128)).T, other.dense]))
+    assert torch.equal(fused.dense_product(x), torch.cat([layer.dense_product(x), other.dense_product(x)], dim=-1))
+    assert Int4Linear(weight, None, torch.bfloat16).dense is None
+
+
+def test_a_bfloat16_int4_target_prefills_on_dense_weights_and_decodes_on_the_kernel(monkeypatch):
+    """An int4 target in bfloat16 keeps dense copies (float32 where bfloat16 products lack
+    instructions): a prefill of at least DENSE_PREFILL_MIN_ROWS tokens runs on them, a shorter one
+    and every decode step on the int4 kernel, so greedy speculative output still equals plain
+    greedy output token for token (both prefill alike; the kernel gives each row the same bits)."""
+    model = tiny_target("llama", dtype=torch.bfloat16)
+    report = quantize_target(model, "int4")
+    assert report.dense_bytes > 0 and report.dense_bytes not in (0, report.linear_bytes)
+    rows_seen: list[tuple[bool, int]] = []
+    dense_forward, int4_forward = Int4Dense.forward, Int4Linear.forward
+
+    def spy_dense(self, x):
+        rows_seen.append((True, x.numel() // x.shape[-1]))
+        return dense_forward(self, x)
+
+    def spy_int4(self, x):
+        rows_seen.append((False, x.numel() // x.shape[-1]))
+        return int4_forward(self, x)
+
+    monkeypatch.setattr(Int4Dense, "forward", spy_dense)
+    monkeypatch.setattr(Int4Linear, "forward", spy_int4)
+    plain = SpeculativeDecoder(model, no_draft, [])
+    drafter = random_drafter(model, seed=5).bfloat16()
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], lookup_len=6)
+    prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (3, 9, 20)]
+
+    def prefilled_dense_then_decoded_on_the_kernel() -> bool:
+        """The first forward (a prefill of 3 rows of 22: one group) on dense weights, none after it."""
+        flags = [dense for dense, _ in rows_seen]
+        first = flags.index(False)
+        prefill = {rows for _, rows in rows_seen[:first]}
+        return first >= 4 * model.config.num_hidden_layers and prefill == {3 * 22} and not any(flags[first:])
+
+    ids, _ = speculative(decoder, prompts, 24)
+    assert prefilled_dense_then_decoded_on_the_kernel()
+    rows_seen.clear()
+    expected, _ = speculative(plain, prompts, 24)
+    assert prefilled_dense_then_decoded_on_the_kernel()
+    assert ids == expected
+    rows_seen.clear()
+    speculative(plain, [prompts[1][:10]], 4)  # 10 tokens: prefilled by the kernel
+    assert rows_seen and not any(dense for dense, _ in rows_seen)

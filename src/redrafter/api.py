@@ -306,7 +306,9 @@ class ReDrafter:
         one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
         float head, :func:`redrafter.sampling.exact_argmax`).
         ``compile``: the target's lean forward through ``torch.compile`` (see :class:`ReDrafter`).
-        ``packed``: weights reordered once for oneDNN (see :class:`ReDrafter`; None: where it applies).
+        ``packed``: weights reordered once for oneDNN (see :class:`ReDrafter`; None: where it applies);
+        False also leaves int4 layers without their dequantized copies for prefills (``dense_prefill``
+        of :func:`redrafter.quant.quantize_target`): the least memory.
         """
         if isinstance(dtype, str):
             if dtype not in DTYPES:
@@ -330,7 +332,8 @@ class ReDrafter:
         if default_drafter_weights and drafter is not None and not drafter_packable(drafter):
             drafter_weights = "float"  # a drafter of odd sizes keeps its float weights unless asked
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        quantization = quantize_target(target, weights, gguf_source(model))
+        dense_prefill = False if compile else packed  # the compiled forward prefills through its own graph
+        quantization = quantize_target(target, weights, gguf_source(model), dense_prefill=dense_prefill)
         argmax_head = gguf_argmax_head(target, gguf_source(model)) if quick_argmax else None
         given = dict(
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes

@@ -64,7 +64,17 @@ from transformers import PreTrainedModel
 
 from .kv_cache import TreeKVCache
 from .models import context_limit, decoder_features, decoder_of
-from .quant import INT4_FUSE_ROWS, Float32GemmLinear, Int4Linear, Int8Linear, PackedLinear, fused_bias, packable
+from .quant import (
+    INT4_FUSE_ROWS,
+    Float32GemmLinear,
+    Int4Dense,
+    Int4Linear,
+    Int8Linear,
+    PackedLinear,
+    fused_bias,
+    has_dense,
+    packable,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -187,6 +197,38 @@ class PackedProducts(nn.Module):
             setattr(self, name, PackedLinear(linear) if packable(linear) else linear)
 
 
+class DenseProducts(nn.Module):
+    """A :class:`LeanLayer`'s four products (:data:`PRODUCTS`) for a prompt's prefill: each int4 one
+    that keeps its weights dequantized through them (:class:`~redrafter.quant.Int4Dense`), the others
+    as they are."""
+
+    def __init__(self, layer: LeanLayer) -> None:
+        super().__init__()
+        for name in PRODUCTS:
+            setattr(self, name, dense_product(getattr(layer, name)))
+
+
+def dense_product(linear: nn.Module) -> nn.Module:
+    """``linear``'s product on dequantized weights where it keeps them (:class:`Int4Dense`; each part of
+    a :class:`SideBySide`), else ``linear`` itself."""
+    if isinstance(linear, SideBySide) and all(has_dense(part) for part in linear.parts):
+        return SideBySide([Int4Dense(part) for part in linear.parts])
+    return Int4Dense(linear) if has_dense(linear) else linear
+
+
+def has_dense_products(layer: LeanLayer) -> bool:
+    """Whether :class:`DenseProducts` changes any of ``layer``'s products."""
+    return any(dense_product(getattr(layer, name)) is not getattr(layer, name) for name in PRODUCTS)
+
+
+# A prefill of at least this many rows (prompt tokens, over all its rows) runs the int4 layers'
+# products on their dequantized weights (DenseProducts), fewer through the int4 kernel: the int4 kernel
+# turns compute-bound with rows. A forward's 120 products of the default model on an Ice Lake Xeon (2
+# threads, float32 copies): 33.6 against 56.8 ms at 16 rows, 57.6 against 56.2 at 32, 117 against 95
+# at 64, 439 against 267 at 256, 1185 against 604 at 700 (docs/default-weights/prefill_products.py).
+DENSE_PREFILL_MIN_ROWS = 32
+
+
 class LeanDecoder(nn.Module):
     """The target's decoder as a lean forward (see the module docstring).
 
@@ -215,6 +257,8 @@ class LeanDecoder(nn.Module):
         self.intermediate = config.intermediate_size
         self.layers = nn.ModuleList(LeanLayer(layer) for layer in decoder.layers)
         self.packed_layers: nn.ModuleList | None = None  # made by the first packed forward
+        dense = any(has_dense_products(layer) for layer in self.layers)
+        self.dense_layers = nn.ModuleList(DenseProducts(layer) for layer in self.layers) if dense else None
         self.cos = self.sin = torch.empty(0)
 
     def packs(self) -> bool:
@@ -267,11 +311,15 @@ class LeanDecoder(nn.Module):
         ``[B, q, (1 + n) d]``: the final hidden states (after the last norm), then the outputs of
         decoder layers ``layers``. Appends the new keys and values to ``cache``. ``masks``: additive
         ``[B, 1, q, K]``, or one per layer type. ``packed``: the float products on weights reordered
-        once (:class:`PackedProducts`, made at the first such call; see :meth:`packs`)."""
+        once (:class:`PackedProducts`, made at the first such call; see :meth:`packs`). A prefill (an
+        empty ``cache``) of at least :data:`DENSE_PREFILL_MIN_ROWS` tokens runs int4 layers that keep
+        their weights dequantized on those (:class:`DenseProducts`); decode steps never do, so a tree
+        and a single token still get each row the same bits from the int4 kernel."""
         self.make_tables(cache.length + input_ids.shape[1], input_ids.device)
         if packed and self.packed_layers is None:
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
-        return self.run(input_ids, positions, masks, cache, layers, packed=packed)
+        dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
+        return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense)
 
     def run(
         self,
@@ -282,11 +330,12 @@ class LeanDecoder(nn.Module):
         layers: tuple[int, ...] = (),
         row_buckets: tuple[int, ...] = (),
         packed: bool = False,
+        dense: bool = False,
     ) -> torch.Tensor:
         """:meth:`forward` once the rotary tables cover ``positions`` (what :class:`CompiledDecoder`
         compiles: nothing in it changes the tables). ``row_buckets``: pad the matrix products' rows
         (:func:`padded_product`; ``()``: not padded). ``packed``: the products of
-        :attr:`packed_layers` (made by :meth:`forward`)."""
+        :attr:`packed_layers` (made by :meth:`forward`); ``dense``: those of :attr:`dense_layers`."""
         batch, length = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -297,7 +346,7 @@ class LeanDecoder(nn.Module):
         packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
         captured: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
-            products = self.packed_layers[index] if packed else layer
+            products = self.dense_layers[index] if dense else self.packed_layers[index] if packed else layer
             h = self._norm(x, layer.input_norm)
             qkv = padded_product(products.qkv, h, row_buckets).view(batch, length, heads + 2 * kv_heads, head_dim)
             qkv = qkv.transpose(1, 2)
