@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from .decode import STEP_KINDS, DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
-from .lean_decoder import compile_refusal, packed_refusal
+from .lean_decoder import compile_refusal, lean_support, packed_refusal
 from .models import context_limit, gguf_source, load_target
 from .quant import (
     WEIGHTS,
@@ -332,7 +332,8 @@ class ReDrafter:
         if default_drafter_weights and drafter is not None and not drafter_packable(drafter):
             drafter_weights = "float"  # a drafter of odd sizes keeps its float weights unless asked
         target, tokenizer = load_target(model, dtype=dtype, device=device)
-        dense_prefill = False if compile else packed  # the compiled forward prefills through its own graph
+        # Copies for prefills only where the eager lean forward runs them (a compiled one has its own graph).
+        dense_prefill = False if compile or lean_support(target) is not None else packed
         quantization = quantize_target(target, weights, gguf_source(model), dense_prefill=dense_prefill)
         argmax_head = gguf_argmax_head(target, gguf_source(model)) if quick_argmax else None
         given = dict(

@@ -279,12 +279,12 @@ class Int4Linear(nn.Module):
         fused.register_buffer("packed", torch.cat([part.packed for part in parts]))
         fused.register_buffer("scales_and_zeros", torch.cat([part.scales_and_zeros for part in parts], dim=1))
         fused.register_buffer("bias", fused_bias(parts))
-        dense = [part.dense for part in parts]
-        fused.register_buffer("dense", None if any(d is None for d in dense) else torch.cat(dense))
+        kept = [part.dense for part in parts]
+        fused.register_buffer("dense", None if any(values is None for values in kept) else torch.cat(kept))
         sizes = [part.out_features for part in parts]
-        dense = [None] * len(parts) if fused.dense is None else fused.dense.split(sizes)
+        views = [None] * len(parts) if fused.dense is None else fused.dense.split(sizes)
         for part, codes, tables, values in zip(
-            parts, fused.packed.split(sizes), fused.scales_and_zeros.split(sizes, dim=1), dense, strict=True
+            parts, fused.packed.split(sizes), fused.scales_and_zeros.split(sizes, dim=1), views, strict=True
         ):
             part.packed, part.scales_and_zeros, part.dense = codes, tables.contiguous(), values
         return fused
