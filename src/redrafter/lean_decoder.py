@@ -186,26 +186,32 @@ class LeanLayer(nn.Module):
         self.layer_type = getattr(attention, "layer_type", None)
 
 
-class PackedProducts(nn.Module):
-    """A :class:`LeanLayer`'s four products (:data:`PRODUCTS`), each float one as a
-    :class:`~redrafter.quant.PackedLinear` (the others, quantized ones, as they are)."""
+class SwappedProducts(nn.Module):
+    """A :class:`LeanLayer`'s four products (:data:`PRODUCTS`), each as ``swap`` makes it (``swap``
+    returns a product itself where it does not apply); :attr:`swapped`: whether any changed."""
 
-    def __init__(self, layer: LeanLayer) -> None:
+    def __init__(self, layer: LeanLayer, swap: Callable[[nn.Module], nn.Module]) -> None:
         super().__init__()
+        self.swapped = False
         for name in PRODUCTS:
             linear = getattr(layer, name)
-            setattr(self, name, PackedLinear(linear) if packable(linear) else linear)
+            setattr(self, name, swap(linear))
+            self.swapped |= getattr(self, name) is not linear
 
 
-class DenseProducts(nn.Module):
-    """A :class:`LeanLayer`'s four products (:data:`PRODUCTS`) for a prompt's prefill: each int4 one
-    that keeps its weights dequantized through them (:class:`~redrafter.quant.Int4Dense`), the others
-    as they are."""
+class PackedProducts(SwappedProducts):
+    """Each float product as a :class:`~redrafter.quant.PackedLinear` (quantized ones as they are)."""
 
     def __init__(self, layer: LeanLayer) -> None:
-        super().__init__()
-        for name in PRODUCTS:
-            setattr(self, name, dense_product(getattr(layer, name)))
+        super().__init__(layer, lambda linear: PackedLinear(linear) if packable(linear) else linear)
+
+
+class DenseProducts(SwappedProducts):
+    """For a prompt's prefill: each int4 product that keeps its weights dequantized through them
+    (:func:`dense_product`), the others as they are."""
+
+    def __init__(self, layer: LeanLayer) -> None:
+        super().__init__(layer, dense_product)
 
 
 def dense_product(linear: nn.Module) -> nn.Module:
@@ -214,11 +220,6 @@ def dense_product(linear: nn.Module) -> nn.Module:
     if isinstance(linear, SideBySide) and all(has_dense(part) for part in linear.parts):
         return SideBySide([Int4Dense(part) for part in linear.parts])
     return Int4Dense(linear) if has_dense(linear) else linear
-
-
-def has_dense_products(layer: LeanLayer) -> bool:
-    """Whether :class:`DenseProducts` changes any of ``layer``'s products."""
-    return any(dense_product(getattr(layer, name)) is not getattr(layer, name) for name in PRODUCTS)
 
 
 # A prefill of at least this many rows (prompt tokens, over all its rows) runs the int4 layers'
@@ -257,8 +258,8 @@ class LeanDecoder(nn.Module):
         self.intermediate = config.intermediate_size
         self.layers = nn.ModuleList(LeanLayer(layer) for layer in decoder.layers)
         self.packed_layers: nn.ModuleList | None = None  # made by the first packed forward
-        dense = any(has_dense_products(layer) for layer in self.layers)
-        self.dense_layers = nn.ModuleList(DenseProducts(layer) for layer in self.layers) if dense else None
+        dense = [DenseProducts(layer) for layer in self.layers]
+        self.dense_layers = nn.ModuleList(dense) if any(products.swapped for products in dense) else None
         self.cos = self.sin = torch.empty(0)
 
     def packs(self) -> bool:
