@@ -15,7 +15,7 @@ from redrafter import ReDrafter
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.files import atomic_write
 from redrafter.lean_decoder import LeanDecoder, PackedForward
-from redrafter.quant import PackedLinear, packs_linears
+from redrafter.quant import PackedLinear, packs_linears, quantization_refusal
 from redrafter.sampling import SamplingParams
 
 CATEGORIES = ["writing", "math", "writing"]
@@ -215,7 +215,7 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
         (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),
         (["--variant", "d2", "drafter=/no/such/folder"], "drafter not found: /no/such/folder"),
         (["--variant", "p", "packed=1"], "packed weights: it needs float weights in bfloat16 or float16"),
-        (["--variant", "q", "weights=int5"], "--variant q: weights is one of float, int8, int4, not 'int5'"),
+        (["--variant", "q", "weights=int5"], "--variant q: weights is one of float, int8, int4, w4a8, not 'int5'"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, drafter_dir, prompt_file, tmp_path, extra, message):
@@ -273,7 +273,8 @@ def test_int4_bench_with_a_stratified_subset_and_the_cost_curve(capsys, model_di
     assert [r["category"] for r in results["prompts"]] == ["writing", "math"]  # the first of each category
     assert results["summary"]["identical"] == 1.0  # lossless with int4 weights (float32, row-exact kernels)
     curve = json.loads((out / "cost_curve.json").read_text())["ms_per_forward"]
-    assert set(curve) == {"float", "int8", "int4"} and all(set(row) == {"1", "4"} for row in curve.values())
+    here = {w for w in ("int8", "int4", "w4a8") if quantization_refusal("cpu", torch.float32, w) is None}
+    assert set(curve) == {"float", *here} and all(set(row) == {"1", "4"} for row in curve.values())
     assert all(ms > 0 for row in curve.values() for ms in row.values()) and "cost int4" in stdout
     assert (out / "cost_curve.png").is_file()
 

@@ -39,9 +39,11 @@ from redrafter.quant import (
     _match_rows,
     gguf_int4,
     gguf_q8_0_as_int4,
+    quantization_refusal,
     quantize_drafter,
     quantize_int4,
     quantize_target,
+    w4a8_linear,
 )
 from redrafter.sampling import SamplingParams, exact_argmax
 
@@ -138,7 +140,7 @@ def test_q8_0_blocks_become_int4_codes_that_sum_to_the_files_weights():
     assert pair.codes.shape == (rows, 2 * cols) and pair.codes.max() <= 15
     assert torch.equal(halves[:, :cols] + halves[:, cols:], theirs)  # 16 d (h - 8) + d l = d q, exact in float32
     # The kernel over the input written twice applies them (float32 scales: d exact, sums reordered).
-    head = ArgmaxHead(pair, True, None, torch.float32)
+    head = ArgmaxHead(Int4Linear(pair, None, torch.float32), True)
     applied = head(torch.eye(cols)).T
     assert torch.allclose(applied, theirs, rtol=2**-20, atol=2**-20 * float(theirs.abs().max()))
 
@@ -207,16 +209,19 @@ def test_quantization_from_weights_is_within_half_a_step():
     assert torch.allclose(int8(torch.eye(96)).T, dequantized, atol=1e-5)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w4a8"])
 def test_a_rows_result_does_not_depend_on_the_batch(weights):
     """What makes lossless decoding possible with these kernels: a tree of N tokens and a single
     token give each row bitwise the same output."""
+    if weights not in KERNELS:
+        pytest.skip(quantization_refusal("cpu", torch.bfloat16, weights))
     weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
-    layer = (
-        Int4Linear(quantize_int4(weight), None, torch.float32)
-        if weights == "int4"
-        else Int8Linear(weight, None, torch.float32)
-    )
+    layers = {
+        "int4": lambda: Int4Linear(quantize_int4(weight), None, torch.float32),
+        "int8": lambda: Int8Linear(weight, None, torch.float32),
+        "w4a8": lambda: w4a8_linear(quantize_int4(weight), None, torch.float32),
+    }
+    layer = layers[weights]()
     x = torch.randn(2, 17, 128, generator=torch.Generator().manual_seed(2))
     full = layer(x)
     assert torch.equal(layer(x[:1, :1]), full[:1, :1])
@@ -234,6 +239,10 @@ def test_padded_products_give_each_row_what_the_layer_gives():
         assert got.shape == (3, 5, 64) and torch.equal(got, layer(x))
 
 
+# Every precision with a kernel on this machine (w4a8 needs AVX-512 VNNI).
+KERNELS = [w for w in ("int8", "int4", "w4a8") if quantization_refusal("cpu", torch.bfloat16, w) is None]
+
+
 def quantized_tiny(family: str, weights: str, seed: int = 0):
     model = tiny_target(family, seed=seed, dtype=torch.float32)
     report = quantize_target(model, weights)
@@ -241,8 +250,10 @@ def quantized_tiny(family: str, weights: str, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w4a8"])
 def test_greedy_parity_with_quantized_weights(family, weights):
+    if weights not in KERNELS:
+        pytest.skip(quantization_refusal("cpu", torch.bfloat16, weights))
     model = quantized_tiny(family, weights)
     plain = SpeculativeDecoder(model, no_draft, [])
     drafter = random_drafter(model, seed=5).float()
@@ -258,10 +269,13 @@ def test_greedy_parity_with_quantized_weights(family, weights):
     assert accepted[0] == hf_greedy(model, prompts[2], 30)
 
 
-def test_sampling_keeps_the_int4_targets_distribution():
-    """The chi-square test of test_sampling on an int4 target (its layers wide enough to pack)."""
+@pytest.mark.parametrize("weights", ["int4", "w4a8"])
+def test_sampling_keeps_the_quantized_targets_distribution(weights):
+    """The chi-square test of test_sampling on an int4 and a w4a8 target (layers wide enough to pack)."""
+    if weights not in KERNELS:
+        pytest.skip(quantization_refusal("cpu", torch.bfloat16, weights))
     model = sampling_target(hidden_size=32, kv_heads=2, scale=8.0, dtype=torch.float32)
-    assert quantize_target(model, "int4").from_weights == 14
+    assert quantize_target(model, weights).from_weights == 14
     params = SamplingParams(temperature=1.0, seed=7)
     exact = exact_distribution(model, params)
     assert max(exact.values()) < 0.5  # neither flat nor one-hot
@@ -315,6 +329,8 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
     # a default for every precision
     assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS) == tuple(DEFAULT_SMALL_TREE)
     for weights, shape in DEFAULT_SHAPES.items():
+        if quantization_refusal("cpu", torch.bfloat16, weights) is not None:
+            continue  # w4a8 without AVX-512 VNNI
         rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="bfloat16", weights=weights)
         assert (rd.num_beams, rd.draft_len, rd.lookup_len, rd.ngram_len, rd.tree_nodes) == (
             shape.num_beams,
@@ -325,7 +341,8 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
         )
         assert rd.quantization.weights == weights and rd.drafter_weights == DEFAULT_DRAFTER_WEIGHTS[weights]
         small = default_small_tree(weights, "cpu", torch.bfloat16)
-        assert ("small_tree" in rd.decoder.kinds) == small == (weights == "int4" or (weights == "float" and converts))
+        expected = weights in ("int4", "w4a8") or (weights == "float" and converts)
+        assert ("small_tree" in rd.decoder.kinds) == small == expected
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
     # The int kernels run float32 activations unvectorized: a float32 drafter stays float unless asked.
@@ -336,8 +353,10 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
         ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float64", drafter_weights="int8")
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "w4a8"])
 def test_a_quantized_drafter_changes_drafts_a_little_and_output_not_at_all(weights):
+    if weights not in KERNELS:
+        pytest.skip(quantization_refusal("cpu", torch.bfloat16, weights))
     """A drafter with weight-only quantized layers and vocabulary rows: its draft logits stay close
     to the float drafter's, it still gets drafts accepted, and greedy output is plain greedy's."""
     model = tiny_target("llama", dtype=torch.float32)
@@ -481,7 +500,7 @@ def test_an_int4_layer_keeps_the_values_its_kernel_runs_for_prefills():
     rounded tables multiplies by exactly these values. Fused layers keep their parts' rows in order."""
     weight = quantize_int4(torch.randn(64, 128, generator=torch.Generator().manual_seed(1)))
     layer = Int4Linear(weight, None, torch.bfloat16, dense_dtype=torch.float32)
-    rounded = Int4Weight(weight.codes, weight.scale.bfloat16().float(), weight.zero.bfloat16().float())
+    rounded = Int4Weight(weight.codes, weight.scale.bfloat16().float(), weight.zero.bfloat16().float(), weight.minimum)
     exact = Int4Linear(rounded, None, torch.float32)
     assert torch.equal(layer.dense, exact(torch.eye(128)).T)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).bfloat16()

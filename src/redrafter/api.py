@@ -54,11 +54,15 @@ class TreeShape:
 # With int4 and the lean forward one drafter beam beat two (74.8 against 71.0 tokens/s on the bundled
 # prompts, docs/lean/; it had tied before, 52.6 against 52.2). On a Zen 4 machine the int4 lookup beam
 # went from 6 to 3 tokens: chosen on MT-Bench (16 prompts, 82.1 against 71.4 tokens/s every step),
-# reported on Spec-Bench (1.24x int4 ar against 1.22x, adaptive), docs/small-tree/.
+# reported on Spec-Bench (1.24x int4 ar against 1.22x, adaptive), docs/small-tree/. w4a8 takes int4's
+# shape: on MT-Bench (8 prompts, 128 tokens, adaptive) 2 and 4 beams gave 79.4 and 80.6 tokens/s against
+# 75.9 in one run, 75.1 (4 beams) against ar's 66.2 in the next, and 4 beams every step lost to ar
+# (59.3 against 66.5 tokens/s; the adaptive engine mostly ran the small tree): no clear winner (docs/w4a8/).
 DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
+    "w4a8": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
@@ -70,7 +74,7 @@ WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
 # Spec-Bench (1.65x against 1.67x) and lost on MT-Bench (39.7 against 47.2 tokens/s), so it is on by
 # default for int4 only (int8: not measured); and for float weights where oneDNN converts bfloat16 as
 # it goes (default_small_tree).
-DEFAULT_SMALL_TREE = {"float": False, "int8": False, "int4": True}
+DEFAULT_SMALL_TREE = {"float": False, "int8": False, "int4": True, "w4a8": True}
 
 
 def default_small_tree(weights: str, device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -105,7 +109,7 @@ SMALL_SHAPE = TreeShape(num_beams=1, draft_len=2, lookup_len=2, ngram_len=2, tre
 # the 1-beam int4 tree drafts one row, where int8 gained most (45.5 against 49.5 ms) and kept the
 # acceptance whole. int8 weights take int4's choice (their 2-beam tree is as narrow), unmeasured.
 # In float32 the drafter stays float (from_pretrained).
-DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8"}
+DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8", "w4a8": "int8"}
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
@@ -335,7 +339,8 @@ class ReDrafter:
         # Copies for prefills only where the eager lean forward runs them (a compiled one has its own graph).
         dense_prefill = False if compile or lean_support(target) is not None else packed
         quantization = quantize_target(target, weights, gguf_source(model), dense_prefill=dense_prefill)
-        argmax_head = gguf_argmax_head(target, gguf_source(model)) if quick_argmax else None
+        head_kernel = "w4a8" if weights == "w4a8" else "int4"
+        argmax_head = gguf_argmax_head(target, gguf_source(model), head_kernel) if quick_argmax else None
         given = dict(
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )

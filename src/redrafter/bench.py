@@ -32,7 +32,7 @@ from .kv_cache import TreeKVCache
 from .lean_decoder import compile_refusal, forward_head, packed_refusal, target_forward
 from .models import context_limit, decoder_of, gguf_source, hidden_to_logits, load_target
 from .prompts import Prompt
-from .quant import WEIGHTS, gguf_argmax_head, quantize_target
+from .quant import WEIGHTS, gguf_argmax_head, quantization_refusal, quantize_target
 from .sampling import exact_argmax
 from .tree import additive_mask
 
@@ -980,9 +980,12 @@ def run_cost_curve(
     Writes ``cost_curve.json`` and ``cost_curve.png``."""
     targets, heads = {}, {}
     for weights in WEIGHTS:
+        if weights != "float" and quantization_refusal(device, dtype, weights) is not None:
+            continue  # not on this machine (w4a8 without AVX-512 VNNI, say)
         target, _ = load_target(model, dtype=dtype, device=device)
         quantize_target(target, weights, gguf_source(model))
-        targets[weights], heads[weights] = target, gguf_argmax_head(target, gguf_source(model))
+        head = gguf_argmax_head(target, gguf_source(model), "w4a8" if weights == "w4a8" else "int4")
+        targets[weights], heads[weights] = target, head
     # Each series: a target and its forward as the decode loop runs it; float weights also unpacked
     # where the loop packs them (PackedLinear).
     series = {weights: (target, target_forward(target, packed=None)) for weights, target in targets.items()}

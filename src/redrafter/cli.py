@@ -85,14 +85,16 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         choices=list(WEIGHT_CHOICES),
         default="auto",
         help="the target's linear layers: float (in --dtype), int8 (per-row scales) or int4 (groups of 32; "
-        "a Q4_0/Q4_1 GGUF runs its own 4-bit values); weight-only, activations in --dtype, CPU only; "
+        "a Q4_0/Q4_1 GGUF runs its own 4-bit values): weight-only, activations in --dtype; w4a8: int4's codes "
+        "times activations rounded to int8 per 32, as llama.cpp runs a Q4 GGUF (x86 CPUs with AVX-512 VNNI; "
+        "a C kernel compiled on first use); CPU only; "
         "auto (default): int4 for a GGUF whose decoder is all Q4_0/Q4_1 (the default model) on a CPU in "
         "bfloat16 or float16, float otherwise",
     )
     parser.add_argument(
         "--drafter-weights",
         choices=list(DEFAULT_SHAPES),
-        help="the drafter's linear layers and vocabulary rows: float, int8 or int4 (weight-only, as --weights; "
+        help="the drafter's linear layers and vocabulary rows: float, int8, int4 or w4a8 (as --weights; "
         "output does not change, the target verifies every draft; default on a CPU in bfloat16 or float16 by "
         f"--weights: {_drafter_weights_defaults()}; float elsewhere)",
     )

@@ -75,6 +75,7 @@ from .quant import (
     has_dense,
     packable,
 )
+from .w4a8 import W4A8Linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -127,11 +128,11 @@ def padded_product(linear: nn.Module, x: torch.Tensor, row_buckets: tuple[int, .
 def fuse_linears(parts: list[nn.Module]) -> nn.Module:
     """One linear layer whose outputs are ``parts``' outputs side by side.
 
-    ``parts``: :class:`torch.nn.Linear`, :class:`Float32GemmLinear`, :class:`Int4Linear` or
-    :class:`Int8Linear` of one kind, with the same inputs. Afterwards each part holds a view of the
-    fused weights (float weights and their float32 copies, int8 weights, int4 codes); only int4's
-    small scale tables and the biases are copied. Int4 layers whose outputs do
-    not fill whole packing blocks are not fused but run :class:`SideBySide`.
+    ``parts``: :class:`torch.nn.Linear`, :class:`Float32GemmLinear`, :class:`Int4Linear`,
+    :class:`Int8Linear` or :class:`~redrafter.w4a8.W4A8Linear` of one kind, with the same inputs.
+    Afterwards each part holds a view of the fused weights (float weights and their float32 copies,
+    int8 weights, int4 and w4a8 codes); only int4's small scale tables and the biases are copied.
+    Int4 layers whose outputs do not fill whole packing blocks are not fused but run :class:`SideBySide`.
     """
     kind = type(parts[0])
     if any(type(part) is not kind for part in parts):
@@ -143,6 +144,8 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module:
         return Int4Linear.fused(parts)
     if kind is Int8Linear:
         return Int8Linear.fused(parts)
+    if kind is W4A8Linear:
+        return W4A8Linear.fused(parts, fused_bias(parts))
     if kind is Float32GemmLinear:
         return Float32GemmLinear.fused(parts)
     weight = torch.cat([part.weight.detach() for part in parts])
@@ -465,7 +468,11 @@ def fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
 def compile_refusal(target: PreTrainedModel, lean: bool = True) -> str | None:
     """None if :class:`CompiledDecoder` can run ``target`` (with ``lean``), else why not (one line)."""
     reason = "lean=False" if not lean else lean_support(target)
-    return None if reason is None else f"a compiled forward needs the lean one, and this target has none: {reason}"
+    if reason is not None:
+        return f"a compiled forward needs the lean one, and this target has none: {reason}"
+    if any(isinstance(module, W4A8Linear) for module in target.modules()):
+        return "torch.compile does not trace the w4a8 kernel (a C library); run w4a8 weights eagerly"
+    return None
 
 
 def packed_refusal(target: PreTrainedModel, lean: bool = True, compile: bool = False) -> str | None:
@@ -473,8 +480,8 @@ def packed_refusal(target: PreTrainedModel, lean: bool = True, compile: bool = F
     (one line)."""
     if compile:
         return "a compiled forward is not packed (Inductor lays out the weights its own way)"
-    if (reason := compile_refusal(target, lean)) is not None:
-        return reason.replace("a compiled forward", "a packed forward")
+    if (reason := "lean=False" if not lean else lean_support(target)) is not None:
+        return f"a packed forward needs the lean one, and this target has none: {reason}"
     if not target_forward(target, lean).packs():
         return (
             "it needs float weights in bfloat16 or float16 on a CPU whose oneDNN has native products for them,"
@@ -526,10 +533,9 @@ def target_forward(
     (:class:`PackedForward`, its head packed too; a :class:`ValueError` where :func:`packed_refusal`
     says why not; ignored with ``compile``); None: where :meth:`LeanDecoder.packs`.
     The lean decoder itself is the unpacked forward (a packed one calls it, so its hooks see both)."""
-    reason = compile_refusal(target, lean)
-    if compile and reason is not None:
+    if compile and (reason := compile_refusal(target, lean)) is not None:
         raise ValueError(reason)
-    if reason is not None:
+    if not lean or lean_support(target) is not None:
         return transformers_forward(target)
     if target not in _built:
         _built[target] = LeanDecoder(target)

@@ -93,8 +93,11 @@ from torch import nn
 
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
+from .w4a8 import W4A8Linear, kernel_refusal
 
-WEIGHTS = ("float", "int8", "int4")
+WEIGHTS = ("float", "int8", "int4", "w4a8")
+# Precisions whose weights are int4 codes with a scale and a zero per group of 32 (a Q4 GGUF's own).
+INT4_CODES = ("int4", "w4a8")
 GROUP_SIZE = 32
 # Packed int4 codes are laid out in blocks of output rows; a multiple of every block size in use.
 INT4_FUSE_ROWS = 64
@@ -104,6 +107,8 @@ GGUF_INT4_TYPES = ("Q4_0", "Q4_1")
 # float head's GEMM is faster (Intel Xeon with AMX, 2 threads: 3.9 against 9.6 ms at one row, 5.5
 # against 8.3 at four, 10.4 against 8.2 at eight, for the default model's Q8_0 head).
 ARGMAX_HEAD_MAX_ROWS = 4
+# The same for the w4a8 kernel's head, whose extra rows cost little (int8 products).
+W4A8_ARGMAX_HEAD_MAX_ROWS = 64
 # Products over at least this many rows run as float32 GEMMs where the CPU lacks bfloat16 ones: on a
 # 2-core AVX2 machine a forward of the default model cost the same both ways at about 10 tokens.
 FLOAT32_GEMM_MIN_ROWS = 12
@@ -135,11 +140,14 @@ class Int4Weight:
         codes: ``[N, K]`` uint8 in 0..15.
         scale: ``[N, K // G]`` float32.
         zero: ``[N, K // G]`` float32, the value of code 8.
+        minimum: ``[N, K // G]`` float32, the value of code 0 (``zero - 8 scale`` before ``zero`` was
+            rounded): what :func:`w4a8_linear` stores.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    minimum: torch.Tensor
 
     @property
     def group_size(self) -> int:
@@ -153,7 +161,7 @@ class Int4Weight:
 
     def rows(self, index: torch.Tensor) -> Int4Weight:
         """The output rows ``index`` (a permutation or a subset), as a new weight."""
-        return Int4Weight(self.codes[index], self.scale[index], self.zero[index])
+        return Int4Weight(self.codes[index], self.scale[index], self.zero[index], self.minimum[index])
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4Weight:
@@ -164,7 +172,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4Wei
     scale = (high - low) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = ((groups - low[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return Int4Weight(codes.reshape(out_features, in_features), scale, low + 8 * scale)
+    return Int4Weight(codes.reshape(out_features, in_features), scale, low + 8 * scale, low)
 
 
 def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Weight:
@@ -185,8 +193,8 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
         minimum = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
         zero = minimum + 8 * scale
     else:
-        zero = torch.zeros_like(scale)
-    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
+        zero, minimum = torch.zeros_like(scale), -8 * scale
+    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero, minimum)
 
 
 def gguf_q8_0_as_int4(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
@@ -203,7 +211,7 @@ def gguf_q8_0_as_int4(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
     codes = np.concatenate([shifted >> 4, shifted & 0x0F], axis=1).reshape(out_features, 2 * in_features)
     scale = torch.cat([16 * d, d], dim=1)
     zero = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
-    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero)
+    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero, zero - 8 * scale)
 
 
 def _on_cpu(device: torch.device | str) -> bool:
@@ -216,7 +224,7 @@ def quantization_refusal(device: torch.device | str, dtype: torch.dtype, what: s
         return f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}"
-    return None
+    return kernel_refusal() if what == "w4a8" else None
 
 
 def check_quantizable(device: torch.device | str, dtype: torch.dtype, what: str) -> None:
@@ -251,7 +259,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
         dense = None
         if dense_dtype is not None:  # the values the kernel runs: its scales and zeros are rounded to dtype
-            rounded = Int4Weight(weight.codes, weight.scale.to(dtype).float(), weight.zero.to(dtype).float())
+            scale, zero = weight.scale.to(dtype).float(), weight.zero.to(dtype).float()
+            rounded = Int4Weight(weight.codes, scale, zero, zero - 8 * scale)
             dense = rounded.dequantize().to(dense_dtype)
         self.register_buffer("dense", dense)
 
@@ -313,6 +322,15 @@ class Int4Dense(nn.Module):
         return self.layer.dense_product(x)
 
 
+def w4a8_linear(weight: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype) -> W4A8Linear:
+    """``weight``'s codes through the w4a8 kernel: ``w = d q + m`` with ``d = scale`` and ``m = minimum``,
+    both rounded to float16: exact for a GGUF's Q4_1 blocks, which store them so, and for Q4_0 blocks
+    (``m = -8 d``) whose ``|d|`` is below 8188; a :class:`QuantizationError` where ``m`` overflows."""
+    if not torch.isfinite(weight.minimum.to(torch.float16)).all():
+        raise QuantizationError("w4a8 keeps each block's minimum in float16, and this weight's overflow it")
+    return W4A8Linear(weight.codes, weight.scale, weight.minimum, 4, bias, dtype)
+
+
 def has_dense(module: nn.Module) -> bool:
     """Whether ``module`` is an :class:`Int4Linear` that keeps its dequantized weights."""
     return isinstance(module, Int4Linear) and module.dense is not None
@@ -324,25 +342,16 @@ class ArgmaxHead(nn.Module):
     the float head's. :func:`gguf_argmax_head` builds it.
 
     Args:
-        weight: int4 codes of ``[V, d]`` (a Q4 head), or ``[V, 2 d]`` over the input written twice
-            (a Q8_0 head, ``doubled``).
+        linear: the product: an :class:`Int4Linear` of ``[V, d]`` (a Q4 head), or of ``[V, 2 d]`` over
+            the input written twice (a Q8_0 head, ``doubled``); or a
+            :class:`~redrafter.w4a8.W4A8Linear` of ``[V, d]`` with 4- or 8-bit codes.
         doubled: whether the input is written twice.
-        bias: the head's bias ``[V]`` or None.
-        dtype: the activations' dtype.
         max_rows: :meth:`covers` only inputs of at most this many rows.
     """
 
-    def __init__(
-        self,
-        weight: Int4Weight,
-        doubled: bool,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        max_rows: int = ARGMAX_HEAD_MAX_ROWS,
-    ) -> None:
+    def __init__(self, linear: nn.Module, doubled: bool, max_rows: int = ARGMAX_HEAD_MAX_ROWS) -> None:
         super().__init__()
-        self.linear = Int4Linear(weight, bias, dtype)
-        self.doubled, self.max_rows = doubled, max_rows
+        self.linear, self.doubled, self.max_rows = linear, doubled, max_rows
 
     def covers(self, hidden: torch.Tensor) -> bool:
         """Whether ``hidden`` ``[..., d]`` has few enough rows for this head to be the faster one."""
@@ -352,15 +361,16 @@ class ArgmaxHead(nn.Module):
         return self.linear(torch.cat([hidden, hidden], dim=-1) if self.doubled else hidden)
 
 
-def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None) -> ArgmaxHead | None:
+def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None, kernel: str = "int4") -> ArgmaxHead | None:
     """An :class:`ArgmaxHead` from ``gguf_file``'s output head (or the tied token embedding) when it
     is stored as Q8_0, Q4_0 or Q4_1, its values are ``target``'s head's (rounded to the head's
-    dtype, row for row), and the int4 kernel runs ``target`` (a CPU, bfloat16 or float16); else None."""
+    dtype, row for row), and ``kernel`` (``"int4"``, or ``"w4a8"`` for the int8-activation kernel,
+    which reads Q8_0 codes as they are) runs ``target`` (a CPU, bfloat16 or float16); else None."""
     head = target.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if gguf_file is None or weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
         return None
-    if quantization_refusal(weight.device, weight.dtype, "int4") is not None or weight.shape[0] % 16:
+    if quantization_refusal(weight.device, weight.dtype, kernel) is not None or weight.shape[0] % 16:
         return None
     import gguf
 
@@ -368,7 +378,7 @@ def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None) -> 
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None or weight.shape[1] % GROUP_SIZE:
         return None
-    shape = tuple(weight.shape)
+    shape, bias = tuple(weight.shape), getattr(head, "bias", None)
     if tensor.tensor_type.name == "Q8_0":
         codes, doubled = gguf_q8_0_as_int4(tensor.data, shape), True
         values = codes.dequantize()
@@ -380,7 +390,15 @@ def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None) -> 
         return None
     if not torch.equal(values.to(weight.dtype), weight.detach()):
         return None
-    return ArgmaxHead(codes, doubled, getattr(head, "bias", None), weight.dtype)
+    if kernel == "int4":
+        return ArgmaxHead(Int4Linear(codes, bias, weight.dtype), doubled)
+    if not doubled:
+        return ArgmaxHead(w4a8_linear(codes, bias, weight.dtype), False, W4A8_ARGMAX_HEAD_MAX_ROWS)
+    # Q8_0: the codes q + 128 = 16 h + l (h, l: the doubled form's halves), d, and m = -128 d.
+    shifted = codes.codes[:, : shape[1]].short() * 16 + codes.codes[:, shape[1] :]
+    d = codes.scale[:, shape[1] // GROUP_SIZE :]
+    linear = W4A8Linear(shifted.to(torch.uint8), d, -128 * d, 8, bias, weight.dtype)
+    return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS)
 
 
 class Int8Linear(nn.Module):
@@ -661,9 +679,12 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantized_linear(weights: str, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """An :class:`Int8Linear` or :class:`Int4Linear` (Q4_1-style groups) of ``weight [N, K]``."""
+    """An :class:`Int8Linear`, :class:`Int4Linear` or :class:`~redrafter.w4a8.W4A8Linear` (both in
+    Q4_1-style groups) of ``weight [N, K]``."""
     if weights == "int8":
         return Int8Linear(weight, bias, dtype)
+    if weights == "w4a8":
+        return w4a8_linear(quantize_int4(weight), bias, dtype)
     return Int4Linear(quantize_int4(weight), bias, dtype)
 
 
@@ -773,7 +794,7 @@ def _quantize_decoder(
                 f"{weights} weights cannot pack {name} ([{module.out_features}, {module.in_features}]): "
                 f"outputs must be a multiple of 16 and inputs of {GROUP_SIZE}"
             )
-    file_weights = _file_int4_weights(target, Path(gguf_file)) if weights == "int4" and gguf_file else {}
+    file_weights = _file_int4_weights(target, Path(gguf_file)) if weights in INT4_CODES and gguf_file else {}
     for name, module in linears:
         if weights == "int8":
             replacement: nn.Module = quantized_linear("int8", module.weight, module.bias, target.dtype)
@@ -785,7 +806,11 @@ def _quantize_decoder(
                 matched = _match_rows(gguf_int4(data, type_name, tuple(module.weight.shape)), module)
             report.from_file += matched is not None
             report.from_weights += matched is None
-            replacement = Int4Linear(matched or quantize_int4(module.weight), module.bias, target.dtype, dense_dtype)
+            codes = matched or quantize_int4(module.weight)
+            if weights == "w4a8":
+                replacement = w4a8_linear(codes, module.bias, target.dtype)
+            else:
+                replacement = Int4Linear(codes, module.bias, target.dtype, dense_dtype)
         dense = getattr(replacement, "dense", None)
         report.dense_bytes += 0 if dense is None else dense.numel() * dense.element_size()
         report.linear_bytes += sum(b.numel() * b.element_size() for b in replacement.buffers() if b is not dense)

@@ -1,0 +1,117 @@
+// Products of quantized weights and int8 activations for x86 CPUs with AVX-512 VNNI.
+//
+//   y[M, N] = x[M, K] W^T,  W[n, k] = d[n, b] * u[n, k] + m[n, b]  for the block b = k / 32,
+//
+// with codes u of 4 bits (0..15: a GGUF Q4_0 or Q4_1 tensor's own) or 8 bits (0..255: Q8_0's q + 128),
+// and d, m float16 per output and block of 32 inputs. Each row of x is quantized per block of 32 to
+// int8, a = round(x / s) with s = max |x| / 127 (round half to even), as llama.cpp quantizes
+// activations for these types. A block then contributes
+//
+//   s * (d * sum(u * a) + m * sum(a)),
+//
+// the integer sum exact (VPDPBUSD: unsigned codes times signed activations), the rest in float32 in a
+// fixed order. Every output element runs the same instructions whatever M is and wherever its row
+// sits in x, so a row's output does not depend on the other rows (batch invariance).
+//
+// Layout of the codes, per tile of 16 outputs (n = 16 t + j) and block b, tile-major then block:
+//   4 bits: 256 bytes, four chunks of 64; byte 4 j + i of chunk p holds u[n, 32 b + 8 p + i] in its low
+//           nibble and u[n, 32 b + 8 p + 4 + i] in its high one.
+//   8 bits: 512 bytes, eight chunks of 64; byte 4 j + i of chunk p holds u[n, 32 b + 4 p + i].
+// d and m: per tile and block, 16 float16 d then 16 float16 m.
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+#define ROWS 4      // rows of x per register block: the unpacked codes are reused across them
+#define PANEL 64    // rows of x per pass over the weights, so that a panel's activations stay in cache
+
+// Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
+VNNI static void quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
+  for (int64_t b = 0; b < K / 32; b++) {
+    __m512 v[2];
+    for (int h = 0; h < 2; h++) {
+      int64_t at = r * K + 32 * b + 16 * h;
+      if (bf16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at));
+        v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      } else {
+        v[h] = _mm512_loadu_ps((const float *)x + at);
+      }
+    }
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    float scale = amax / 127.0f;
+    __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    int32_t total = 0;
+    for (int h = 0; h < 2; h++) {
+      __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inverse));  // round half to even
+      total += _mm512_reduce_add_epi32(codes);
+      _mm_storeu_si128((__m128i *)(q + 32 * b + 16 * h), _mm512_cvtsepi32_epi8(codes));
+    }
+    s[b] = scale;
+    sums[b] = (float)total;
+  }
+}
+
+// The 8 code vectors of one tile and block: lane j's 4 bytes of vector k are u[n, 32 b + 4 k + 0..3].
+VNNI static inline void load_codes(const uint8_t *block, int bits, __m512i *u) {
+  if (bits == 4) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int p = 0; p < 4; p++) {
+      __m512i packed = _mm512_loadu_si512(block + 64 * p);
+      u[2 * p] = _mm512_and_si512(packed, low);
+      u[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+    }
+  } else {
+    for (int p = 0; p < 8; p++) u[p] = _mm512_loadu_si512(block + 64 * p);
+  }
+}
+
+// Outputs 16 t .. 16 t + 15 of rows [first, first + count).
+VNNI static void tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
+                      const float *sums, int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, float *y) {
+  const int64_t blocks = K / 32, block_bytes = 8 * bits * 8;
+  for (int64_t r0 = first; r0 < first + count; r0 += ROWS) {
+    int rows = first + count - r0 < ROWS ? (int)(first + count - r0) : ROWS;
+    __m512 acc[ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+      __m512i u[8];
+      load_codes(codes + (t * blocks + b) * block_bytes, bits, u);
+      const uint16_t *scales = dm + (t * blocks + b) * 32;
+      __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales));
+      __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 16)));
+      for (int r = 0; r < rows; r++) {
+        const int8_t *a = q + (r0 + r) * K + 32 * b;
+        __m512i dot = _mm512_setzero_si512();
+        for (int k = 0; k < 8; k++) dot = _mm512_dpbusd_epi32(dot, u[k], _mm512_set1_epi32(*(const int32_t *)(a + 4 * k)));
+        __m512 part = _mm512_mul_ps(m, _mm512_set1_ps(sums[(r0 + r) * blocks + b]));
+        part = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, part);
+        acc[r] = _mm512_fmadd_ps(part, _mm512_set1_ps(s[(r0 + r) * blocks + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + (r0 + r) * N + 16 * t, acc[r]);
+  }
+}
+
+// y [M, N] float32 = x [M, K] (float32, or bfloat16 when bf16 != 0) times the weights above.
+// K must be a multiple of 32 and N of 16. Returns 0, or -1 when scratch memory ran out.
+int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
+                int64_t N, float *y) {
+  int8_t *q = malloc((size_t)(M * K) + 2 * (size_t)(M * (K / 32)) * sizeof(float));
+  if (q == NULL) return -1;
+  float *s = (float *)(q + M * K), *sums = s + M * (K / 32);
+  // (M * K is a multiple of 32, so s is aligned for floats.)
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
+    for (int64_t first = 0; first < M; first += PANEL) {
+      int64_t count = M - first < PANEL ? M - first : PANEL;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < N / 16; t++) tile(codes, dm, bits, q, s, sums, first, count, K, N, t, y);
+    }
+  }
+  free(q);
+  return 0;
+}

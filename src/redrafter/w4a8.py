@@ -1,0 +1,185 @@
+"""Quantized weights times int8 activations on AVX-512 VNNI: the arithmetic llama.cpp runs a Q4 GGUF with.
+
+PyTorch's int4 kernel (``--weights int4``) converts every 4-bit weight to float and multiplies it with
+bfloat16 activations, once per row: a tree of 16 tokens costs about four single-token forwards. llama.cpp
+instead quantizes each row of activations to int8 per block of 32 inputs and multiplies integers,
+64 products per instruction with AVX-512 VNNI, so extra rows cost little. :class:`W4A8Linear` does the
+same (``--weights w4a8``), in a small C kernel (``kernels/w4a8.c``) compiled here on first use:
+
+- the weights are a GGUF tensor's own codes, ``w = d u + m`` per block of 32 (Q4_1: ``d``, ``m``;
+  Q4_0: ``m = -8 d``; a Q8_0 head: ``u = q + 128``, ``m = -128 d``), with ``d`` and ``m`` kept in
+  float16 as the file stores them, so nothing is rounded; other tensors are quantized Q4_1-style;
+- each row's activations become ``a = round(x / s)``, ``s = max |x| / 127`` per block (the rounding
+  this precision adds over ``int4``'s bfloat16 activations, as llama.cpp's);
+- a block adds ``s (d sum(u a) + m sum(a))``: the integer sum exact, the rest float32 in one fixed
+  order, so each row's output is the same whatever other rows share the product (batch invariance:
+  trees, batches and single tokens agree bit for bit, and speculative decoding stays lossless).
+
+It runs on x86-64 CPUs with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4) where a C compiler (``cc``,
+or ``$CC``) is found; :func:`kernel_refusal` says why not elsewhere. The library is built once into
+``$REDRAFTER_CACHE`` (default ``~/.cache/redrafter``), named by a hash of the source and flags, and uses
+PyTorch's OpenMP threads (``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).parent / "kernels" / "w4a8.c"
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c", "fma")
+TILE = 16  # outputs per tile of the codes' layout
+BLOCK = 32  # inputs per block (one d and m)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel is kept: ``$REDRAFTER_CACHE``, else ``$XDG_CACHE_HOME/redrafter``."""
+    if os.environ.get("REDRAFTER_CACHE"):
+        return Path(os.environ["REDRAFTER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "redrafter"
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded kernel library, or None and why it cannot run here (built at most once a process)."""
+    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+        return None, f"w4a8 runs on x86-64 Linux CPUs, not {platform.system()} {platform.machine()}"
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return None, f"w4a8 needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}"
+    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+    if compiler is None or (os.environ.get("CC") and shutil.which(os.environ["CC"]) is None):
+        return None, "w4a8 compiles a small C kernel on first use, and no C compiler (cc, gcc or $CC) was found"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    library = cache_dir() / f"w4a8-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+            built = Path(scratch) / library.name
+            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if run.returncode != 0:
+                return None, f"w4a8's kernel did not compile with {compiler}: {run.stderr.strip()[-500:]}"
+            os.replace(built, library)  # whole or not at all, also with another process building it
+    lib = ctypes.CDLL(str(library))
+    lib.w4a8_matmul.restype = ctypes.c_int
+    lib.w4a8_matmul.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+    return lib, None
+
+
+def kernel_refusal() -> str | None:
+    """Why the w4a8 kernel cannot run on this machine, or None when it can (building it if needed)."""
+    return _build()[1]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[N, K]`` codes (uint8, ``< 2**bits``) -> the kernel's tile-major bytes (``kernels/w4a8.c``)."""
+    rows, columns = codes.shape
+    if bits == 8:  # tile, lane, block, step, byte -> tile, block, step, lane, byte
+        return codes.reshape(rows // TILE, TILE, columns // BLOCK, 8, 4).permute(0, 2, 3, 1, 4).contiguous().flatten()
+    # tile, lane, block, chunk, nibble, byte -> tile, block, chunk, lane, byte, nibble
+    split = codes.reshape(rows // TILE, TILE, columns // BLOCK, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+    return (split[..., 0] | (split[..., 1] << 4)).contiguous().flatten()
+
+
+def pack_scales(d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``[N, K / 32]`` float ``d`` and ``m`` -> float16 ``[N / 16, K / 32, 2, 16]`` (rounded to float16)."""
+    rows, blocks = d.shape
+    both = torch.stack([d, m]).to(torch.float16).reshape(2, rows // TILE, TILE, blocks)
+    return both.permute(1, 3, 0, 2).contiguous()
+
+
+class W4A8Linear(nn.Module):
+    """``y = x W^T + b`` with ``W = d u + m`` per block of 32 inputs, through the kernel above.
+
+    Args:
+        codes: ``[N, K]`` uint8 codes ``u`` (``N`` a multiple of 16, ``K`` of 32).
+        d, m: ``[N, K / 32]`` float scales and offsets (stored as float16).
+        bits: 4 (codes 0..15, stored two to a byte) or 8.
+        bias: ``[N]`` or None.
+        dtype: the activations' dtype; the output has it too.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        d: torch.Tensor,
+        m: torch.Tensor,
+        bits: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        refusal = kernel_refusal()
+        if refusal is not None:
+            raise RuntimeError(refusal)
+        self.out_features, self.in_features = codes.shape
+        if self.out_features % TILE or self.in_features % BLOCK or bits not in (4, 8):
+            raise ValueError(f"w4a8 packs [N, K] codes of 4 or 8 bits with N a multiple of {TILE} and K of {BLOCK}")
+        self.bits, self.dtype = bits, dtype
+        self.register_buffer("codes", pack_codes(codes, bits))
+        self.register_buffer("scales", pack_scales(d.float(), m.float()))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
+
+    @classmethod
+    def fused(cls, parts: list[W4A8Linear], bias: torch.Tensor | None) -> W4A8Linear:
+        """One layer computing ``parts``' outputs side by side, with ``bias`` ``[sum N]`` or None (the
+        layout is tile-major, so the codes stack as they are); the parts then hold views of its buffers."""
+        if len({(part.in_features, part.bits, part.dtype) for part in parts}) != 1:
+            raise ValueError("w4a8 layers fuse only with the same inputs, code width and dtype")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.bits, fused.dtype = parts[0].in_features, parts[0].bits, parts[0].dtype
+        fused.out_features = sum(part.out_features for part in parts)
+        fused.register_buffer("codes", torch.cat([part.codes for part in parts]))
+        fused.register_buffer("scales", torch.cat([part.scales for part in parts]))
+        fused.register_buffer("bias", bias)
+        sizes, tiles = [part.codes.numel() for part in parts], [part.out_features // TILE for part in parts]
+        for part, codes, scales in zip(parts, fused.codes.split(sizes), fused.scales.split(tiles), strict=True):
+            part.codes, part.scales = codes, scales
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype not in (torch.float32, torch.bfloat16):
+            flat = flat.float()
+        flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        lib = _build()[0]
+        status = lib.w4a8_matmul(
+            flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
+            self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("w4a8: no memory for the quantized activations")
+        y = out.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
