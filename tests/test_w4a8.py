@@ -9,9 +9,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from test_quant import q4_blocks, q8_0_blocks
 
-from redrafter import w4a8
+from redrafter import kernels
+from redrafter.kernels import kernel_refusal
 from redrafter.quant import QuantizationError, gguf_int4, gguf_q8_0_as_int4, quantization_refusal, w4a8_linear
-from redrafter.w4a8 import W4A8Linear, kernel_refusal
+from redrafter.w4a8 import W4A8Linear
 
 needs_kernel = pytest.mark.skipif(kernel_refusal() is not None, reason=str(kernel_refusal()))
 
@@ -112,20 +113,20 @@ def test_q8_0_blocks_run_as_8_bit_codes():
 
 
 def test_without_the_cpus_instructions_or_a_compiler_w4a8_is_refused_in_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(w4a8, "_cpu_flags", lambda: {"avx2", "fma"})
-    w4a8._build.cache_clear()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma"})
+    kernels._build.cache_clear()
     try:
         reason = quantization_refusal("cpu", torch.bfloat16, "w4a8")
         assert reason is not None and "AVX-512 VNNI" in reason and "\n" not in reason
-        monkeypatch.setattr(w4a8, "_cpu_flags", lambda: set(w4a8.CPU_FLAGS))
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda: set(kernels.CPU_FLAGS))
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        w4a8._build.cache_clear()
+        kernels._build.cache_clear()
         reason = kernel_refusal()
         assert reason is not None and "C compiler" in reason
         with pytest.raises(RuntimeError, match="C compiler"):
             random_layer(16, 32, 4, seed=0)
     finally:
-        w4a8._build.cache_clear()
+        kernels._build.cache_clear()
 
 
 @needs_kernel

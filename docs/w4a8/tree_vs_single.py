@@ -1,11 +1,13 @@
-"""How far a tree forward's logits sit from one-token forwards' for the same tokens, per precision.
+"""How far a chain forward's logits sit from one-token forwards' for the same tokens, per precision,
+with the decode steps' attention through SDPA and through redrafter.attention.invariant_attention.
 
     python docs/w4a8/tree_vs_single.py float int4 w4a8
 
-For the first 3 bundled prompts: after the prompt, the next 8 greedy tokens are run once as 8
-one-token forwards and once as one 8-token forward (a chain: causal mask), and the largest difference
-of any logit (float32 head over the bfloat16 hidden states) is taken per token. This is what decides
-how large a top-2 gap rounding alone can flip between `ar` and `redrafter` (bench.NEAR_TIE).
+The first Spec-Bench prompt: 40 greedy tokens decoded one at a time after it; then, for chains of
+2 to 8 tokens starting every third token, the cache is rebuilt as plain decoding has it and the chain
+runs as one forward (a causal mask). Printed: the largest difference of any logit (float32 head over
+the bfloat16 hidden states) over all chain tokens. Zero means the tree forward gives each token the
+bits a one-token forward gives, so speculative decoding cannot part from plain decoding.
 """
 
 import json
@@ -13,39 +15,52 @@ import sys
 
 import torch
 
-from redrafter.bench import OWN_PROMPTS, additive_mask
 from redrafter.kv_cache import TreeKVCache
-from redrafter.lean_decoder import target_forward
+from redrafter.lean_decoder import LeanDecoder, target_forward
 from redrafter.models import gguf_source, load_target
 from redrafter.quant import quantize_target
+from redrafter.tree import additive_mask
 
-CHAIN = 8
+PROMPT = json.loads(open("../shared/data/spec_bench.jsonl").readline())["turns"][0]
+invariant_refusal = LeanDecoder.invariant_attention_refusal
+
+
+def one_token(forward, token: int, position: int, cache: TreeKVCache) -> torch.Tensor:
+    mask = torch.zeros(1, 1, 1, position + 1, dtype=torch.bfloat16)
+    return forward(torch.tensor([[token]]), torch.tensor([[position]]), mask, cache)[0, -1]
+
+
 with torch.inference_mode():
     for weights in sys.argv[1:]:
         target, tokenizer = load_target("default", dtype=torch.bfloat16, device="cpu")
         quantize_target(target, weights, gguf_source("default"), dense_prefill=False)
         forward, head = target_forward(target), target.get_output_embeddings().weight.float()
-        worst = []
-        for line in json.loads("[" + ",".join(OWN_PROMPTS.read_text().splitlines()[:3]) + "]"):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": line["prompt"]}], tokenize=False)
-            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-            n = ids.shape[1]
-            cache = TreeKVCache(target.config.num_hidden_layers, capacity=n + CHAIN + 1)
-            causal = torch.ones(n, n, dtype=torch.bool).tril()[None]
-            hidden = forward(ids, torch.arange(n)[None], additive_mask(causal, torch.bfloat16), cache)
-            tokens, single = [int((hidden[0, -1].float() @ head.T).argmax())], []
-            for step in range(CHAIN):
-                position = torch.tensor([[n + step]])
-                mask = torch.zeros(1, 1, 1, n + step + 1, dtype=torch.bfloat16)
-                logits = forward(torch.tensor([[tokens[-1]]]), position, mask, cache)[0, -1].float() @ head.T
-                single.append(logits)
-                tokens.append(int(logits.argmax()))
-            cache.crop(-CHAIN)
-            chain = torch.ones(CHAIN, n + CHAIN, dtype=torch.bool).tril(diagonal=n)[None]
-            hidden = forward(
-                torch.tensor([tokens[:CHAIN]]), torch.arange(n, n + CHAIN)[None], additive_mask(chain, torch.bfloat16), cache
+        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        n = ids.shape[1]
+        for attention in ("sdpa", "invariant"):
+            LeanDecoder.invariant_attention_refusal = (
+                invariant_refusal if attention == "invariant" else (lambda self, masks: "SDPA asked")
             )
-            tree = hidden[0].float() @ head.T
-            worst += [float((tree[i] - single[i]).abs().max()) for i in range(CHAIN)]
-        worst.sort()
-        print(f"{weights}: largest logit difference per token, median {worst[len(worst) // 2]:.3f}, max {worst[-1]:.3f}")
+            cache = TreeKVCache(target.config.num_hidden_layers, capacity=n + 48)
+            hidden = forward(ids, torch.arange(n)[None], additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), torch.bfloat16), cache)
+            tokens, single = [int((hidden[0, -1].float() @ head.T).argmax())], []
+            for step in range(40):
+                single.append(one_token(forward, tokens[-1], n + step, cache).float() @ head.T)
+                tokens.append(int(single[-1].argmax()))
+            worst = {}
+            for size in (2, 4, 8):
+                worst[size] = 0.0
+                for start in range(0, 40 - size, 3):
+                    cache.crop(n - cache.length)
+                    for step in range(start):  # the cache as plain decoding has it
+                        one_token(forward, tokens[step], n + step, cache)
+                    allowed = torch.cat([torch.ones(size, n + start, dtype=torch.bool), torch.ones(size, size, dtype=torch.bool).tril()], 1)
+                    chain = forward(
+                        torch.tensor([tokens[start : start + size]]),
+                        torch.arange(n + start, n + start + size)[None],
+                        additive_mask(allowed[None], torch.bfloat16),
+                        cache,
+                    )[0].float() @ head.T
+                    worst[size] = max(worst[size], *(float((chain[i] - single[start + i]).abs().max()) for i in range(size)))
+            print(f"{weights:5s} {attention:9s} " + "  ".join(f"chain {s}: {d:.4f}" for s, d in worst.items()), flush=True)

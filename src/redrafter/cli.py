@@ -88,8 +88,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "a Q4_0/Q4_1 GGUF runs its own 4-bit values): weight-only, activations in --dtype; w4a8: int4's codes "
         "times activations rounded to int8 per 32, as llama.cpp runs a Q4 GGUF (x86 CPUs with AVX-512 VNNI; "
         "a C kernel compiled on first use); CPU only; "
-        "auto (default): int4 for a GGUF whose decoder is all Q4_0/Q4_1 (the default model) on a CPU in "
-        "bfloat16 or float16, float otherwise",
+        "auto (default): for a GGUF whose decoder is all Q4_0/Q4_1 (the default model) on a CPU in "
+        "bfloat16 or float16, w4a8 where its kernel runs, else int4; float otherwise",
     )
     parser.add_argument(
         "--drafter-weights",

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from .attention import invariant_attention, invariant_attention_refusal
 from .kv_cache import TreeKVCache
 from .models import context_limit, decoder_features, decoder_of
 from .quant import (
@@ -323,7 +324,14 @@ class LeanDecoder(nn.Module):
         if packed and self.packed_layers is None:
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
         dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
-        return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense)
+        invariant = cache.length > 0 and self.invariant_attention_refusal(masks) is None
+        return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense, invariant=invariant)
+
+    def invariant_attention_refusal(self, masks: Masks) -> str | None:
+        """Why decode steps cannot run :func:`~redrafter.attention.invariant_attention`, or None."""
+        mask = next(iter(masks.values())) if isinstance(masks, dict) else masks
+        probe = torch.empty(0, 1, 1, self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
+        return invariant_attention_refusal(probe, mask)
 
     def run(
         self,
@@ -335,11 +343,13 @@ class LeanDecoder(nn.Module):
         row_buckets: tuple[int, ...] = (),
         packed: bool = False,
         dense: bool = False,
+        invariant: bool = False,
     ) -> torch.Tensor:
         """:meth:`forward` once the rotary tables cover ``positions`` (what :class:`CompiledDecoder`
         compiles: nothing in it changes the tables). ``row_buckets``: pad the matrix products' rows
         (:func:`padded_product`; ``()``: not padded). ``packed``: the products of
-        :attr:`packed_layers` (made by :meth:`forward`); ``dense``: those of :attr:`dense_layers`."""
+        :attr:`packed_layers` (made by :meth:`forward`); ``dense``: those of :attr:`dense_layers`.
+        ``invariant``: attention through :func:`~redrafter.attention.invariant_attention` instead of SDPA."""
         batch, length = input_ids.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -359,7 +369,8 @@ class LeanDecoder(nn.Module):
             queries, keys = rotated[:, :heads], rotated[:, heads:]
             keys, values = cache.layers[index].update(keys, qkv[:, heads + kv_heads :])
             mask = packed_masks[layer.layer_type] if layer.layer_type in packed_masks else packed_masks[None]
-            attended = F.scaled_dot_product_attention(
+            attend = invariant_attention if invariant else F.scaled_dot_product_attention
+            attended = attend(
                 queries.reshape(batch, kv_heads, groups * length, head_dim),
                 keys,
                 values,

@@ -93,7 +93,8 @@ from torch import nn
 
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
-from .w4a8 import W4A8Linear, kernel_refusal
+from .kernels import kernel_refusal
+from .w4a8 import W4A8Linear
 
 WEIGHTS = ("float", "int8", "int4", "w4a8")
 # Precisions whose weights are int4 codes with a scale and a zero per group of 32 (a Q4 GGUF's own).
@@ -224,7 +225,8 @@ def quantization_refusal(device: torch.device | str, dtype: torch.dtype, what: s
         return f"{what} weights run on PyTorch's CPU kernels; device {device} is not supported"
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"{what} weights need --dtype bfloat16, float16 or float32, not {dtype}"
-    return kernel_refusal() if what == "w4a8" else None
+    refusal = kernel_refusal() if what == "w4a8" else None
+    return None if refusal is None else f"w4a8 weights: {refusal}"
 
 
 def check_quantizable(device: torch.device | str, dtype: torch.dtype, what: str) -> None:

@@ -4,7 +4,7 @@ PyTorch's int4 kernel (``--weights int4``) converts every 4-bit weight to float 
 bfloat16 activations, once per row: a tree of 16 tokens costs about four single-token forwards. llama.cpp
 instead quantizes each row of activations to int8 per block of 32 inputs and multiplies integers,
 64 products per instruction with AVX-512 VNNI, so extra rows cost little. :class:`W4A8Linear` does the
-same (``--weights w4a8``), in a small C kernel (``kernels/w4a8.c``) compiled here on first use:
+same (``--weights w4a8``), in a small C kernel (``kernels/w4a8.c``) compiled on first use:
 
 - the weights are a GGUF tensor's own codes, ``w = d u + m`` per block of 32 (Q4_1: ``d``, ``m``;
   Q4_0: ``m = -8 d``; a Q8_0 head: ``u = q + 128``, ``m = -128 d``), with ``d`` and ``m`` kept in
@@ -15,84 +15,20 @@ same (``--weights w4a8``), in a small C kernel (``kernels/w4a8.c``) compiled her
   order, so each row's output is the same whatever other rows share the product (batch invariance:
   trees, batches and single tokens agree bit for bit, and speculative decoding stays lossless).
 
-It runs on x86-64 CPUs with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4) where a C compiler (``cc``,
-or ``$CC``) is found; :func:`kernel_refusal` says why not elsewhere. The library is built once into
-``$REDRAFTER_CACHE`` (default ``~/.cache/redrafter``), named by a hash of the source and flags, and uses
-PyTorch's OpenMP threads (``torch.set_num_threads``).
+It runs on x86-64 CPUs with AVX-512 VNNI (Ice Lake and later Xeons, Zen 4) where a C compiler is
+found (:mod:`redrafter.kernels` builds it; :func:`~redrafter.kernels.kernel_refusal` says why not
+elsewhere).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 from torch import nn
 
-SOURCE = Path(__file__).parent / "kernels" / "w4a8.c"
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c", "fma")
+from .kernels import library
+
 TILE = 16  # outputs per tile of the codes' layout
 BLOCK = 32  # inputs per block (one d and m)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def cache_dir() -> Path:
-    """Where the compiled kernel is kept: ``$REDRAFTER_CACHE``, else ``$XDG_CACHE_HOME/redrafter``."""
-    if os.environ.get("REDRAFTER_CACHE"):
-        return Path(os.environ["REDRAFTER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "redrafter"
-
-
-@functools.cache
-def _build() -> tuple[ctypes.CDLL | None, str | None]:
-    """The loaded kernel library, or None and why it cannot run here (built at most once a process)."""
-    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
-        return None, f"w4a8 runs on x86-64 Linux CPUs, not {platform.system()} {platform.machine()}"
-    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        return None, f"w4a8 needs AVX-512 VNNI; this CPU lacks {', '.join(missing)}"
-    compiler = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
-    if compiler is None or (os.environ.get("CC") and shutil.which(os.environ["CC"]) is None):
-        return None, "w4a8 compiles a small C kernel on first use, and no C compiler (cc, gcc or $CC) was found"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"w4a8-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-            built = Path(scratch) / library.name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if run.returncode != 0:
-                return None, f"w4a8's kernel did not compile with {compiler}: {run.stderr.strip()[-500:]}"
-            os.replace(built, library)  # whole or not at all, also with another process building it
-    lib = ctypes.CDLL(str(library))
-    lib.w4a8_matmul.restype = ctypes.c_int
-    lib.w4a8_matmul.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-    ]  # fmt: skip
-    return lib, None
-
-
-def kernel_refusal() -> str | None:
-    """Why the w4a8 kernel cannot run on this machine, or None when it can (building it if needed)."""
-    return _build()[1]
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -133,9 +69,7 @@ class W4A8Linear(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        refusal = kernel_refusal()
-        if refusal is not None:
-            raise RuntimeError(refusal)
+        library()  # a RuntimeError where the kernels cannot run
         self.out_features, self.in_features = codes.shape
         if self.out_features % TILE or self.in_features % BLOCK or bits not in (4, 8):
             raise ValueError(f"w4a8 packs [N, K] codes of 4 or 8 bits with N a multiple of {TILE} and K of {BLOCK}")
@@ -169,8 +103,7 @@ class W4A8Linear(nn.Module):
             flat = flat.float()
         flat = flat.contiguous()
         out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
-        lib = _build()[0]
-        status = lib.w4a8_matmul(
+        status = library().w4a8_matmul(
             flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
             self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features, out.data_ptr(),
         )  # fmt: skip

@@ -1,0 +1,94 @@
+"""Our C kernels for x86 CPUs with AVX-512 VNNI, built on first use (see :func:`library`).
+
+- ``w4a8.c``: quantized weights times int8 activations (:mod:`redrafter.w4a8`);
+- ``attention.c``: attention whose result for a query does not depend on the other queries
+  (:mod:`redrafter.attention`).
+
+They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
+``$REDRAFTER_CACHE`` (default ``~/.cache/redrafter``), named by a hash of the sources and flags, and
+run in PyTorch's OpenMP threads (``torch.set_num_threads``). :func:`kernel_refusal` says why they cannot
+run where they cannot: off x86-64 Linux, without AVX-512 VNNI, or without a compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c", "fma")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+SIGNATURES = {
+    # x, bf16, M, K, codes, scales, bits, N, y
+    "w4a8_matmul": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR],
+    # q, k, v, mask, bf16, B, H, Q, K, D, 11 strides, scale, out
+    "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are kept: ``$REDRAFTER_CACHE``, else ``$XDG_CACHE_HOME/redrafter``."""
+    if os.environ.get("REDRAFTER_CACHE"):
+        return Path(os.environ["REDRAFTER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "redrafter"
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library, or None and why it cannot run here (built at most once a process)."""
+    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+        return None, f"our C kernels run on x86-64 Linux CPUs, not {platform.system()} {platform.machine()}"
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return None, f"our C kernels need AVX-512 VNNI; this CPU lacks {', '.join(missing)}"
+    asked = os.environ.get("CC")
+    compiler = shutil.which(asked) if asked else shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "our C kernels compile on first use, and no C compiler (cc, gcc or $CC) was found"
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"kernels-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            built = Path(scratch) / path.name
+            command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)]
+            run = subprocess.run(command, capture_output=True, text=True)
+            if run.returncode != 0:
+                return None, f"our C kernels did not compile with {compiler}: {run.stderr.strip()[-500:]}"
+            os.replace(built, path)  # whole or not at all, also with another process building it
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = ctypes.c_int, argtypes
+    return lib, None
+
+
+def kernel_refusal() -> str | None:
+    """Why our C kernels cannot run on this machine, or None when they can (building them if needed)."""
+    return _build()[1]
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels (a :class:`RuntimeError` with :func:`kernel_refusal`'s reason where they cannot run)."""
+    lib, refusal = _build()
+    if lib is None:
+        raise RuntimeError(refusal)
+    return lib
