@@ -306,8 +306,9 @@ class ReDrafter:
         any; none otherwise) or ``None``/``"none"`` for autoregressive decoding.
         ``weights``: ``"float"`` (weights in ``dtype``), ``"int8"`` or ``"int4"``: the target's
         linear layers weight-only quantized (:mod:`redrafter.quant`; int4 from a Q4_0/Q4_1 GGUF
-        runs the file's own 4-bit values); ``"auto"``: :func:`default_weights` (int4 for such a GGUF
-        on a CPU, float otherwise). The tree settings left None take the defaults of
+        runs the file's own 4-bit values); ``"w4a8"``: int4's codes times int8 activations
+        (:mod:`redrafter.w4a8`); ``"auto"``: :func:`default_weights` (w4a8 or int4 for such a GGUF on
+        a CPU, float otherwise). The tree settings left None take the defaults of
         ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
         ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
         and ``"float"`` elsewhere; ``small_tree`` left None takes :func:`default_small_tree`.

@@ -11,7 +11,10 @@ the same model with fewer operations, in the style of gpt-fast:
 - grouped-query attention is one SDPA call per layer, with the query heads of each key/value head
   packed along the query axis (as transformers does for one token), so keys and values are never
   repeated;
-- the additive masks of :func:`redrafter.tree.layer_masks` go straight to SDPA;
+- the additive masks of :func:`redrafter.tree.layer_masks` go straight to SDPA; decode steps (a
+  non-empty cache) run :func:`redrafter.attention.invariant_attention` instead where our kernels run
+  (bfloat16, float32), whose result for a token does not depend on the tree around it: with
+  batch-invariant products (int8, int4, w4a8) speculative decoding then equals plain decoding bit for bit;
 - where oneDNN has native bfloat16 products, the float layers' weights are reordered once into its
   blocked layout (:class:`redrafter.quant.PackedLinear`), which ``F.linear`` would do on every call:
   on the development machine a bfloat16 step's products became 1.2 to 2x faster, their results equal

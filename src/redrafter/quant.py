@@ -13,6 +13,9 @@ forward cheaper. Two of PyTorch's CPU kernels do the work:
   relative error of at most 2^-9 per scale, the same rounding a bfloat16 copy of the weights has.
   Any other tensor (another GGUF type, a Hugging Face folder) is quantized from its weights in the
   same form, Q4_1-style: per group, ``scale = (max - min) / 15`` and codes ``round((w - min) / scale)``.
+- **w4a8** (:class:`~redrafter.w4a8.W4A8Linear`, our AVX-512 VNNI kernel): int4's codes with
+  ``d`` and ``m`` in float16 as a GGUF stores them, times activations rounded to int8 per block of
+  32, as llama.cpp computes a Q4 GGUF; extra rows cost little, so trees do (see :mod:`redrafter.w4a8`).
 - **int8** (``aten._weight_int8pack_mm``): one scale per output row, symmetric,
   ``scale = max |w| / 127``, codes ``round(w / scale)``: always quantized from the weights (GGUF's
   Q8_0 has one scale per 32 weights, which this kernel cannot hold).
@@ -735,14 +738,15 @@ def quantize_target(
     float32_gemms: bool | None = None,
     dense_prefill: bool | None = None,
 ) -> QuantizationReport:
-    """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear` or :class:`Int8Linear`,
+    """Replace the linear layers of ``target``'s decoder by :class:`Int4Linear`, :class:`Int8Linear` or
+    :class:`~redrafter.w4a8.W4A8Linear`,
     and where bfloat16 GEMMs lack CPU instructions, the float ones (and the head) by
     :class:`Float32GemmLinear`.
 
     Args:
         target: a causal LM (int8 and int4: on the CPU in bfloat16, float16 or float32).
-        weights: ``"float"`` (the decoder's layers stay), ``"int8"`` or ``"int4"``.
-        gguf_file: the GGUF file the target was loaded from, if any: with ``"int4"``, its Q4_0 and
+        weights: ``"float"`` (the decoder's layers stay), ``"int8"``, ``"int4"`` or ``"w4a8"``.
+        gguf_file: the GGUF file the target was loaded from, if any: with ``"int4"`` and ``"w4a8"``, its Q4_0 and
             Q4_1 tensors give the codes, scales and zeros as stored (checked against the loaded
             weights); every other layer is quantized from its weights.
         float32_gemms: run products over many rows of the remaining float layers in float32
