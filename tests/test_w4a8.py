@@ -11,7 +11,7 @@ from test_quant import q4_blocks, q8_0_blocks
 
 from redrafter import kernels
 from redrafter.kernels import kernel_refusal
-from redrafter.quant import QuantizationError, gguf_int4, gguf_q8_0_as_int4, quantization_refusal, w4a8_linear
+from redrafter.quant import QuantizationError, gguf_int4, gguf_q8_0, quantization_refusal, w4a8_linear
 from redrafter.w4a8 import W4A8Linear
 
 needs_kernel = pytest.mark.skipif(kernel_refusal() is not None, reason=str(kernel_refusal()))
@@ -50,8 +50,9 @@ def test_the_kernel_computes_the_stated_arithmetic(bits, dtype):
     got = layer(x).double()
     if dtype == torch.float32:  # float32 sums of 6 blocks: a few roundings
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
-    else:  # the output rounded once more, to bfloat16
+    else:  # the output rounded once more, to bfloat16, by the kernel as PyTorch rounds
         assert torch.allclose(got, expected, rtol=2**-8, atol=2**-8 * float(expected.abs().max()))
+        assert torch.equal(layer(x), layer(x.float()).to(torch.bfloat16))
 
 
 @needs_kernel
@@ -103,10 +104,8 @@ def test_q8_0_blocks_run_as_8_bit_codes():
     rows, cols = 32, 128
     raw = q8_0_blocks(rows, cols, seed=6)
     theirs = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(rows, cols)
-    pair = gguf_q8_0_as_int4(raw, (rows, cols))
-    shifted = pair.codes[:, :cols].short() * 16 + pair.codes[:, cols:]
-    d = pair.scale[:, cols // 32 :]
-    layer = W4A8Linear(shifted.to(torch.uint8), d, -128 * d, 8, None, torch.float32)
+    shifted, d = gguf_q8_0(raw, (rows, cols))
+    layer = W4A8Linear(shifted, d, -128 * d, 8, None, torch.float32)
     applied = layer(torch.eye(cols)).T
     bound = 128 * d.abs().repeat_interleave(32, dim=1)
     assert torch.all((applied - torch.from_numpy(theirs.copy())).abs() <= 2**-21 * bound)

@@ -29,4 +29,5 @@ with torch.inference_mode():
         for _ in range(20):
             for product, x in zip(products, inputs, strict=True):
                 product(x)
-        print(f"{weights} {rows:2d} rows: {(time.perf_counter() - start) / 20 * 1000:.2f} ms for {len(products)} products")
+        milliseconds = (time.perf_counter() - start) / 20 * 1000
+        print(f"{weights} {rows:2d} rows: {milliseconds:.2f} ms for {len(products)} products")

@@ -16,13 +16,12 @@ import sys
 import torch
 
 from redrafter.kv_cache import TreeKVCache
-from redrafter.lean_decoder import LeanDecoder, target_forward
+from redrafter.lean_decoder import target_forward
 from redrafter.models import gguf_source, load_target
 from redrafter.quant import quantize_target
 from redrafter.tree import additive_mask
 
 PROMPT = json.loads(open("../shared/data/spec_bench.jsonl").readline())["turns"][0]
-invariant_refusal = LeanDecoder.invariant_attention_refusal
 
 
 def one_token(forward, token: int, position: int, cache: TreeKVCache) -> torch.Tensor:
@@ -35,15 +34,16 @@ with torch.inference_mode():
         target, tokenizer = load_target("default", dtype=torch.bfloat16, device="cpu")
         quantize_target(target, weights, gguf_source("default"), dense_prefill=False)
         forward, head = target_forward(target), target.get_output_embeddings().weight.float()
-        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+        chat = [{"role": "user", "content": PROMPT}]
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
         n = ids.shape[1]
         for attention in ("sdpa", "invariant"):
-            LeanDecoder.invariant_attention_refusal = (
-                invariant_refusal if attention == "invariant" else (lambda self, masks: "SDPA asked")
-            )
+            lean = getattr(forward, "lean", forward)  # a packed forward runs the lean decoder
+            lean.invariant_steps = attention == "invariant"
             cache = TreeKVCache(target.config.num_hidden_layers, capacity=n + 48)
-            hidden = forward(ids, torch.arange(n)[None], additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), torch.bfloat16), cache)
+            causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), torch.bfloat16)
+            hidden = forward(ids, torch.arange(n)[None], causal, cache)
             tokens, single = [int((hidden[0, -1].float() @ head.T).argmax())], []
             for step in range(40):
                 single.append(one_token(forward, tokens[-1], n + step, cache).float() @ head.T)
@@ -55,12 +55,18 @@ with torch.inference_mode():
                     cache.crop(n - cache.length)
                     for step in range(start):  # the cache as plain decoding has it
                         one_token(forward, tokens[step], n + step, cache)
-                    allowed = torch.cat([torch.ones(size, n + start, dtype=torch.bool), torch.ones(size, size, dtype=torch.bool).tril()], 1)
-                    chain = forward(
-                        torch.tensor([tokens[start : start + size]]),
-                        torch.arange(n + start, n + start + size)[None],
-                        additive_mask(allowed[None], torch.bfloat16),
-                        cache,
-                    )[0].float() @ head.T
-                    worst[size] = max(worst[size], *(float((chain[i] - single[start + i]).abs().max()) for i in range(size)))
-            print(f"{weights:5s} {attention:9s} " + "  ".join(f"chain {s}: {d:.4f}" for s, d in worst.items()), flush=True)
+                    cached = torch.ones(size, n + start, dtype=torch.bool)
+                    allowed = torch.cat([cached, torch.ones(size, size, dtype=torch.bool).tril()], 1)
+                    chain = (
+                        forward(
+                            torch.tensor([tokens[start : start + size]]),
+                            torch.arange(n + start, n + start + size)[None],
+                            additive_mask(allowed[None], torch.bfloat16),
+                            cache,
+                        )[0].float()
+                        @ head.T
+                    )
+                    gaps = [float((chain[i] - single[start + i]).abs().max()) for i in range(size)]
+                    worst[size] = max(worst[size], *gaps)
+            chains = "  ".join(f"chain {size}: {gap:.4f}" for size, gap in worst.items())
+            print(f"{weights:5s} {attention:9s} {chains}", flush=True)

@@ -93,8 +93,9 @@ def default_weights(model: str | os.PathLike, device: torch.device | str, dtype:
     layer of its decoder as Q4_0 or Q4_1 (:func:`redrafter.quant.gguf_stores_int4`: the kernels then run
     the file's own 4-bit values, the model in the file) on a CPU in bfloat16 or float16, ``"w4a8"`` where
     our kernel for it runs (AVX-512 VNNI, a C compiler: :mod:`redrafter.kernels`), else ``"int4"``;
-    ``"float"`` otherwise. w4a8 over int4, side by side on 26 Spec-Bench prompts (Ice Lake Xeon, 2 cores,
-    128 new tokens): ``redrafter`` 1.23x, plain decoding 1.14x, and output equal to plain decoding's
+    ``"float"`` otherwise. w4a8 over int4 was chosen on 8 MT-Bench prompts (``redrafter`` 75.9 against
+    68.6 tokens/s, Ice Lake Xeon, 2 cores, 128 new tokens) and reported on 26 Spec-Bench prompts:
+    ``redrafter`` 75.7 against 62.9 (1.20x), plain decoding 1.14x, output equal to plain decoding's
     token for token with both (docs/w4a8/). With int4 weights a step reads a
     quarter of the bytes: side by side on an Ice Lake Xeon (2 cores), ``redrafter`` gave 69.1 tokens/s
     against 43.2 with bfloat16 weights on 16 MT-Bench prompts (where this was chosen) and 58.8 against
@@ -345,8 +346,7 @@ class ReDrafter:
         # Copies for prefills only where the eager lean forward runs them (a compiled one has its own graph).
         dense_prefill = False if compile or lean_support(target) is not None else packed
         quantization = quantize_target(target, weights, gguf_source(model), dense_prefill=dense_prefill)
-        head_kernel = "w4a8" if weights == "w4a8" else "int4"
-        argmax_head = gguf_argmax_head(target, gguf_source(model), head_kernel) if quick_argmax else None
+        argmax_head = gguf_argmax_head(target, gguf_source(model), weights) if quick_argmax else None
         given = dict(
             num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
         )

@@ -18,13 +18,11 @@ import torch
 from .kernels import kernel_refusal, library
 
 
-def invariant_attention_refusal(query: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-    """Why :func:`invariant_attention` cannot take these inputs, or None when it can."""
-    if mask is None:
-        return "it needs an explicit additive mask"
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float32):
+def invariant_attention_refusal(dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
+    """Why :func:`invariant_attention` cannot run attention of these heads, or None when it can."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return "it runs on the CPU in bfloat16 or float32"
-    if query.shape[-1] % 16 or query.shape[-1] > 256:
+    if head_dim % 16 or head_dim > 256:
         return "it needs a head dimension that is a multiple of 16, at most 256"
     return kernel_refusal()
 

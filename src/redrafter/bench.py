@@ -196,11 +196,11 @@ VARIANT_SETTINGS = {
     "adaptive": "adaptive",  # 0: a tree every step
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI); none: plain
-    "drafter-weights": "drafter_weights",  # float, int8 or int4
+    "drafter-weights": "drafter_weights",  # float, int8, int4 or w4a8
     "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
     "compile": "compile",  # 1: the lean forward through torch.compile; 0: eager
     "packed": "packed",  # 0: the lean forward's float products through F.linear (weights reordered every call)
-    "weights": "weights",  # float, int8 or int4: another target with these weights, at their default tree
+    "weights": "weights",  # float, int8, int4 or w4a8: another target with these weights, at their default tree
 }
 
 
@@ -984,8 +984,7 @@ def run_cost_curve(
             continue  # not on this machine (w4a8 without AVX-512 VNNI, say)
         target, _ = load_target(model, dtype=dtype, device=device)
         quantize_target(target, weights, gguf_source(model))
-        head = gguf_argmax_head(target, gguf_source(model), "w4a8" if weights == "w4a8" else "int4")
-        targets[weights], heads[weights] = target, head
+        targets[weights], heads[weights] = target, gguf_argmax_head(target, gguf_source(model), weights)
     # Each series: a target and its forward as the decode loop runs it; float weights also unpacked
     # where the loop packs them (PackedLinear).
     series = {weights: (target, target_forward(target, packed=None)) for weights, target in targets.items()}

@@ -444,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
-        "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4, "
+        "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4|w4a8, "
         "quick-argmax=0 for the float head's argmax candidates, compile=1 or 0 for the compiled forward or the "
-        "eager one, packed=0 for float weights not reordered once for oneDNN, and weights=float|int8|int4 for "
+        "eager one, packed=0 for float weights not reordered once for oneDNN, and weights=float|int8|int4|w4a8 for "
         "the model loaded again with those weights, at their own default tree, held to and measured against "
         "plain decoding with them (a drafter=none variant of them, else ar-WEIGHTS, added); repeatable)",
     )

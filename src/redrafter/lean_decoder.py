@@ -268,6 +268,9 @@ class LeanDecoder(nn.Module):
         dense = [DenseProducts(layer) for layer in self.layers]
         self.dense_layers = nn.ModuleList(dense) if any(products.swapped for products in dense) else None
         self.cos = self.sin = torch.empty(0)
+        # Decode steps through invariant_attention where it runs (module docstring); prefills keep SDPA.
+        weight = self.embed.weight
+        self.invariant_steps = invariant_attention_refusal(weight.dtype, weight.device, self.head_dim) is None
 
     def packs(self) -> bool:
         """Whether a packed forward changes anything here: some layer's product is
@@ -327,14 +330,8 @@ class LeanDecoder(nn.Module):
         if packed and self.packed_layers is None:
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
         dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
-        invariant = cache.length > 0 and self.invariant_attention_refusal(masks) is None
+        invariant = self.invariant_steps and cache.length > 0
         return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense, invariant=invariant)
-
-    def invariant_attention_refusal(self, masks: Masks) -> str | None:
-        """Why decode steps cannot run :func:`~redrafter.attention.invariant_attention`, or None."""
-        mask = next(iter(masks.values())) if isinstance(masks, dict) else masks
-        probe = torch.empty(0, 1, 1, self.head_dim, dtype=self.embed.weight.dtype, device=self.embed.weight.device)
-        return invariant_attention_refusal(probe, mask)
 
     def run(
         self,
@@ -479,10 +476,14 @@ def fresh_strides(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def lean_refusal(target: PreTrainedModel, lean: bool = True) -> str | None:
+    """None if the lean forward runs ``target`` (and ``lean`` asks for it), else why not."""
+    return "lean=False" if not lean else lean_support(target)
+
+
 def compile_refusal(target: PreTrainedModel, lean: bool = True) -> str | None:
     """None if :class:`CompiledDecoder` can run ``target`` (with ``lean``), else why not (one line)."""
-    reason = "lean=False" if not lean else lean_support(target)
-    if reason is not None:
+    if (reason := lean_refusal(target, lean)) is not None:
         return f"a compiled forward needs the lean one, and this target has none: {reason}"
     if any(isinstance(module, W4A8Linear) for module in target.modules()):
         return "torch.compile does not trace the w4a8 kernel (a C library); run w4a8 weights eagerly"
@@ -494,7 +495,7 @@ def packed_refusal(target: PreTrainedModel, lean: bool = True, compile: bool = F
     (one line)."""
     if compile:
         return "a compiled forward is not packed (Inductor lays out the weights its own way)"
-    if (reason := "lean=False" if not lean else lean_support(target)) is not None:
+    if (reason := lean_refusal(target, lean)) is not None:
         return f"a packed forward needs the lean one, and this target has none: {reason}"
     if not target_forward(target, lean).packs():
         return (
@@ -549,7 +550,7 @@ def target_forward(
     The lean decoder itself is the unpacked forward (a packed one calls it, so its hooks see both)."""
     if compile and (reason := compile_refusal(target, lean)) is not None:
         raise ValueError(reason)
-    if not lean or lean_support(target) is not None:
+    if lean_refusal(target, lean) is not None:
         return transformers_forward(target)
     if target not in _built:
         _built[target] = LeanDecoder(target)

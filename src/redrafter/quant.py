@@ -201,21 +201,28 @@ def gguf_int4(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4W
     return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero, minimum)
 
 
-def gguf_q8_0_as_int4(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
-    """A GGUF Q8_0 tensor's raw blocks (``[N, K / 32 * 34]`` uint8) -> int4 codes over the input
-    written twice, ``[N, 2 K]``: the high nibbles of ``q + 128`` (scale ``16 d``), then the low ones
-    (scale ``d``, zero ``8 d``), so that ``x W^T = [x, x] W2^T`` for the file's ``W = d q``.
+def gguf_q8_0(data: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q8_0 tensor's raw blocks (``[N, K / 32 * 34]`` uint8) -> its codes shifted to unsigned,
+    ``q + 128`` (``[N, K]`` uint8), and ``d`` (``[N, K / 32]`` float32): ``w = d (u - 128)``.
 
     A block is ``d`` (float16), then 32 int8 values ``q``.
     """
     out_features, in_features = shape
     blocks = np.ascontiguousarray(data).reshape(out_features, in_features // GROUP_SIZE, 2 + GROUP_SIZE)
     d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
-    shifted = blocks[..., 2:].view(np.int8).astype(np.int16) + 128  # 0..255
-    codes = np.concatenate([shifted >> 4, shifted & 0x0F], axis=1).reshape(out_features, 2 * in_features)
+    shifted = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return torch.from_numpy(shifted.reshape(out_features, in_features)), d
+
+
+def gguf_q8_0_as_int4(data: np.ndarray, shape: tuple[int, int]) -> Int4Weight:
+    """A GGUF Q8_0 tensor's raw blocks (``[N, K / 32 * 34]`` uint8) -> int4 codes over the input
+    written twice, ``[N, 2 K]``: the high nibbles of ``q + 128`` (scale ``16 d``), then the low ones
+    (scale ``d``, zero ``8 d``), so that ``x W^T = [x, x] W2^T`` for the file's ``W = d q``."""
+    shifted, d = gguf_q8_0(data, shape)
+    codes = torch.cat([shifted >> 4, shifted & 0x0F], dim=1)
     scale = torch.cat([16 * d, d], dim=1)
     zero = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
-    return Int4Weight(torch.from_numpy(codes.astype(np.uint8)), scale, zero, zero - 8 * scale)
+    return Int4Weight(codes, scale, zero, zero - 8 * scale)
 
 
 def _on_cpu(device: torch.device | str) -> bool:
@@ -366,11 +373,15 @@ class ArgmaxHead(nn.Module):
         return self.linear(torch.cat([hidden, hidden], dim=-1) if self.doubled else hidden)
 
 
-def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None, kernel: str = "int4") -> ArgmaxHead | None:
+def gguf_argmax_head(
+    target: nn.Module, gguf_file: str | os.PathLike | None, weights: str = "int4"
+) -> ArgmaxHead | None:
     """An :class:`ArgmaxHead` from ``gguf_file``'s output head (or the tied token embedding) when it
     is stored as Q8_0, Q4_0 or Q4_1, its values are ``target``'s head's (rounded to the head's
-    dtype, row for row), and ``kernel`` (``"int4"``, or ``"w4a8"`` for the int8-activation kernel,
-    which reads Q8_0 codes as they are) runs ``target`` (a CPU, bfloat16 or float16); else None."""
+    dtype, row for row), and the kernel runs ``target`` (a CPU, bfloat16 or float16); else None.
+    With ``weights="w4a8"`` it runs through the w4a8 kernel (Q8_0 as 8-bit codes), else through the
+    int4 one (Q8_0 as two 4-bit halves)."""
+    kernel = "w4a8" if weights == "w4a8" else "int4"
     head = target.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if gguf_file is None or weight is None or weight.dtype not in (torch.bfloat16, torch.float16):
@@ -383,27 +394,27 @@ def gguf_argmax_head(target: nn.Module, gguf_file: str | os.PathLike | None, ker
     tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
     if tensor is None or weight.shape[1] % GROUP_SIZE:
         return None
-    shape, bias = tuple(weight.shape), getattr(head, "bias", None)
-    if tensor.tensor_type.name == "Q8_0":
-        codes, doubled = gguf_q8_0_as_int4(tensor.data, shape), True
-        values = codes.dequantize()
-        values = values[:, : shape[1]] + values[:, shape[1] :]
-    elif tensor.tensor_type.name in GGUF_INT4_TYPES:
-        codes, doubled = gguf_int4(tensor.data, tensor.tensor_type.name, shape), False
+    shape, bias, type_name = tuple(weight.shape), getattr(head, "bias", None), tensor.tensor_type.name
+    if type_name == "Q8_0":
+        shifted, d = gguf_q8_0(tensor.data, shape)
+        values = (shifted.float() - 128) * d.repeat_interleave(GROUP_SIZE, dim=1)
+    elif type_name in GGUF_INT4_TYPES:
+        codes = gguf_int4(tensor.data, type_name, shape)
         values = codes.dequantize()
     else:
         return None
     if not torch.equal(values.to(weight.dtype), weight.detach()):
         return None
-    if kernel == "int4":
-        return ArgmaxHead(Int4Linear(codes, bias, weight.dtype), doubled)
-    if not doubled:
-        return ArgmaxHead(w4a8_linear(codes, bias, weight.dtype), False, W4A8_ARGMAX_HEAD_MAX_ROWS)
-    # Q8_0: the codes q + 128 = 16 h + l (h, l: the doubled form's halves), d, and m = -128 d.
-    shifted = codes.codes[:, : shape[1]].short() * 16 + codes.codes[:, shape[1] :]
-    d = codes.scale[:, shape[1] // GROUP_SIZE :]
-    linear = W4A8Linear(shifted.to(torch.uint8), d, -128 * d, 8, bias, weight.dtype)
-    return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS)
+    if kernel == "w4a8":
+        linear = (
+            W4A8Linear(shifted, d, -128 * d, 8, bias, weight.dtype)
+            if type_name == "Q8_0"
+            else w4a8_linear(codes, bias, weight.dtype)
+        )
+        return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS)
+    if type_name == "Q8_0":
+        return ArgmaxHead(Int4Linear(gguf_q8_0_as_int4(tensor.data, shape), bias, weight.dtype), True)
+    return ArgmaxHead(Int4Linear(codes, bias, weight.dtype), False)
 
 
 class Int8Linear(nn.Module):

@@ -102,14 +102,14 @@ class W4A8Linear(nn.Module):
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
         flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)  # written in x's dtype by the kernel
         status = library().w4a8_matmul(
             flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
             self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features, out.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("w4a8: no memory for the quantized activations")
-        y = out.to(x.dtype)
+        y = out.to(x.dtype)  # a float16 input ran in float32
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -27,7 +27,7 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c", "fma")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
-    # x, bf16, M, K, codes, scales, bits, N, y
+    # x, bf16 (x and y), M, K, codes, scales, bits, N, y
     "w4a8_matmul": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR],
     # q, k, v, mask, bf16, B, H, Q, K, D, 11 strides, scale, out
     "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],

@@ -67,9 +67,20 @@ VNNI static inline void load_codes(const uint8_t *block, int bits, __m512i *u) {
   }
 }
 
+// 16 floats rounded to bfloat16 (to nearest even, NaN kept a NaN), as PyTorch rounds them.
+VNNI static inline __m256i to_bf16(__m512 values) {
+  __m512i bits = _mm512_castps_si512(values);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(64)));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
 // Outputs 16 t .. 16 t + 15 of rows [first, first + count).
 VNNI static void tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
-                      const float *sums, int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, float *y) {
+                      const float *sums, int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, int bf16_out,
+                      void *y) {
   const int64_t blocks = K / 32, block_bytes = 8 * bits * 8;
   for (int64_t r0 = first; r0 < first + count; r0 += ROWS) {
     int rows = first + count - r0 < ROWS ? (int)(first + count - r0) : ROWS;
@@ -90,14 +101,20 @@ VNNI static void tile(const uint8_t *codes, const uint16_t *dm, int bits, const 
         acc[r] = _mm512_fmadd_ps(part, _mm512_set1_ps(s[(r0 + r) * blocks + b]), acc[r]);
       }
     }
-    for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + (r0 + r) * N + 16 * t, acc[r]);
+    for (int r = 0; r < rows; r++) {
+      if (bf16_out) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + (r0 + r) * N + 16 * t), to_bf16(acc[r]));
+      } else {
+        _mm512_storeu_ps((float *)y + (r0 + r) * N + 16 * t, acc[r]);
+      }
+    }
   }
 }
 
-// y [M, N] float32 = x [M, K] (float32, or bfloat16 when bf16 != 0) times the weights above.
+// y [M, N] = x [M, K] times the weights above; x and y float32, or bfloat16 when bf16 != 0.
 // K must be a multiple of 32 and N of 16. Returns 0, or -1 when scratch memory ran out.
 int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
-                int64_t N, float *y) {
+                int64_t N, void *y) {
   int8_t *q = malloc((size_t)(M * K) + 2 * (size_t)(M * (K / 32)) * sizeof(float));
   if (q == NULL) return -1;
   float *s = (float *)(q + M * K), *sums = s + M * (K / 32);
@@ -109,7 +126,7 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
     for (int64_t first = 0; first < M; first += PANEL) {
       int64_t count = M - first < PANEL ? M - first : PANEL;
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < N / 16; t++) tile(codes, dm, bits, q, s, sums, first, count, K, N, t, y);
+      for (int64_t t = 0; t < N / 16; t++) tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16, y);
     }
   }
   free(q);
