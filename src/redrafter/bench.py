@@ -185,6 +185,15 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
 
+def plain_engine(rd: ReDrafter) -> ReDrafter:
+    """Plain greedy decoding (``ar``) as ``rd`` runs its target: the same weights, quick argmax head,
+    compilation and packing, so that a ratio against it measures speculation alone."""
+    return ReDrafter(
+        rd.target, rd.tokenizer, None, argmax_head=rd.argmax_head, compile=rd.compile, packed=rd.packed,
+        quantization=rd.quantization,
+    )  # fmt: skip
+
+
 # What a --variant may set: its CLI spelling -> the ReDrafter keyword.
 VARIANT_SETTINGS = {
     "beams": "num_beams",
@@ -311,9 +320,7 @@ def make_methods(
 
     available: dict[str, Callable[[], Method]] = {
         "redrafter": lambda: ours(rd),
-        "ar": lambda: ours(
-            ReDrafter(target, rd.tokenizer, None, argmax_head=rd.argmax_head, compile=rd.compile, packed=rd.packed)
-        ),
+        "ar": lambda: ours(plain_engine(rd)),
         "ar-transformers": lambda: ours(ReDrafter(target, rd.tokenizer, None, lean=False, argmax_head=rd.argmax_head)),
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
@@ -783,7 +790,7 @@ def run_sweep(
     """Tokens/s of every tree shape W x L (and of ``ar``), interleaved per prompt; ``sweep.json``/``.png``."""
     if rd.drafter is None:
         raise RedrafterError("--sweep needs a drafter (--drafter FOLDER)")
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
+    engines = {"ar": plain_engine(rd)}
     for w in beams:
         for length in draft_lens:
             engines[f"W{w}-L{length}"] = variant(rd, num_beams=w, draft_len=length)
@@ -854,7 +861,7 @@ def run_batch_sweep(
     rd: ReDrafter, encoded: list[list[int]], batch_sizes: list[int], max_new_tokens: int, out: Path
 ) -> dict:
     """Tokens/s against batch size for ``redrafter`` and ``ar``; ``batch.json``/``batch.png``."""
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
+    engines = {"ar": plain_engine(rd)}
     if rd.drafter is not None:
         engines["redrafter"] = rd
     table: dict[str, dict[str, dict]] = {name: {} for name in engines}
@@ -885,7 +892,7 @@ def run_profile(rd: ReDrafter, encoded: list[list[int]], max_new_tokens: int, ou
     ``redrafter`` verifies a tree every step here (an adaptive engine's plain steps would blur the
     tree step's stages). Writes ``profile.json``.
     """
-    engines = {"ar": ReDrafter(rd.target, rd.tokenizer, None, compile=rd.compile)}
+    engines = {"ar": plain_engine(rd)}
     if rd.drafter is not None:
         engines["redrafter"] = variant(rd, adaptive=False)
     table = {}

@@ -66,6 +66,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .attention import invariant_attention, invariant_attention_refusal
+from .fused_layer import FusedLayers, fused_layers_refusal
 from .kv_cache import TreeKVCache
 from .models import context_limit, decoder_features, decoder_of
 from .quant import (
@@ -271,6 +272,13 @@ class LeanDecoder(nn.Module):
         # Decode steps through invariant_attention where it runs (module docstring); prefills keep SDPA.
         weight = self.embed.weight
         self.invariant_steps = invariant_attention_refusal(weight.dtype, weight.device, self.head_dim) is None
+        # A w4a8 target's decode steps: a layer a call (redrafter.fused_layer), same arithmetic.
+        refusal = fused_layers_refusal(
+            self.layers, weight.dtype, weight.device, config.hidden_size, self.head_dim, self.intermediate
+        )
+        self.fused = None
+        if self.invariant_steps and refusal is None:
+            self.fused = FusedLayers(self.layers, self.eps, self.heads, self.kv_heads, self.head_dim, self.intermediate)
 
     def packs(self) -> bool:
         """Whether a packed forward changes anything here: some layer's product is
@@ -331,6 +339,8 @@ class LeanDecoder(nn.Module):
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
         dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
         invariant = self.invariant_steps and cache.length > 0
+        if invariant and self.fused is not None and self.fused.runs(self.embed.weight, cache.layers):
+            return self.run_fused(input_ids, positions, masks, cache, layers)
         return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense, invariant=invariant)
 
     def run(
@@ -384,6 +394,32 @@ class LeanDecoder(nn.Module):
             x = x + padded_product(products.down_proj, F.silu(gate) * up, row_buckets)
             if index in layers:
                 captured[index] = x
+        return self._finish(x, captured, layers)
+
+    def run_fused(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        masks: Masks,
+        cache: TreeKVCache,
+        layers: tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        """:meth:`forward` for a decode step through :attr:`fused` (:mod:`redrafter.fused_layer`): each
+        layer one call, the residual stream updated in place."""
+        x = self.embed(input_ids).contiguous()
+        cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()  # [B, q, hd]
+        by_type = masks if isinstance(masks, dict) else {None: masks}
+        by_type = {kind: m.to(x.dtype).contiguous() for kind, m in by_type.items()}
+        captured: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            mask = by_type[layer.layer_type] if layer.layer_type in by_type else by_type[None]
+            self.fused(index, x, cache.layers[index], mask, cos, sin)
+            if index in layers:
+                captured[index] = x.clone()
+        return self._finish(x, captured, layers)
+
+    def _finish(self, x: torch.Tensor, captured: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+        """The final norm of ``x`` ``[B, q, d]``, then the ``captured`` layers' outputs ``layers``."""
         final = self._norm(x, self.final_norm)
         return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
 

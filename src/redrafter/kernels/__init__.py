@@ -2,7 +2,9 @@
 
 - ``w4a8.c``: quantized weights times int8 activations (:mod:`redrafter.w4a8`);
 - ``attention.c``: attention whose result for a query does not depend on the other queries
-  (:mod:`redrafter.attention`).
+  (:mod:`redrafter.attention`);
+- ``layer.c``: a whole decoder layer with w4a8 products for decode steps (:mod:`redrafter.fused_layer`);
+- ``kernels.h``: what they share.
 
 They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
 ``$REDRAFTER_CACHE`` (default ``~/.cache/redrafter``), named by a hash of the sources and flags, and
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = sorted(Path(__file__).parent.glob("*.c"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c", "fma")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -31,6 +34,8 @@ SIGNATURES = {
     "w4a8_matmul": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR],
     # q, k, v, mask, bf16, B, H, Q, K, D, 11 strides, scale, out
     "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],
+    # layer, bf16, x, B, Q, keys, values, capacity, length, mask, mask strides (batch, query), cos, sin
+    "fused_layer": [_PTR, ctypes.c_int, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR],
 }
 
 
@@ -62,7 +67,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None]:
     compiler = shutil.which(asked) if asked else shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "our C kernels compile on first use, and no C compiler (cc, gcc or $CC) was found"
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
     path = cache_dir() / f"kernels-{key}.so"
     if not path.exists():

@@ -13,60 +13,13 @@
 // q, k, v, mask: float32, or bfloat16 when bf16 != 0; the head dimension D (a multiple of 16, at most
 // 256) contiguous, the others strided (strides in elements; a stride of 0 broadcasts). out: contiguous
 // [B, H, Q, D] in the same dtype.
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
-#define MASKED (-1e30f)
-
-AVX512 static inline __m512 load16(const void *base, int64_t at, int bf16) {
-  if (bf16) {
-    __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-  return _mm512_loadu_ps((const float *)base + at);
-}
-
-static inline float load1(const void *base, int64_t at, int bf16) {
-  if (bf16) {
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float value;
-    memcpy(&value, &bits, 4);
-    return value;
-  }
-  return ((const float *)base)[at];
-}
-
-static inline uint16_t to_bf16(float value) {  // round to nearest even, NaN kept a NaN
-  uint32_t bits;
-  memcpy(&bits, &value, 4);
-  if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64);
-  bits += 0x7fff + ((bits >> 16) & 1);
-  return (uint16_t)(bits >> 16);
-}
-
-// exp(x) for x <= 0 (0 below -87.3): Cody-Waite reduction and a degree-6 polynomial (Cephes' expf).
-AVX512 static inline __m512 exp_nonpositive(__m512 x) {
-  __mmask16 alive = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n));
-}
+#include "kernels.h"
 
 // One query: its kept keys' scores into scores[], their indices into kept[]; out (D floats) written.
-AVX512 static void one_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K,
+AVX512 void attention_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K,
                              int64_t D, int64_t k_sk, int64_t v_sk, int64_t m_sk, float scale, float *scores,
                              int32_t *kept, float *out) {
   __m512 query[16], acc[16];
@@ -120,12 +73,12 @@ int invariant_attention(const void *q, const void *k, const void *v, const void 
     float *scores = (float *)(scratch + task * (K * 8 + D * 4));
     int32_t *kept = (int32_t *)(scores + K);
     float *row = (float *)(kept + K);
-    one_query((const char *)q + (b * q_sb + h * q_sh + i * q_si) * size, (const char *)k + (b * k_sb + h * k_sh) * size,
+    attention_query((const char *)q + (b * q_sb + h * q_sh + i * q_si) * size, (const char *)k + (b * k_sb + h * k_sh) * size,
               (const char *)v + (b * v_sb + h * v_sh) * size, (const char *)mask + (b * m_sb + i * m_si) * size, bf16,
               K, D, k_sk, v_sk, m_sk, scale, scores, kept, row);
     if (bf16) {
       uint16_t *target = (uint16_t *)out + task * D;
-      for (int64_t j = 0; j < D; j++) target[j] = to_bf16(row[j]);
+      for (int64_t j = 0; j < D; j++) target[j] = to_bf16_bits(row[j]);
     } else {
       memcpy((float *)out + task * D, row, (size_t)D * sizeof(float));
     }

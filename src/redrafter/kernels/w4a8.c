@@ -18,16 +18,15 @@
 //           nibble and u[n, 32 b + 8 p + 4 + i] in its high one.
 //   8 bits: 512 bytes, eight chunks of 64; byte 4 j + i of chunk p holds u[n, 32 b + 4 p + i].
 // d and m: per tile and block, 16 float16 d then 16 float16 m.
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+#include "kernels.h"
+
 #define ROWS 4      // rows of x per register block: the unpacked codes are reused across them
 #define PANEL 64    // rows of x per pass over the weights, so that a panel's activations stay in cache
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
-VNNI static void quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
+VNNI void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
   for (int64_t b = 0; b < K / 32; b++) {
     __m512 v[2];
     for (int h = 0; h < 2; h++) {
@@ -67,18 +66,8 @@ VNNI static inline void load_codes(const uint8_t *block, int bits, __m512i *u) {
   }
 }
 
-// 16 floats rounded to bfloat16 (to nearest even, NaN kept a NaN), as PyTorch rounds them.
-VNNI static inline __m256i to_bf16(__m512 values) {
-  __m512i bits = _mm512_castps_si512(values);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(64)));
-  return _mm512_cvtepi32_epi16(rounded);
-}
-
 // Outputs 16 t .. 16 t + 15 of rows [first, first + count).
-VNNI static void tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
+VNNI void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
                       const float *sums, int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, int bf16_out,
                       void *y) {
   const int64_t blocks = K / 32, block_bytes = 8 * bits * 8;
@@ -102,8 +91,10 @@ VNNI static void tile(const uint8_t *codes, const uint16_t *dm, int bits, const 
       }
     }
     for (int r = 0; r < rows; r++) {
-      if (bf16_out) {
-        _mm256_storeu_si256((__m256i *)((uint16_t *)y + (r0 + r) * N + 16 * t), to_bf16(acc[r]));
+      if (bf16_out == 1) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + (r0 + r) * N + 16 * t), bf16_bits16(acc[r]));
+      } else if (bf16_out == 2) {
+        _mm512_storeu_ps((float *)y + (r0 + r) * N + 16 * t, round16(acc[r], 1));
       } else {
         _mm512_storeu_ps((float *)y + (r0 + r) * N + 16 * t, acc[r]);
       }
@@ -122,11 +113,11 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
+    for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
     for (int64_t first = 0; first < M; first += PANEL) {
       int64_t count = M - first < PANEL ? M - first : PANEL;
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < N / 16; t++) tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16, y);
+      for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16, y);
     }
   }
   free(q);

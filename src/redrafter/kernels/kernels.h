@@ -1,0 +1,105 @@
+// What our kernels share: loads and bfloat16 rounding, a vectorized exp, and the pieces of the w4a8
+// products and of the attention that layer.c runs inside its own parallel region.
+#ifndef REDRAFTER_KERNELS_H
+#define REDRAFTER_KERNELS_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
+#define MASKED (-1e30f)  // an additive mask at or below this leaves its key out
+
+// 16 values at base + at (float32, or bfloat16 when bf16 != 0) as floats.
+AVX512 static inline __m512 load16(const void *base, int64_t at, int bf16) {
+  if (bf16) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + at));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+  return _mm512_loadu_ps((const float *)base + at);
+}
+
+static inline float load1(const void *base, int64_t at, int bf16) {
+  if (bf16) {
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+  }
+  return ((const float *)base)[at];
+}
+
+static inline uint16_t to_bf16_bits(float value) {  // round to nearest even, NaN kept a NaN (as PyTorch)
+  uint32_t bits;
+  memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 64);
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return (uint16_t)(bits >> 16);
+}
+
+// value rounded to bfloat16 when bf16 != 0 (what storing it in a bfloat16 tensor does), else itself.
+static inline float round_to(float value, int bf16) {
+  if (!bf16) return value;
+  uint32_t bits = (uint32_t)to_bf16_bits(value) << 16;
+  float rounded;
+  memcpy(&rounded, &bits, 4);
+  return rounded;
+}
+
+// 16 floats rounded to bfloat16 (to nearest even, NaN kept a NaN), as PyTorch rounds them: the bits.
+AVX512 static inline __m256i bf16_bits16(__m512 values) {
+  __m512i bits = _mm512_castps_si512(values);
+  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(64)));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// 16 floats rounded to bfloat16 values when bf16 != 0, else themselves.
+AVX512 static inline __m512 round16(__m512 values, int bf16) {
+  if (!bf16) return values;
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(values)), 16));
+}
+
+// 16 floats stored at base + at (float32, or bfloat16 when bf16 != 0; rounded to nearest even).
+AVX512 static inline void store16(void *base, int64_t at, __m512 values, int bf16) {
+  if (bf16) {
+    _mm256_storeu_si256((__m256i *)((uint16_t *)base + at), bf16_bits16(values));
+  } else {
+    _mm512_storeu_ps((float *)base + at, values);
+  }
+}
+
+// exp(x) for x <= 0 (0 below -87.3): Cody-Waite reduction and a degree-6 polynomial (Cephes' expf).
+AVX512 static inline __m512 exp_nonpositive(__m512 x) {
+  __mmask16 alive = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n));
+}
+
+// w4a8.c: row r of x [M, K] quantized to int8 per block of 32 (q [K], scales s and code sums [K / 32]);
+// outputs 16 t .. 16 t + 15 of rows [first, first + count) into y [M, N]: float32 (bf16_out 0),
+// bfloat16 (1), or float32 holding the bfloat16 values (2).
+void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums);
+void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s, const float *sums,
+               int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, int bf16_out, void *y);
+
+// attention.c: one query's attention over K keys (strides k_sk, v_sk, m_sk), into out [D] (float32);
+// scores and kept: scratch of K floats and K ints.
+void attention_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K, int64_t D,
+                     int64_t k_sk, int64_t v_sk, int64_t m_sk, float scale, float *scores, int32_t *kept, float *out);
+
+#endif

@@ -1,0 +1,187 @@
+// One decoder layer of a Llama-family model (Llama, Mistral, Qwen2) with w4a8 products, for decode
+// steps, in one call:
+//
+//   h = x + o_proj(attention(rope(qkv(norm(x)))))      (new keys and values written to the cache)
+//   x = h + down_proj(silu(gate) * up),  [gate, up] = gate_up(norm(h))
+//
+// It computes what redrafter.lean_decoder.LeanDecoder.run computes for such a layer with the PyTorch
+// operations, rounding to the activations' dtype at the same places (after every operation the
+// unfused forward stores in a tensor). The only differences are in the last bit of a sum or an
+// exponential: the RMSNorm's sum of squares and the SiLU's exp are ours (fixed order, vectorized).
+// Every row (a token of a tree, or of a batch) runs the same instructions whatever the other rows are,
+// so the layer keeps the batch invariance of the w4a8 products and of the invariant attention.
+//
+// Why: on a 2-core CPU, a one-token step of the default model spent about as long in PyTorch's
+// per-operation overhead (14 us a w4a8 product call, 14 us a norm; 30 layers of about 20 operations)
+// as in its matrix products. Here a layer is one call and one parallel region.
+//
+// Activations float32, or bfloat16 when bf16 != 0 (x, the norms' weights, biases, rotary tables, mask
+// and cache all in that dtype). Shapes: x [B Q, d] (updated in place); cache [B, KV, capacity, hd],
+// the new entries written at [length, length + Q); mask additive [B or 1, 1, Q, length + Q] with
+// strides mask_sb (0 broadcasts) and mask_si, keys contiguous; cos, sin [B Q, hd] (sin's first half
+// negated, as LeanDecoder.make_tables keeps it).
+#include <math.h>
+#include <stdlib.h>
+
+#include "kernels.h"
+
+#define PANEL 64  // rows per pass over a product's weights (as in w4a8.c)
+
+typedef struct {
+  const uint8_t *codes;  // w4a8.c's tile-major codes and float16 scales
+  const uint16_t *scales;
+  const void *bias;  // [N], or NULL
+  int64_t bits, out_features, in_features;
+} Product;
+
+typedef struct {
+  Product qkv, o_proj, gate_up, down_proj;
+  const void *input_norm, *post_norm;  // [d]
+  float eps, scale;
+  int64_t heads, kv_heads, head_dim, intermediate;
+} Layer;
+
+// y [M, N] = x [M, K] (float) times p's weights, rounded as the unfused product's output (in x's
+// dtype, then the bias added and rounded again). Inside a parallel region: the loops are shared.
+VNNI static void product(const Product *p, const float *x, int64_t M, int bf16, int8_t *q, float *s, float *sums,
+                         float *y) {
+  const int64_t K = p->in_features, N = p->out_features, blocks = K / 32;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, 0, r, K, q + r * K, s + r * blocks, sums + r * blocks);
+  for (int64_t first = 0; first < M; first += PANEL) {
+    int64_t count = M - first < PANEL ? M - first : PANEL;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N / 16; t++)
+      w4a8_tile(p->codes, p->scales, (int)p->bits, q, s, sums, first, count, K, N, t, bf16 ? 2 : 0, y);
+  }
+  if (p->bias == NULL) return;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++)
+    for (int64_t n = 0; n < N; n += 16)
+      _mm512_storeu_ps(y + r * N + n, round16(_mm512_add_ps(_mm512_loadu_ps(y + r * N + n), load16(p->bias, n, bf16)), bf16));
+}
+
+// out [d] = weight * rms_norm(x row r): normalized in float32 and rounded, then scaled and rounded.
+AVX512 static void rms_norm_row(const void *x, int64_t r, int64_t d, const void *weight, float eps, int bf16,
+                                float *out) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; j += 16) {
+    __m512 v = load16(x, r * d + j, bf16);
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  __m512 inverse = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)d + eps));
+  for (int64_t j = 0; j < d; j += 16) {
+    __m512 normalized = round16(_mm512_mul_ps(load16(x, r * d + j, bf16), inverse), bf16);
+    _mm512_storeu_ps(out + j, round16(_mm512_mul_ps(load16(weight, j, bf16), normalized), bf16));
+  }
+}
+
+// x row r += update row r (d values), rounded.
+AVX512 static void add_row(void *x, int64_t r, int64_t d, const float *update, int bf16) {
+  for (int64_t j = 0; j < d; j += 16)
+    store16(x, r * d + j, _mm512_add_ps(load16(x, r * d + j, bf16), _mm512_loadu_ps(update + j)), bf16);
+}
+
+// out [I] = silu(gate) * up of one row of [gate, up] (2 I values), each rounded.
+AVX512 static void glu_row(const float *gate_up, int64_t I, int bf16, float *out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < I; j += 16) {
+    __m512 g = _mm512_loadu_ps(gate_up + j);
+    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  // exp(-|g|)
+    __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    __m512 numerator = _mm512_mask_mul_ps(g, negative, g, e);  // g / (1 + exp(-g)), written without overflow
+    __m512 silu = round16(_mm512_div_ps(numerator, _mm512_add_ps(one, e)), bf16);
+    _mm512_storeu_ps(out + j, round16(_mm512_mul_ps(silu, _mm512_loadu_ps(gate_up + I + j)), bf16));
+  }
+}
+
+// Row m = b Q + i of qkv [M, (H + 2 KV) hd]: queries rotated into queries [B, H, Q, hd], keys rotated
+// and values into the cache at length + i.
+AVX512 static void rope_row(const Layer *L, const float *qkv, int64_t m, int64_t Q, const void *cos, const void *sin,
+                            int bf16, void *queries, void *k_cache, void *v_cache, int64_t capacity, int64_t length) {
+  const int64_t H = L->heads, KV = L->kv_heads, hd = L->head_dim, half = hd / 2, b = m / Q, i = m % Q;
+  const float *row = qkv + m * (H + 2 * KV) * hd;
+  for (int64_t h = 0; h < H + 2 * KV; h++) {
+    const float *head = row + h * hd;
+    void *target;
+    int64_t at;
+    if (h < H) {
+      target = queries, at = ((b * H + h) * Q + i) * hd;
+    } else {
+      int64_t kv = h < H + KV ? h - H : h - H - KV;
+      target = h < H + KV ? k_cache : v_cache, at = ((b * KV + kv) * capacity + length + i) * hd;
+    }
+    for (int64_t j = 0; j < hd; j += 16) {
+      __m512 x = _mm512_loadu_ps(head + j);
+      if (h < H + KV) {  // x cos + roll(x, hd / 2) sin, each product rounded, then the sum
+        __m512 partner = _mm512_loadu_ps(head + (j + half) % hd);
+        __m512 straight = round16(_mm512_mul_ps(x, load16(cos, m * hd + j, bf16)), bf16);
+        __m512 rolled = round16(_mm512_mul_ps(partner, load16(sin, m * hd + j, bf16)), bf16);
+        x = _mm512_add_ps(straight, rolled);
+      }
+      store16(target, at + j, x, bf16);
+    }
+  }
+}
+
+// out [n] = values [n] rounded.
+AVX512 static void round_row(const float *values, int64_t n, int bf16, float *out) {
+  for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(out + j, round16(_mm512_loadu_ps(values + j), bf16));
+}
+
+// The layer (see the top of the file). Returns 0, or -1 when scratch memory ran out.
+int fused_layer(const Layer *L, int bf16, void *x, int64_t B, int64_t Q, void *k_cache, void *v_cache,
+                int64_t capacity, int64_t length, const void *mask, int64_t mask_sb, int64_t mask_si, const void *cos,
+                const void *sin) {
+  const int64_t M = B * Q, d = L->qkv.in_features, H = L->heads, KV = L->kv_heads, hd = L->head_dim;
+  const int64_t I = L->intermediate, keys = length + Q, tasks = B * H * Q, groups = H / KV;
+  int64_t inputs = d > H * hd ? d : H * hd, outputs = L->qkv.out_features;
+  inputs = inputs > I ? inputs : I;
+  outputs = outputs > 2 * I ? outputs : 2 * I;
+  outputs = outputs > d ? outputs : d;
+  const size_t task_bytes = (size_t)(keys * 8 + hd * 4);
+  const size_t bytes = (size_t)(M * inputs) * (4 + 1) + 2 * (size_t)(M * inputs / 32) * 4 + (size_t)(M * outputs) * 4 +
+                       (size_t)(M * H * hd) * 4 + (size_t)tasks * task_bytes;
+  char *scratch = malloc(bytes);
+  if (scratch == NULL) return -1;
+  float *act = (float *)scratch;                  // [M, inputs]: a product's input
+  float *out = act + M * inputs;                  // [M, outputs]: a product's output
+  float *s = out + M * outputs, *sums = s + M * inputs / 32;
+  float *queries = sums + M * inputs / 32;        // [B, H, Q, hd] in the dtype
+  char *attention = (char *)(queries + M * H * hd);  // per task: scores, kept keys, the output row
+  int8_t *q = (int8_t *)(attention + tasks * task_bytes);
+  const size_t size = bf16 ? 2 : 4;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) rms_norm_row(x, r, d, L->input_norm, L->eps, bf16, act + r * d);
+    product(&L->qkv, act, M, bf16, q, s, sums, out);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, queries, k_cache, v_cache, capacity, length);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; task++) {
+      int64_t b = task / (H * Q), h = (task / Q) % H, i = task % Q, kv = h / groups;
+      float *scores = (float *)(attention + task * task_bytes), *row = scores + 2 * keys;
+      attention_query((const char *)queries + ((b * H + h) * Q + i) * hd * size,
+                      (const char *)k_cache + (b * KV + kv) * capacity * hd * size,
+                      (const char *)v_cache + (b * KV + kv) * capacity * hd * size,
+                      (const char *)mask + (b * mask_sb + i * mask_si) * size, bf16, keys, hd, hd, hd, 1, L->scale,
+                      scores, (int32_t *)(scores + keys), row);
+      round_row(row, hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
+    }
+    product(&L->o_proj, act, M, bf16, q, s, sums, out);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) {
+      add_row(x, r, d, out + r * d, bf16);
+      rms_norm_row(x, r, d, L->post_norm, L->eps, bf16, act + r * d);
+    }
+    product(&L->gate_up, act, M, bf16, q, s, sums, out);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) glu_row(out + r * 2 * I, I, bf16, act + r * I);
+    product(&L->down_proj, act, M, bf16, q, s, sums, out);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) add_row(x, r, d, out + r * d, bf16);
+  }
+  free(scratch);
+  return 0;
+}

@@ -1,0 +1,123 @@
+"""Decode steps of w4a8 targets, a layer a call (redrafter.fused_layer, kernels/layer.c)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COMMON, VOCAB, tiny_target
+from test_parity import random_prompt, speculative
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
+from redrafter.drafter import DrafterConfig, RecurrentDrafter
+from redrafter.kv_cache import TreeKVCache
+from redrafter.lean_decoder import LeanDecoder
+from redrafter.quant import quantization_refusal, quantize_target
+from redrafter.tree import additive_mask
+
+pytestmark = pytest.mark.skipif(
+    quantization_refusal("cpu", torch.bfloat16, "w4a8") is not None,
+    reason=str(quantization_refusal("cpu", torch.bfloat16, "w4a8")),
+)
+
+# Sizes the fused layer takes (heads of 32): two query heads per key/value head.
+WIDE = COMMON | dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+FUSABLE = {
+    "llama": lambda: LlamaConfig(**WIDE),
+    "qwen2": lambda: Qwen2Config(**WIDE),  # biases on the query, key and value projections
+    "mistral": lambda: MistralConfig(**WIDE, sliding_window=6),  # a window shorter than the prompts
+}
+
+
+def w4a8_target(family: str, dtype: torch.dtype, seed: int = 0):
+    model = tiny_target(family, seed=seed, dtype=dtype, config=FUSABLE[family]())
+    assert quantize_target(model, "w4a8").from_weights == 7 * model.config.num_hidden_layers
+    return model
+
+
+def prefilled(lean: LeanDecoder, prompt: list[int], dtype: torch.dtype) -> TreeKVCache:
+    cache = TreeKVCache(len(lean.layers), capacity=8)  # small: the steps grow it
+    n = len(prompt)
+    causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), dtype)
+    lean(torch.tensor([prompt]), torch.arange(n)[None], causal, cache)
+    return cache
+
+
+def chain_step(lean: LeanDecoder, cache: TreeKVCache, tokens: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """``tokens`` as one causal chain after what ``cache`` holds: ``[1, q, d]``."""
+    start, q = cache.length, len(tokens)
+    allowed = torch.cat([torch.ones(q, start, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)
+    positions = torch.arange(start, start + q)[None]
+    return lean(torch.tensor([tokens]), positions, additive_mask(allowed[None], dtype), cache)
+
+
+@pytest.mark.parametrize("family", sorted(FUSABLE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
+    """The same layers, rounded at the same places: equal up to the last bit of a norm or a SiLU."""
+    model = w4a8_target(family, dtype)
+    with torch.inference_mode():
+        lean = LeanDecoder(model)
+        fused = lean.fused
+        assert fused is not None
+        prompt, tokens = random_prompt(11, 1), random_prompt(5, 2)
+        results = {}
+        for name in ("fused", "unfused"):
+            lean.fused = fused if name == "fused" else None
+            cache = prefilled(lean, prompt, dtype)
+            hidden = chain_step(lean, cache, tokens, dtype)
+            results[name] = hidden, cache.layers[1].keys[:, :, : cache.length].clone(), cache.length
+    (hidden, keys, length), (expected, expected_keys, expected_length) = results["fused"], results["unfused"]
+    assert length == expected_length == 16
+    scale = float(expected.abs().max())
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-6  # bfloat16: a last-bit difference carried on
+    assert float((hidden - expected).abs().max()) <= tolerance * scale
+    assert float((keys - expected_keys).abs().max()) <= tolerance * float(expected_keys.abs().max())
+    if dtype == torch.bfloat16:  # most values agree bit for bit
+        assert (hidden == expected).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_token_gets_the_same_bits_in_a_chain_and_alone(dtype):
+    """Batch invariance: a chain of tokens as one fused forward equals the same tokens one at a time,
+    bit for bit, and so do the cache entries they leave."""
+    model = w4a8_target("llama", dtype, seed=1)
+    with torch.inference_mode():
+        lean = LeanDecoder(model)
+        prompt, tokens = random_prompt(9, 3), random_prompt(6, 4)
+        cache = prefilled(lean, prompt, dtype)
+        chain = chain_step(lean, cache, tokens, dtype)
+        chain_keys = cache.layers[0].keys[:, :, : cache.length].clone()
+        cache = prefilled(lean, prompt, dtype)
+        alone = torch.cat([chain_step(lean, cache, [token], dtype) for token in tokens], dim=1)
+        assert torch.equal(chain, alone)
+        assert torch.equal(chain_keys, cache.layers[0].keys[:, :, : cache.length])
+
+
+@pytest.mark.parametrize("family", sorted(FUSABLE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_speculative_decoding_through_fused_layers_equals_plain_decoding(family, dtype):
+    """Greedy ``redrafter`` on fused steps (a batch of mixed lengths: padded rows, trees, lookup) equals
+    plain greedy decoding token for token, in bfloat16 too."""
+    model = w4a8_target(family, dtype, seed=2)
+    torch.manual_seed(5)
+    drafter = RecurrentDrafter(DrafterConfig(hidden_size=64, vocab_size=VOCAB)).to(dtype)
+    drafter.attach(model.get_input_embeddings()).eval()
+    plain = SpeculativeDecoder(model, no_draft, [])
+    decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], lookup_len=6)
+    assert getattr(decoder.forward, "lean", decoder.forward).fused is not None
+    prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (1, 6, 15)]
+    ids, _ = speculative(decoder, prompts, 30)
+    assert ids == speculative(plain, prompts, 30)[0]
+    accepted, per_step = speculative(decoder, prompts[2:], 30)
+    assert max(per_step) > 1  # drafts were accepted: trees went through the fused layers
+
+
+def test_where_the_fused_layer_does_not_apply_the_unfused_forward_runs():
+    narrow = tiny_target("llama", dtype=torch.float32)  # heads of 8
+    quantize_target(narrow, "w4a8")
+    assert LeanDecoder(narrow).fused is None
+    int4 = tiny_target("llama", dtype=torch.float32, config=FUSABLE["llama"]())
+    quantize_target(int4, "int4")
+    assert LeanDecoder(int4).fused is None
+    assert LeanDecoder(tiny_target("llama", dtype=torch.float32, config=FUSABLE["llama"]())).fused is None
