@@ -58,11 +58,15 @@ class TreeShape:
 # shape: on MT-Bench (8 prompts, 128 tokens, adaptive) 2 and 4 beams gave 79.4 and 80.6 tokens/s against
 # 75.9 in one run, 75.1 (4 beams) against ar's 66.2 in the next, and 4 beams every step lost to ar
 # (59.3 against 66.5 tokens/s; the adaptive engine mostly ran the small tree): no clear winner (docs/w4a8/).
+# With fused w4a8 layers a plain step got twice as fast and each extra token in a forward costs about a
+# tenth of one, so w4a8 drafts one token less: on 16 MT-Bench prompts (128 tokens, adaptive) 161.8 and
+# 168.4 tokens/s against 157.8 and 152.7 in two runs; 2 lookup tokens instead of 3 gave 166.5 against
+# 161.8, 4 gave 163.4 (docs/fused-layer/).
 DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
-    "w4a8": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
+    "w4a8": TreeShape(num_beams=1, draft_len=2, lookup_len=3, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
@@ -114,8 +118,10 @@ SMALL_SHAPE = TreeShape(num_beams=1, draft_len=2, lookup_len=2, ngram_len=2, tre
 # rows at a time, where the int4 kernel gains (75.5 against 79.7 ms a step) and the int8 one does not;
 # the 1-beam int4 tree drafts one row, where int8 gained most (45.5 against 49.5 ms) and kept the
 # acceptance whole. int8 weights take int4's choice (their 2-beam tree is as narrow), unmeasured.
+# w4a8 targets draft through the w4a8 kernel too: on 12 MT-Bench prompts (128 tokens, Ice Lake Xeon)
+# 154.3 against 147.9 tokens/s (adaptive), 2.10 against 2.08 tokens a step on ar's text (docs/fused-layer/).
 # In float32 the drafter stays float (from_pretrained).
-DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8", "w4a8": "int8"}
+DEFAULT_DRAFTER_WEIGHTS = {"float": "int4", "int8": "int8", "int4": "int8", "w4a8": "w4a8"}
 SHIPPED_DRAFTERS = Path(__file__).parent / "drafters"
 DEFAULT_DRAFTER = SHIPPED_DRAFTERS / "smollm2-135m-instruct"
 
