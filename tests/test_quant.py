@@ -321,13 +321,21 @@ def test_cli_generates_with_int4_weights(model_dir, drafter_dir, capsys):
 
 
 def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir, drafter_dir):
-    from redrafter.api import DEFAULT_DRAFTER_WEIGHTS, DEFAULT_SHAPES, DEFAULT_SMALL_TREE, ReDrafter, default_small_tree
+    from redrafter.api import (
+        DEFAULT_DRAFTER_WEIGHTS,
+        DEFAULT_LONE_TREE,
+        DEFAULT_SHAPES,
+        DEFAULT_SMALL_TREE,
+        ReDrafter,
+        default_small_tree,
+    )
     from redrafter.quant import WEIGHTS, converts_bf16
 
     converts = converts_bf16()  # float weights take the small tree where oneDNN converts bfloat16
 
     # a default for every precision
     assert tuple(DEFAULT_SHAPES) == WEIGHTS == tuple(DEFAULT_DRAFTER_WEIGHTS) == tuple(DEFAULT_SMALL_TREE)
+    assert tuple(DEFAULT_LONE_TREE) == WEIGHTS
     for weights, shape in DEFAULT_SHAPES.items():
         if quantization_refusal("cpu", torch.bfloat16, weights) is not None:
             continue  # w4a8 without AVX-512 VNNI
@@ -343,6 +351,7 @@ def test_each_precision_takes_its_own_default_tree_unless_one_is_given(model_dir
         small = default_small_tree(weights, "cpu", torch.bfloat16)
         expected = weights in ("int4", "w4a8") or (weights == "float" and converts)
         assert ("small_tree" in rd.decoder.kinds) == small == expected
+        assert rd.lone_tree == rd.decoder.policy.lone_tree == (weights == "w4a8")
     given = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", weights="int4", num_beams=5)
     assert given.num_beams == 5 and given.draft_len == DEFAULT_SHAPES["int4"].draft_len
     # The int kernels run float32 activations unvectorized: a float32 drafter stays float unless asked.

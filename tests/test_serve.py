@@ -266,3 +266,13 @@ def test_the_serve_command_answers_then_exits_0_on_sigterm(model_dir, drafter_di
         assert "Traceback" not in process.stderr.read()
     finally:
         process.kill()
+
+
+def test_the_server_takes_the_engines_lone_row_choice(model_dir, drafter_dir):
+    """A lone row takes the tree every step in the server too where the engine says so (w4a8 by
+    default); a fixed threshold (``speculate_max_batch``) still rules when given."""
+    rd = ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32", lone_tree=True)
+    engine = Engine(rd)
+    assert engine.policy.adaptive and engine.policy.lone_tree and engine.policy.choose([0]) == 1
+    assert Engine(rd, speculate_max_batch=0).policy.choose([0]) == 0
+    assert not Engine(ReDrafter.from_pretrained(model_dir, drafter=drafter_dir, dtype="float32")).policy.lone_tree

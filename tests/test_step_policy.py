@@ -54,6 +54,17 @@ def test_a_fixed_threshold_never_measures():
     assert share == 1.0 and policy.seconds == {} and policy.table() == {}
 
 
+def test_a_lone_row_takes_the_tree_every_step_and_more_rows_are_measured():
+    """``lone_tree``: one row takes the tree even where plain steps were measured faster; from two rows
+    the measured choice applies (here plain steps, the faster)."""
+    policy = SpeculationPolicy(prior=2, lone_tree=True)
+    share, _, _ = serve(policy, [0], 300, tree_rate=20.0, plain_rate=50.0)
+    assert share == 1.0
+    share, _, spent = serve(policy, [0, 1], 1000, tree_rate=20.0, plain_rate=50.0)
+    assert share < 0.5 and spent[True] < 0.1 * (spent[True] + spent[False])
+    assert [SpeculationPolicy(lone_tree=True, adaptive=False, prior=0).choose([0])] == [0]  # a fixed threshold rules
+
+
 @pytest.mark.parametrize(
     "batch_size,tree_rate,plain_rate",
     [(1, 60.0, 33.0), (2, 70.0, 90.0), (4, 60.0, 100.0), (6, 160.0, 120.0)],  # the prior is wrong at 2 and 6

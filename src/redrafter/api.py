@@ -79,6 +79,13 @@ WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
 # default for int4 only (int8: not measured); and for float weights where oneDNN converts bfloat16 as
 # it goes (default_small_tree).
 DEFAULT_SMALL_TREE = {"float": False, "int8": False, "int4": True, "w4a8": True}
+# Whether one running row takes the tree every step, the choice applying from two rows
+# (SpeculationPolicy.lone_tree). With fused w4a8 steps a tree step costs about 1.5 plain ones, and the
+# measured choice at one row lost to a tree every step on MT-Bench (16 prompts, 128 tokens: 163.6
+# against 172.2 tokens/s; 12 prompts: 165.8 against 178.1), where this was chosen, and on 78 Spec-Bench
+# prompts (164.3 against 172.2, a tree every step ahead in 12 of 13 categories, docs/fused-layer/).
+# Not measured for the other precisions.
+DEFAULT_LONE_TREE = {"float": False, "int8": False, "int4": False, "w4a8": True}
 
 
 def default_small_tree(weights: str, device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -196,6 +203,8 @@ class ReDrafter:
             (:class:`~redrafter.step_policy.SpeculationPolicy`); False: the tree every step.
         small_tree: with ``adaptive``, let the choice include the small tree (:data:`SMALL_SHAPE`,
             where it is smaller than the tree).
+        lone_tree: with ``adaptive``, one running row takes the tree every step and the choice applies
+            from two rows (:attr:`~redrafter.step_policy.SpeculationPolicy.lone_tree`, the server's too).
         argmax_head: a cheaper head for the greedy argmax's candidates
             (:class:`redrafter.quant.ArgmaxHead`, :func:`redrafter.quant.gguf_argmax_head`), or None.
         compile: run the lean forward through ``torch.compile``
@@ -222,6 +231,7 @@ class ReDrafter:
         drafter_weights: str = "float",
         adaptive: bool = True,
         small_tree: bool = False,
+        lone_tree: bool = False,
         argmax_head: ArgmaxHead | None = None,
         compile: bool = False,
         packed: bool | None = None,
@@ -267,10 +277,11 @@ class ReDrafter:
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         ngrams = drafter.ngrams if drafter is not None else None
         self.lean, self.adaptive, self.small_tree, self.argmax_head = lean, adaptive, small_tree, argmax_head
+        self.lone_tree = lone_tree
         self.compile, self.packed = bool(compile), packed
         policy = None
         if adaptive and drafter is not None:
-            policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2])
+            policy = SpeculationPolicy(kinds=STEP_KINDS[: 3 if small else 2], lone_tree=lone_tree)
         self.decoder = SpeculativeDecoder(
             target,
             proposer,
@@ -303,6 +314,7 @@ class ReDrafter:
         drafter_weights: str | None = None,
         adaptive: bool = True,
         small_tree: bool | None = None,
+        lone_tree: bool | None = None,
         quick_argmax: bool = True,
         compile: bool = False,
         packed: bool | None = None,
@@ -318,7 +330,8 @@ class ReDrafter:
         a CPU, float otherwise). The tree settings left None take the defaults of
         ``weights`` (:data:`DEFAULT_SHAPES`), and ``drafter_weights`` (``"float"``, ``"int8"`` or
         ``"int4"``, the drafter's own linear layers) takes :data:`DEFAULT_DRAFTER_WEIGHTS` on a CPU
-        and ``"float"`` elsewhere; ``small_tree`` left None takes :func:`default_small_tree`.
+        and ``"float"`` elsewhere; ``small_tree`` left None takes :func:`default_small_tree`, and
+        ``lone_tree`` :data:`DEFAULT_LONE_TREE`.
         ``quick_argmax``: greedy candidates from the file's own Q8_0 or 4-bit head where a GGUF holds
         one (:func:`redrafter.quant.gguf_argmax_head`; the winner is still chosen in float32 from the
         float head, :func:`redrafter.sampling.exact_argmax`).
@@ -366,6 +379,7 @@ class ReDrafter:
             drafter_weights=drafter_weights,
             adaptive=adaptive,
             small_tree=default_small_tree(weights, device, dtype) if small_tree is None else small_tree,
+            lone_tree=DEFAULT_LONE_TREE[weights] if lone_tree is None else lone_tree,
             argmax_head=argmax_head,
             compile=compile,
             packed=packed,

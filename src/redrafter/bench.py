@@ -176,6 +176,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         drafter_weights=rd.drafter_weights,
         adaptive=rd.adaptive,
         small_tree=rd.small_tree,
+        lone_tree=rd.lone_tree,
         argmax_head=rd.argmax_head,
         compile=rd.compile,
         packed=rd.packed,
@@ -204,6 +205,7 @@ VARIANT_SETTINGS = {
     "lean": "lean",
     "adaptive": "adaptive",  # 0: a tree every step
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
+    "lone-tree": "lone_tree",  # 1: one running row takes the tree every step (adaptive from two); 0: measured
     "drafter": "drafter",  # a drafter folder: another drafter side by side (resolved by the CLI); none: plain
     "drafter-weights": "drafter_weights",  # float, int8, int4 or w4a8
     "quick-argmax": "argmax_head",  # 0: the greedy argmax's candidates from the float head
@@ -635,6 +637,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "weights": rd.quantization.weights,
             "drafter_weights": rd.drafter_weights,
             "adaptive": rd.adaptive,
+            "lone_tree": rd.lone_tree,
             "step_kinds": list(rd.decoder.kinds) if rd.decoder.policy is not None else ["tree"],
             "quick_argmax": rd.argmax_head is not None,
             "compile": rd.compile,

@@ -194,6 +194,7 @@ def run_serve_benchmark(
             "drafter_weights": rd.drafter_weights,
             "compile": rd.compile,
             "small_tree": rd.small_tree,
+            "lone_tree": rd.lone_tree,
             "tree": {"beams": rd.num_beams, "draft_len": rd.draft_len, "tree_nodes": rd.tree_nodes},
         },
         "results": table,

@@ -156,8 +156,8 @@ def _add_speculation_option(parser: argparse.ArgumentParser) -> None:
         choices=["adaptive", "always"],
         default="adaptive",
         help="adaptive (default): each step verifies the tree (or, with --small-tree, a small tree) or takes a "
-        "plain one-token step, whichever gave more tokens per second lately (measured as it decodes); always: "
-        "the tree every step",
+        "plain one-token step, whichever gave more tokens per second lately (measured as it decodes; with w4a8 "
+        "weights one row takes the tree every step, the choice applying from two rows); always: the tree every step",
     )
     _add_small_tree_option(parser)
 

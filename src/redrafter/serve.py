@@ -125,6 +125,7 @@ class Engine:
             prior=2 if speculate_max_batch is None else speculate_max_batch,
             adaptive=adaptive,
             kinds=rd.decoder.kinds if adaptive else ("plain", "tree"),
+            lone_tree=rd.lone_tree,
         )
         self.chooser = RowChooser(rd.target, rd.decoder.argmax_head, rd.decoder.head)
         self.batch = RunningBatch(rd.decoder, self.chooser)

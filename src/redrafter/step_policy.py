@@ -36,6 +36,8 @@ is no lead (``lone_lead``): no rows finish apart, and a wrong tree corrects itse
 step measures the row, while a wrong plain step tells nothing and stays. With a lead of 10% there, a
 bench on Spec-Bench's first 2 prompts per category took 2.60 tokens per step (2.52 with staleness and
 a 1024-step prior), against 2.82 for a tree every step; without it, 2.75 (docs/serve/, Session 25).
+Where trees are cheap next to their bursts (w4a8 targets), one row takes the tree every step
+(``lone_tree``): the measured choice lost 5 to 6% to it there (docs/fused-layer/).
 The others are still taken now and then, so their time (and, for trees, the rows' acceptance) stays
 measured: each once the time spent at that batch size since it was last taken reaches what makes one more of its
 steps ``explore_share`` of the time (a quarter of that while the chosen kind is more than ``margin``
@@ -188,6 +190,12 @@ class SpeculationPolicy:
         pair_warmup: such rows' steps before the line is drawn (until then the tree's own steps).
         stale_weight: steps of the prior a row's estimate of a tree kind gains for each step the row
             took since one told that kind's tokens (:meth:`row_estimate`).
+        lone_tree: one running row always takes the tree (kind 1), unmeasured; the choice applies from
+            two rows. Where a tree step costs little next to what its bursts of accepted tokens bring
+            (w4a8 targets: :data:`redrafter.api.DEFAULT_LONE_TREE`), the measured choice at one row
+            lost to a tree every step: a row's acceptance comes in bursts (copied spans) that its
+            recent steps do not foretell, so the plain steps it took when a row's estimate dipped
+            missed them (see the module's docstring).
     """
 
     prior: int = 2
@@ -207,6 +215,7 @@ class SpeculationPolicy:
     pair_window: int = 512
     pair_warmup: int = 32
     stale_weight: float = 0.5
+    lone_tree: bool = False
     accepted: dict[int, Window] = field(default_factory=dict)  # tree kind -> tokens per row of its steps
     accepted_rows: dict[int, int] = field(default_factory=dict)  # tree kind -> rows' steps of it, in all
     seconds: dict[tuple[int, int], Window] = field(default_factory=dict)  # (batch size, kind) -> step times
@@ -295,6 +304,8 @@ class SpeculationPolicy:
         guess = int(size <= self.prior)
         if not self.adaptive:
             return guess
+        if self.lone_tree and size == 1:
+            return 1
         kinds = [k for k in range(len(self.kinds)) if not self._ruled_out(size, k)]
         rates = self.rates(rows)
         measured = all(rates[k] is not None for k in kinds)
