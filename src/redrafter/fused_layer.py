@@ -106,8 +106,18 @@ class FusedLayers:
     def __init__(
         self, layers: nn.ModuleList, eps: float, heads: int, kv_heads: int, head_dim: int, intermediate: int
     ) -> None:
-        self.layers = layers  # keeps the tensors behind the addresses alive
         self.dtype = layers[0].input_norm.dtype
+        # The tensors whose addresses the kernel gets, held so that their memory outlives any change of
+        # the modules (a module moved or cast gets new tensors; these stay valid, if stale).
+        self.tensors = [
+            tensor
+            for layer in layers
+            for tensor in (
+                layer.input_norm,
+                layer.post_norm,
+                *(t for name in PRODUCTS for t in getattr(layer, name).buffers()),
+            )
+        ]
         self.structs = [
             _Layer(
                 *(_product(getattr(layer, name)) for name in PRODUCTS),

@@ -15,6 +15,8 @@ the same model with fewer operations, in the style of gpt-fast:
   non-empty cache) run :func:`redrafter.attention.invariant_attention` instead where our kernels run
   (bfloat16, float32), whose result for a token does not depend on the tree around it: with
   batch-invariant products (int8, int4, w4a8) speculative decoding then equals plain decoding bit for bit;
+- a w4a8 target's decode steps run each layer as one C call (:class:`redrafter.fused_layer.FusedLayers`,
+  the same arithmetic without PyTorch's per-operation overhead: half of such a step);
 - where oneDNN has native bfloat16 products, the float layers' weights are reordered once into its
   blocked layout (:class:`redrafter.quant.PackedLinear`), which ``F.linear`` would do on every call:
   on the development machine a bfloat16 step's products became 1.2 to 2x faster, their results equal
