@@ -26,6 +26,8 @@ FUSABLE = {
     "llama": lambda: LlamaConfig(**WIDE),
     "qwen2": lambda: Qwen2Config(**WIDE),  # biases on the query, key and value projections
     "mistral": lambda: MistralConfig(**WIDE, sliding_window=6),  # a window shorter than the prompts
+    # ten query heads on one key/value head: attention_group takes them eight at a time
+    "llama-10-heads": lambda: LlamaConfig(**WIDE | dict(hidden_size=320, num_attention_heads=10)),
 }
 
 
@@ -101,7 +103,7 @@ def test_speculative_decoding_through_fused_layers_equals_plain_decoding(family,
     plain greedy decoding token for token, in bfloat16 too."""
     model = w4a8_target(family, dtype, seed=2)
     torch.manual_seed(5)
-    drafter = RecurrentDrafter(DrafterConfig(hidden_size=64, vocab_size=VOCAB)).to(dtype)
+    drafter = RecurrentDrafter(DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB)).to(dtype)
     drafter.attach(model.get_input_embeddings()).eval()
     plain = SpeculativeDecoder(model, no_draft, [])
     decoder = SpeculativeDecoder(model, DrafterProposer(drafter, 3, 4, tree_nodes=6), [], lookup_len=6)

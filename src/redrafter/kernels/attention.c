@@ -10,6 +10,10 @@
 // a tree and the same token alone after its accepted ancestors get the same bits. (PyTorch's SDPA
 // blocks its sums by the shapes of the call, so there the two differ by rounding.)
 //
+// attention_group runs the query heads that share a key/value head (and a mask row) together, with the
+// same arithmetic per query: each key and value is loaded once for all of them (layer.c's decode steps;
+// a tree step's context is read from memory once per key/value head and token instead of once per head).
+//
 // q, k, v, mask: float32, or bfloat16 when bf16 != 0; the head dimension D (a multiple of 16, at most
 // 256) contiguous, the others strided (strides in elements; a stride of 0 broadcasts). out: contiguous
 // [B, H, Q, D] in the same dtype.
@@ -56,6 +60,85 @@ AVX512 void attention_query(const void *q, const void *k, const void *v, const v
   }
   __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
   for (int64_t j = 0; j < lanes; j++) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(acc[j], inverse));
+}
+
+// G queries (the query heads of one key/value head, at one token: one mask row) at q, q + q_sg, ...:
+// what attention_query computes for each, bit for bit, with each key and value loaded once for all of
+// them. G and lanes (D / 16) are constants where inlined, so the loops over them unroll.
+AVX512 static inline __attribute__((always_inline)) void group_queries(
+    const void *q, int64_t q_sg, const int64_t G, const void *k, const void *v, const void *mask, int bf16, int64_t K,
+    const int64_t lanes, int64_t k_sk, int64_t v_sk, float scale, float *scores, int32_t *kept, float *out) {
+  __m512 query[8][16], acc[8][16];
+  float top[8];
+  for (int64_t g = 0; g < G; g++) {
+    top[g] = MASKED;
+    for (int64_t j = 0; j < lanes; j++) query[g][j] = load16(q, g * q_sg + 16 * j, bf16);
+  }
+  int64_t count = 0;
+  for (int64_t key = 0; key < K; key++) {
+    float bias = load1(mask, key, bf16);
+    if (!(bias > MASKED)) continue;
+    __m512 dot[8], row[16];
+    for (int64_t j = 0; j < lanes; j++) row[j] = load16(k, key * k_sk + 16 * j, bf16);
+    for (int64_t g = 0; g < G; g++) {
+      dot[g] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < lanes; j++) dot[g] = _mm512_fmadd_ps(query[g][j], row[j], dot[g]);
+    }
+    for (int64_t g = 0; g < G; g++) {
+      float score = _mm512_reduce_add_ps(dot[g]) * scale + bias;
+      scores[g * K + count] = score;
+      top[g] = score > top[g] ? score : top[g];
+    }
+    kept[count++] = (int32_t)key;
+  }
+  if (count == 0) {  // no key to attend to (a padding row): zeros
+    memset(out, 0, (size_t)(G * 16 * lanes) * sizeof(float));
+    return;
+  }
+  __m512 inverse[8];
+  for (int64_t g = 0; g < G; g++) {
+    float *weights = scores + g * K;
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < count; t += 16) {
+      __mmask16 live = count - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - t)) - 1);
+      __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + t), _mm512_set1_ps(top[g]));
+      __m512 exps = _mm512_maskz_mov_ps(live, exp_nonpositive(shifted));
+      _mm512_mask_storeu_ps(weights + t, live, exps);
+      total = _mm512_add_ps(total, exps);
+    }
+    inverse[g] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t j = 0; j < lanes; j++) acc[g][j] = _mm512_setzero_ps();
+  }
+  for (int64_t t = 0; t < count; t++) {
+    __m512 row[16];
+    for (int64_t j = 0; j < lanes; j++) row[j] = load16(v, kept[t] * v_sk + 16 * j, bf16);
+    for (int64_t g = 0; g < G; g++) {
+      __m512 weight = _mm512_set1_ps(scores[g * K + t]);
+      for (int64_t j = 0; j < lanes; j++) acc[g][j] = _mm512_fmadd_ps(weight, row[j], acc[g][j]);
+    }
+  }
+  for (int64_t g = 0; g < G; g++)
+    for (int64_t j = 0; j < lanes; j++) _mm512_storeu_ps(out + (g * lanes + j) * 16, _mm512_mul_ps(acc[g][j], inverse[g]));
+}
+
+AVX512 void attention_group(const void *q, int64_t q_sg, int64_t G, const void *k, const void *v, const void *mask,
+                            int bf16, int64_t K, int64_t D, int64_t k_sk, int64_t v_sk, float scale, float *scores,
+                            int32_t *kept, float *out) {
+  const int64_t size = bf16 ? 2 : 4;
+  for (int64_t first = 0; first < G; first += 8) {  // at most 8 heads at a time
+    const int64_t n = G - first < 8 ? G - first : 8;
+    const void *heads = (const char *)q + first * q_sg * size;
+    float *rows = out + first * D;
+    if (n == 3 && D == 64) {
+      group_queries(heads, q_sg, 3, k, v, mask, bf16, K, 4, k_sk, v_sk, scale, scores, kept, rows);
+    } else if (n == 4 && D == 64) {
+      group_queries(heads, q_sg, 4, k, v, mask, bf16, K, 4, k_sk, v_sk, scale, scores, kept, rows);
+    } else if (D == 128) {
+      group_queries(heads, q_sg, n, k, v, mask, bf16, K, 8, k_sk, v_sk, scale, scores, kept, rows);
+    } else {
+      group_queries(heads, q_sg, n, k, v, mask, bf16, K, D / 16, k_sk, v_sk, scale, scores, kept, rows);
+    }
+  }
 }
 
 int invariant_attention(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t B,

@@ -102,4 +102,10 @@ void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t 
 void attention_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K, int64_t D,
                      int64_t k_sk, int64_t v_sk, int64_t m_sk, float scale, float *scores, int32_t *kept, float *out);
 
+// attention.c: G queries sharing their keys, values and mask row (q_sg elements apart), each as
+// attention_query computes it, into out [G, D]; scores: scratch of 8 K floats, kept of K ints.
+void attention_group(const void *q, int64_t q_sg, int64_t G, const void *k, const void *v, const void *mask, int bf16,
+                     int64_t K, int64_t D, int64_t k_sk, int64_t v_sk, float scale, float *scores, int32_t *kept,
+                     float *out);
+
 #endif

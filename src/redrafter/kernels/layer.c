@@ -134,12 +134,12 @@ int fused_layer(const Layer *L, int bf16, void *x, int64_t B, int64_t Q, void *k
                 int64_t capacity, int64_t length, const void *mask, int64_t mask_sb, int64_t mask_si, const void *cos,
                 const void *sin) {
   const int64_t M = B * Q, d = L->qkv.in_features, H = L->heads, KV = L->kv_heads, hd = L->head_dim;
-  const int64_t I = L->intermediate, keys = length + Q, tasks = B * H * Q, groups = H / KV;
+  const int64_t I = L->intermediate, keys = length + Q, tasks = B * KV * Q, groups = H / KV;
   int64_t inputs = d > H * hd ? d : H * hd, outputs = L->qkv.out_features;
   inputs = inputs > I ? inputs : I;
   outputs = outputs > 2 * I ? outputs : 2 * I;
   outputs = outputs > d ? outputs : d;
-  const size_t task_bytes = (size_t)(keys * 8 + hd * 4);
+  const size_t task_bytes = (size_t)(keys * 9 * 4 + groups * hd * 4);  // 8 heads' scores, kept keys, outputs
   const size_t bytes = (size_t)(M * inputs) * (4 + 1) + 2 * (size_t)(M * inputs / 32) * 4 + (size_t)(M * outputs) * 4 +
                        (size_t)(M * H * hd) * 4 + (size_t)tasks * task_bytes;
   char *scratch = malloc(bytes);
@@ -159,15 +159,15 @@ int fused_layer(const Layer *L, int bf16, void *x, int64_t B, int64_t Q, void *k
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, queries, k_cache, v_cache, capacity, length);
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; task++) {
-      int64_t b = task / (H * Q), h = (task / Q) % H, i = task % Q, kv = h / groups;
-      float *scores = (float *)(attention + task * task_bytes), *row = scores + 2 * keys;
-      attention_query((const char *)queries + ((b * H + h) * Q + i) * hd * size,
+    for (int64_t task = 0; task < tasks; task++) {  // the query heads of one key/value head at one token
+      int64_t b = task / (KV * Q), kv = (task / Q) % KV, i = task % Q, h = kv * groups;
+      float *scores = (float *)(attention + task * task_bytes), *rows = scores + 9 * keys;
+      attention_group((const char *)queries + ((b * H + h) * Q + i) * hd * size, Q * hd, groups,
                       (const char *)k_cache + (b * KV + kv) * capacity * hd * size,
                       (const char *)v_cache + (b * KV + kv) * capacity * hd * size,
-                      (const char *)mask + (b * mask_sb + i * mask_si) * size, bf16, keys, hd, hd, hd, 1, L->scale,
-                      scores, (int32_t *)(scores + keys), row);
-      round_row(row, hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
+                      (const char *)mask + (b * mask_sb + i * mask_si) * size, bf16, keys, hd, hd, hd, L->scale, scores,
+                      (int32_t *)(scores + 8 * keys), rows);
+      round_row(rows, groups * hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
     }
     product(&L->o_proj, act, M, bf16, q, s, sums, out);
 #pragma omp for schedule(static)
