@@ -88,7 +88,7 @@ def fused_layers_refusal(
     if any(norm.dtype != dtype or not norm.is_contiguous() for norm in norms):
         return "it needs the norms' weights in the activations' dtype"
     if hidden % 32 or intermediate % 32 or head_dim % 32 or head_dim > 256:
-        return "it needs a hidden size and an intermediate size that are multiples of 32, heads of 32 to 256"
+        return "it needs hidden and intermediate sizes in multiples of 32, and a head size of 32 to 256 in steps of 32"
     return kernel_refusal()
 
 
