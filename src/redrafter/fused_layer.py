@@ -72,7 +72,8 @@ def _product(linear: W4A8Linear) -> _Product:
     )
 
 
-PRODUCTS = ("qkv", "o_proj", "gate_up", "down_proj")
+# The layer's products in the struct's order: LeanLayer's attributes of these names.
+PRODUCTS = tuple(name for name, kind in _Layer._fields_ if kind is _Product)
 
 
 def fused_layers_refusal(
@@ -134,11 +135,11 @@ class FusedLayers:
         ]
         self.function = library().fused_layer
 
-    def runs(self, x: torch.Tensor, cache_layers: list[ContiguousLayer]) -> bool:
-        """Whether a step on activations ``x`` can run here with these cache layers (allocated,
-        contiguous, in ``x``'s dtype; a cache made elsewhere may not be)."""
-        return x.dtype == self.dtype and all(
-            layer.is_initialized and layer.keys.dtype == x.dtype and layer.keys.is_contiguous()
+    def runs(self, cache_layers: list[ContiguousLayer]) -> bool:
+        """Whether a step can run here with these cache layers: allocated, contiguous, in the
+        activations' dtype (a cache made elsewhere may not be)."""
+        return all(
+            layer.is_initialized and layer.keys.dtype == self.dtype and layer.keys.is_contiguous()
             and layer.values.is_contiguous()
             for layer in cache_layers
         )  # fmt: skip

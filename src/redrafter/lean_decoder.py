@@ -68,7 +68,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .attention import invariant_attention, invariant_attention_refusal
-from .fused_layer import FusedLayers, fused_layers_refusal
+from .fused_layer import PRODUCTS, FusedLayers, fused_layers_refusal
 from .kv_cache import TreeKVCache
 from .models import context_limit, decoder_features, decoder_of
 from .quant import (
@@ -177,7 +177,14 @@ class SideBySide(nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
-PRODUCTS = ("qkv", "o_proj", "gate_up", "down_proj")
+def masks_by_type(masks: Masks) -> dict[str | None, torch.Tensor]:
+    """``masks`` as a dict by layer type (one mask for all layers: under None)."""
+    return masks if isinstance(masks, dict) else {None: masks}
+
+
+def layer_mask(by_type: dict[str | None, torch.Tensor], layer_type: str | None) -> torch.Tensor:
+    """The mask of a layer of ``layer_type`` among :func:`masks_by_type`'s (None's where its type has none)."""
+    return by_type[layer_type] if layer_type in by_type else by_type[None]
 
 
 class LeanLayer(nn.Module):
@@ -341,7 +348,7 @@ class LeanDecoder(nn.Module):
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
         dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
         invariant = self.invariant_steps and cache.length > 0
-        if invariant and self.fused is not None and self.fused.runs(self.embed.weight, cache.layers):
+        if invariant and self.fused is not None and self.fused.runs(cache.layers):
             return self.run_fused(input_ids, positions, masks, cache, layers)
         return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense, invariant=invariant)
 
@@ -368,7 +375,7 @@ class LeanDecoder(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [B, 1, q, hd]
         # Each key/value head's queries go along the query axis: [B, KV, G q, hd], the mask with them.
-        by_type = masks if isinstance(masks, dict) else {None: masks}
+        by_type = masks_by_type(masks)
         packed_masks = {kind: m.repeat(1, 1, groups, 1) if groups > 1 else m for kind, m in by_type.items()}
         captured: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
@@ -380,7 +387,7 @@ class LeanDecoder(nn.Module):
             rotated = rotated * cos + rotated.roll(head_dim // 2, dims=-1) * sin
             queries, keys = rotated[:, :heads], rotated[:, heads:]
             keys, values = cache.layers[index].update(keys, qkv[:, heads + kv_heads :])
-            mask = packed_masks[layer.layer_type] if layer.layer_type in packed_masks else packed_masks[None]
+            mask = layer_mask(packed_masks, layer.layer_type)
             attend = invariant_attention if invariant else F.scaled_dot_product_attention
             attended = attend(
                 queries.reshape(batch, kv_heads, groups * length, head_dim),
@@ -410,11 +417,10 @@ class LeanDecoder(nn.Module):
         layer one call, the residual stream updated in place."""
         x = self.embed(input_ids).contiguous()
         cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()  # [B, q, hd]
-        by_type = masks if isinstance(masks, dict) else {None: masks}
-        by_type = {kind: m.to(x.dtype).contiguous() for kind, m in by_type.items()}
+        by_type = {kind: m.to(x.dtype).contiguous() for kind, m in masks_by_type(masks).items()}
         captured: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
-            mask = by_type[layer.layer_type] if layer.layer_type in by_type else by_type[None]
+            mask = layer_mask(by_type, layer.layer_type)
             self.fused(index, x, cache.layers[index], mask, cos, sin)
             if index in layers:
                 captured[index] = x.clone()

@@ -10,6 +10,7 @@
 #define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
 #define MASKED (-1e30f)  // an additive mask at or below this leaves its key out
+#define PANEL 64         // w4a8 products: rows of x per pass over the weights (its activations stay in cache)
 
 // 16 values at base + at (float32, or bfloat16 when bf16 != 0) as floats.
 AVX512 static inline __m512 load16(const void *base, int64_t at, int bf16) {

@@ -25,7 +25,6 @@
 
 #include "kernels.h"
 
-#define PANEL 64  // rows per pass over a product's weights (as in w4a8.c)
 
 typedef struct {
   const uint8_t *codes;  // w4a8.c's tile-major codes and float16 scales

@@ -23,7 +23,6 @@
 #include "kernels.h"
 
 #define ROWS 4      // rows of x per register block: the unpacked codes are reused across them
-#define PANEL 64    // rows of x per pass over the weights, so that a panel's activations stay in cache
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
 VNNI void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
