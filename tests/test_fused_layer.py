@@ -45,18 +45,22 @@ def prefilled(lean: LeanDecoder, prompt: list[int], dtype: torch.dtype) -> TreeK
     return cache
 
 
-def chain_step(lean: LeanDecoder, cache: TreeKVCache, tokens: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """``tokens`` as one causal chain after what ``cache`` holds: ``[1, q, d]``."""
+def chain_step(
+    lean: LeanDecoder, cache: TreeKVCache, tokens: list[int], dtype: torch.dtype, layers: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """``tokens`` as one causal chain after what ``cache`` holds: ``[1, q, (1 + n) d]``, the final hidden
+    states, then the outputs of decoder layers ``layers``."""
     start, q = cache.length, len(tokens)
     allowed = torch.cat([torch.ones(q, start, dtype=torch.bool), torch.ones(q, q, dtype=torch.bool).tril()], 1)
     positions = torch.arange(start, start + q)[None]
-    return lean(torch.tensor([tokens]), positions, additive_mask(allowed[None], dtype), cache)
+    return lean(torch.tensor([tokens]), positions, additive_mask(allowed[None], dtype), cache, layers)
 
 
 @pytest.mark.parametrize("family", sorted(FUSABLE))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
-    """The same layers, rounded at the same places: equal up to the last bit of a norm or a SiLU."""
+    """The same layers, rounded at the same places: equal up to the last bit of a norm or a SiLU; the
+    first layer's output too (a drafter that reads it: captured after that layer, not at the end)."""
     model = w4a8_target(family, dtype)
     with torch.inference_mode():
         lean = LeanDecoder(model)
@@ -67,10 +71,12 @@ def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
         for name in ("fused", "unfused"):
             lean.fused = fused if name == "fused" else None
             cache = prefilled(lean, prompt, dtype)
-            hidden = chain_step(lean, cache, tokens, dtype)
+            hidden = chain_step(lean, cache, tokens, dtype, layers=(0,))
             results[name] = hidden, cache.layers[1].keys[:, :, : cache.length].clone(), cache.length
     (hidden, keys, length), (expected, expected_keys, expected_length) = results["fused"], results["unfused"]
     assert length == expected_length == 16
+    final, first = expected.chunk(2, dim=-1)
+    assert not torch.allclose(final, first, rtol=0.1)  # the first layer's output is not the final state
     scale = float(expected.abs().max())
     tolerance = 1e-5 if dtype == torch.float32 else 2**-6  # bfloat16: a last-bit difference carried on
     assert float((hidden - expected).abs().max()) <= tolerance * scale

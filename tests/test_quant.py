@@ -161,6 +161,9 @@ class NoisyHead(torch.nn.Module):
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(self.calls))
         return (logits + self.scale * noise).to(hidden.dtype)
 
+    def candidates(self, hidden: torch.Tensor, count: int) -> torch.Tensor:
+        return self(hidden).topk(count, dim=-1).indices
+
 
 def test_the_quick_head_proposes_candidates_and_the_float_head_chooses():
     """Candidate logits a little off (noise that reorders near-ties) leave the argmax the float32

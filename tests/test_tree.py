@@ -1,11 +1,22 @@
-"""De-duplication, packing and the tree mask against a slow, obviously correct reference."""
+"""De-duplication, packing and the tree mask against a slow, obviously correct reference; the two
+packers (host walk and device tensors) against each other."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from redrafter.tree import PAD, AttentionWindows, additive_mask, build_tree, layer_masks, tree_allowed
+from redrafter.tree import (
+    PAD,
+    AttentionWindows,
+    additive_mask,
+    build_tree,
+    layer_masks,
+    pack_on_device,
+    pack_on_host,
+    tree_allowed,
+)
+from redrafter.verify import verify
 
 
 def reference_tree(beams: torch.Tensor):
@@ -22,8 +33,22 @@ def reference_tree(beams: torch.Tensor):
     return rows
 
 
-def check_against_reference(beams: torch.Tensor) -> None:
+FIELDS = ("tokens", "depth", "ancestors", "node_index", "num_nodes")
+
+
+def packed_both_ways(beams: torch.Tensor):
+    """The tree :func:`build_tree` gives, after checking that both packers give it, field for field."""
     tree = build_tree(beams)
+    for packer in (pack_on_host, pack_on_device):
+        other = packer(beams)
+        for name in FIELDS:
+            assert torch.equal(getattr(other, name), getattr(tree, name)), (packer.__name__, name)
+            assert getattr(other, name).dtype == getattr(tree, name).dtype, (packer.__name__, name)
+    return tree
+
+
+def check_against_reference(beams: torch.Tensor) -> None:
+    tree = packed_both_ways(beams)
     reference = reference_tree(beams)
     batch, width, length = beams.shape
     assert tree.num_nodes.tolist() == [len(r) for r in reference]
@@ -52,7 +77,7 @@ def random_beams(batch: int, width: int, length: int, vocab: int, seed: int) -> 
 
 
 @pytest.mark.parametrize("seed", range(20))
-@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 4, 5), (3, 5, 5), (2, 8, 3), (1, 3, 7)])
+@pytest.mark.parametrize("shape", [(3, 1, 1), (1, 1, 2), (2, 4, 5), (3, 5, 5), (2, 8, 3), (1, 3, 7)])
 def test_shared_prefixes_match_reference(shape, seed):
     # A vocabulary of 3 makes shared prefixes (and duplicate beams) frequent.
     check_against_reference(random_beams(*shape, vocab=3, seed=seed))
@@ -63,6 +88,21 @@ def test_all_distinct_beams(seed):
     beams = random_beams(2, 4, 5, vocab=10_000, seed=seed)
     check_against_reference(beams)
     assert build_tree(beams).num_nodes.tolist() == [1 + 4 * 4] * 2
+
+
+def test_a_plain_step_packs_and_verifies_as_a_beam_of_the_root_alone():
+    """A plain step's beams ``[B, 1, 1]`` take a shortcut in build_tree and verify; a beam of the root and a
+    PAD tail takes the general path and must give the same tree and verdict."""
+    roots = torch.tensor([4, 9, 2])
+    plain, padded = roots[:, None, None], torch.stack([roots, torch.full_like(roots, PAD)], dim=1)[:, None, :]
+    short, general = build_tree(plain), packed_both_ways(padded)
+    for name in ("tokens", "depth", "ancestors", "num_nodes"):
+        assert torch.equal(getattr(short, name), getattr(general, name)), name
+    assert torch.equal(short.node_index, general.node_index[:, :, :1])
+    choice = torch.tensor([[7], [1], [3]])
+    fast, slow = verify(plain, short.node_index, choice), verify(padded, general.node_index, choice)
+    assert torch.equal(fast.tokens, slow.tokens[:, :1]) and torch.equal(fast.num_tokens, slow.num_tokens)
+    assert torch.equal(fast.path, slow.path[:, :1]) and fast.tokens[:, 0].tolist() == [7, 1, 3]
 
 
 def test_all_beams_equal_is_one_path():
@@ -125,7 +165,7 @@ def test_padded_beams_take_no_slots(seed):
     beams = random_beams(2, 5, 6, vocab=3, seed=seed)
     real_len = torch.randint(1, 7, (2, 5), generator=generator)
     beams[torch.arange(6)[None, None, :] >= real_len[:, :, None]] = PAD
-    tree = build_tree(beams)
+    tree = packed_both_ways(beams)
     reference = reference_tree(beams)
     assert tree.num_nodes.tolist() == [len(r) for r in reference]
     for b, slot_of in enumerate(reference):

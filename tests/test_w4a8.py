@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +71,34 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(bits):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+def test_top_picks_the_largest_float32_outputs_of_each_row_alone(bits):
+    """The candidates of the greedy argmax: the columns of each row's k largest float32 outputs, largest
+    first, of equal outputs the lower column first, the same for a row alone or among 70 (panels of 64);
+    a bfloat16 input picks from the outputs of the same values in float32, before any rounding."""
+    _, (codes, d, m) = random_layer(160, 96, bits, seed=21)
+    codes[:16], d[:16], m[:16] = codes[16:32], d[16:32], m[16:32]
+    layer = W4A8Linear(codes, d, m, bits, None, torch.float32)
+    x = torch.randn(70, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    outputs = layer(x.float())  # float32: the values top chooses from
+    assert torch.equal(outputs[:, :16], outputs[:, 16:32])  # tile 0 copies tile 1: 16 tied pairs a row
+    for k in (1, 8, 64):
+        picked = layer.top(x, k)
+        assert picked.shape == (70, k)
+        values = outputs.gather(1, picked)
+        assert torch.equal(values, outputs.topk(k, dim=-1).values)  # the k largest, largest first
+        tied = values[:, 1:] == values[:, :-1]
+        assert (picked[:, 1:][tied] > picked[:, :-1][tied]).all()  # of equal ones, the lower column first
+        for start, stop in [(0, 1), (9, 10), (63, 66), (69, 70)]:
+            assert torch.equal(layer.top(x[start:stop], k), picked[start:stop])
+    assert torch.equal(layer.top(x[None, :3], 4), layer.top(x[:3], 4)[None])  # leading dimensions kept
+    tied_rows = (outputs[:, :16] >= outputs.topk(8, dim=-1).values[:, -1:]).any(dim=1)
+    assert tied_rows.any()  # the tie-breaking above was exercised
+    with pytest.raises(ValueError, match="picks 1 to 64"):
+        layer.top(x, 65)
+
+
+@needs_kernel
 def test_fused_layers_give_the_parts_outputs_and_the_parts_stay_whole():
     first, _ = random_layer(32, 64, 4, seed=1)
     second, _ = random_layer(48, 64, 4, seed=2)
@@ -109,6 +140,14 @@ def test_q8_0_blocks_run_as_8_bit_codes():
     applied = layer(torch.eye(cols)).T
     bound = 128 * d.abs().repeat_interleave(32, dim=1)
     assert torch.all((applied - torch.from_numpy(theirs.copy())).abs() <= 2**-21 * bound)
+
+
+def test_the_kernels_compile_where_the_cpu_has_their_instructions():
+    """A compile error must fail here: elsewhere it only turns every kernel test into a skip."""
+    has_compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not set(kernels.CPU_FLAGS) <= kernels._cpu_flags() or not has_compiler:
+        pytest.skip("this CPU lacks AVX-512 VNNI, or there is no C compiler")
+    assert kernel_refusal() is None
 
 
 def test_without_the_cpus_instructions_or_a_compiler_w4a8_is_refused_in_one_line(monkeypatch, tmp_path):
@@ -159,4 +198,7 @@ def test_the_default_model_runs_its_own_codes_and_q8_0_head_through_w4a8():
     assert float((quick - exact).abs().max()) < 0.1 * float(exact.std())  # measured: 0.13 against 2.4
     best = exact.argmax(dim=-1, keepdim=True)
     assert (quick.topk(8, dim=-1).indices == best).any(dim=-1).all()  # the true best among the candidates
+    with torch.inference_mode():
+        picked = rd.argmax_head.candidates(hidden, 8)  # in the product's call, from float32 outputs
+    assert (picked == best).any(dim=-1).all()
     assert rd.generate("Name three colors.", max_new_tokens=8).text.strip()

@@ -94,22 +94,31 @@ def fused_layers_refusal(
 
 
 class FusedLayers:
-    """Each :class:`~redrafter.lean_decoder.LeanLayer` of a w4a8 target as one call of
-    ``kernels/layer.c`` (see the module docstring). Holds the layers' tensors, whose addresses it
-    gives the kernel, so build it once the weights are final, as the lean decoder.
+    """A decode step through all :class:`~redrafter.lean_decoder.LeanLayer` s of a w4a8 target and its
+    final norm as one call of ``kernels/layer.c`` (see the module docstring). Holds the layers' tensors,
+    whose addresses it gives the kernel, so build it once the weights are final, as the lean decoder.
 
     Args:
         layers: the lean decoder's layers (:func:`fused_layers_refusal` says None for them).
+        final_norm: the final RMSNorm's weight ``[d]``.
         eps: the RMSNorm's epsilon.
         heads, kv_heads, head_dim, intermediate: the model's sizes.
     """
 
     def __init__(
-        self, layers: nn.ModuleList, eps: float, heads: int, kv_heads: int, head_dim: int, intermediate: int
+        self,
+        layers: nn.ModuleList,
+        final_norm: torch.Tensor,
+        eps: float,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        intermediate: int,
     ) -> None:
         self.dtype = layers[0].input_norm.dtype
         # The tensors whose addresses the kernel gets, held so that their memory outlives any change of
         # the modules (a module moved or cast gets new tensors; these stay valid, if stale).
+        self.final_norm = final_norm.detach().to(self.dtype).contiguous()
         self.tensors = [
             tensor
             for layer in layers
@@ -119,57 +128,71 @@ class FusedLayers:
                 *(t for name in PRODUCTS for t in getattr(layer, name).buffers()),
             )
         ]
-        self.structs = [
-            _Layer(
-                *(_product(getattr(layer, name)) for name in PRODUCTS),
-                layer.input_norm.data_ptr(),
-                layer.post_norm.data_ptr(),
-                eps,
-                layer.scaling,
-                heads,
-                kv_heads,
-                head_dim,
-                intermediate,
+        self.structs = (_Layer * len(layers))(
+            *(
+                _Layer(
+                    *(_product(getattr(layer, name)) for name in PRODUCTS),
+                    layer.input_norm.data_ptr(),
+                    layer.post_norm.data_ptr(),
+                    eps,
+                    layer.scaling,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    intermediate,
+                )
+                for layer in layers
             )
-            for layer in layers
-        ]
-        self.function = library().fused_layer
+        )
+        self.function = library().fused_layers
 
     def runs(self, cache_layers: list[ContiguousLayer]) -> bool:
         """Whether a step can run here with these cache layers: allocated, contiguous, in the
-        activations' dtype (a cache made elsewhere may not be)."""
+        activations' dtype, all of one capacity (a cache made elsewhere may not be)."""
         return all(
             layer.is_initialized and layer.keys.dtype == self.dtype and layer.keys.is_contiguous()
-            and layer.values.is_contiguous()
+            and layer.values.is_contiguous() and layer.capacity == cache_layers[0].capacity
             for layer in cache_layers
         )  # fmt: skip
 
     def __call__(
         self,
-        index: int,
         x: torch.Tensor,
-        cache_layer: ContiguousLayer,
-        mask: torch.Tensor,
+        cache_layers: list[ContiguousLayer],
+        masks: list[torch.Tensor],
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> None:
-        """Layer ``index`` on ``x`` ``[B, q, d]`` (contiguous, updated in place), appending the new keys
-        and values to ``cache_layer``.
+        capture: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The layers on ``x`` ``[B, q, d]`` (contiguous, updated in place), appending the new keys and
+        values to ``cache_layers``; returns the final norm of the result ``[B, q, d]`` and the outputs
+        of the layers ``capture`` (by index).
 
         Args:
-            mask: additive ``[B or 1, 1, q, K]`` in ``x``'s dtype, the keys contiguous (``K``: the
-                cached entries and the new ones).
+            masks: each layer's additive mask ``[B or 1, 1, q, K]`` in ``x``'s dtype, all of one shape,
+                the keys contiguous (``K``: the cached entries and the new ones).
             cos, sin: ``[B, q, hd]`` contiguous: the rotary tables at each token's position.
         """
         batch, length = x.shape[:2]
-        start, end = cache_layer.length, cache_layer.length + length
-        if end > cache_layer.capacity:
-            cache_layer._grow(end)
+        start, end = cache_layers[0].length, cache_layers[0].length + length
+        if end > cache_layers[0].capacity:
+            for layer in cache_layers:
+                layer._grow(end)
+        count = len(cache_layers)
+        keys = (_PTR * count)(*(layer.keys.data_ptr() for layer in cache_layers))
+        values = (_PTR * count)(*(layer.values.data_ptr() for layer in cache_layers))
+        mask = masks[0]
+        captured = {index: torch.empty_like(x) for index in capture}
+        out = torch.empty_like(x)
         status = self.function(
-            ctypes.byref(self.structs[index]), x.dtype == torch.bfloat16, x.data_ptr(), batch, length,
-            cache_layer.keys.data_ptr(), cache_layer.values.data_ptr(), cache_layer.capacity, start,
-            mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), cos.data_ptr(), sin.data_ptr(),
+            self.structs, count, x.dtype == torch.bfloat16, x.data_ptr(), batch, length, keys, values,
+            cache_layers[0].capacity, start, (_PTR * count)(*(m.data_ptr() for m in masks)),
+            mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2), cos.data_ptr(), sin.data_ptr(),
+            (_PTR * count)(*(captured[i].data_ptr() if i in captured else None for i in range(count))),
+            self.final_norm.data_ptr(), out.data_ptr(),
         )  # fmt: skip
         if status != 0:
-            raise MemoryError("fused layer: no memory for its scratch")
-        cache_layer.length = end
+            raise MemoryError("fused layers: no memory for their scratch")
+        for layer in cache_layers:
+            layer.length = end
+        return out, captured

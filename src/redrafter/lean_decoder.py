@@ -287,7 +287,9 @@ class LeanDecoder(nn.Module):
         )
         self.fused = None
         if self.invariant_steps and refusal is None:
-            self.fused = FusedLayers(self.layers, self.eps, self.heads, self.kv_heads, self.head_dim, self.intermediate)
+            self.fused = FusedLayers(
+                self.layers, self.final_norm, self.eps, self.heads, self.kv_heads, self.head_dim, self.intermediate
+            )
 
     def packs(self) -> bool:
         """Whether a packed forward changes anything here: some layer's product is
@@ -413,23 +415,24 @@ class LeanDecoder(nn.Module):
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """:meth:`forward` for a decode step through :attr:`fused` (:mod:`redrafter.fused_layer`): each
-        layer one call, the residual stream updated in place."""
+        """:meth:`forward` for a decode step through :attr:`fused` (:mod:`redrafter.fused_layer`): all
+        layers and the final norm in one call, the residual stream updated in place."""
         x = self.embed(input_ids).contiguous()
         cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()  # [B, q, hd]
         by_type = {kind: m.to(x.dtype).contiguous() for kind, m in masks_by_type(masks).items()}
-        captured: dict[int, torch.Tensor] = {}
-        for index, layer in enumerate(self.layers):
-            mask = layer_mask(by_type, layer.layer_type)
-            self.fused(index, x, cache.layers[index], mask, cos, sin)
-            if index in layers:
-                captured[index] = x.clone()
-        return self._finish(x, captured, layers)
+        by_layer = [layer_mask(by_type, layer.layer_type) for layer in self.layers]
+        final, captured = self.fused(x, cache.layers, by_layer, cos, sin, layers)
+        return features(final, captured, layers)
 
     def _finish(self, x: torch.Tensor, captured: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
         """The final norm of ``x`` ``[B, q, d]``, then the ``captured`` layers' outputs ``layers``."""
-        final = self._norm(x, self.final_norm)
-        return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
+        return features(self._norm(x, self.final_norm), captured, layers)
+
+
+def features(final: torch.Tensor, captured: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+    """``[B, q, (1 + n) d]``: the final hidden states ``[B, q, d]``, then the ``captured`` outputs of
+    decoder layers ``layers`` (by index)."""
+    return torch.cat([final, *(captured[i] for i in layers)], dim=-1) if layers else final
 
 
 def transformers_forward(target: PreTrainedModel) -> TargetForward:

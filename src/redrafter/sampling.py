@@ -89,18 +89,21 @@ def exact_argmax(
     round differently: ties would then break differently and greedy output would depend on the
     tree. The ``candidates`` best bfloat16 logits are recomputed in float32 and the best wins.
 
-    ``argmax_head``: a cheaper head giving the candidates' logits where it :meth:`covers` ``hidden``
-    (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or 4-bit values); the winner is still
-    the float32 recomputation with the head's own weights.
+    ``argmax_head``: a cheaper head giving the candidates where it :meth:`covers` ``hidden``
+    (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or 4-bit values, its
+    :meth:`~redrafter.quant.ArgmaxHead.candidates`); the winner is still the float32 recomputation
+    with the head's own weights.
 
     ``head``: the head's product elsewhere (:func:`redrafter.models.hidden_to_logits`), where
     ``argmax_head`` does not cover ``hidden``.
     """
-    quick = argmax_head is not None and argmax_head.covers(hidden)
-    logits = argmax_head(hidden) if quick else hidden_to_logits(target, hidden, head=head)
-    if not quick and logits.dtype in (torch.float32, torch.float64):
-        return logits.argmax(dim=-1)
-    top = logits.topk(candidates, dim=-1).indices  # [..., k]
+    if argmax_head is not None and argmax_head.covers(hidden):
+        top = argmax_head.candidates(hidden, candidates)  # [..., k]
+    else:
+        logits = hidden_to_logits(target, hidden, head=head)
+        if logits.dtype in (torch.float32, torch.float64):
+            return logits.argmax(dim=-1)
+        top = logits.topk(candidates, dim=-1).indices  # [..., k]
     own = target.get_output_embeddings()
     exact = (own.weight[top].float() @ hidden.float()[..., None])[..., 0]  # [..., k]
     if getattr(own, "bias", None) is not None:

@@ -38,7 +38,19 @@ def verify(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.T
     Returns:
         The :class:`Verdict`. With argmax choices the emitted tokens equal greedy decoding's next
         ``num_tokens``.
+
+    Beams on the CPU go to :func:`verify_on_host` (Python lists: a decode step's few beams cost less
+    so than as tensor operations), others to :func:`verify_on_device` (batched tensor arithmetic).
     """
+    batch, width, length = beams.shape
+    if width == 1 and length == 1:  # a plain step: the target's choice at the root
+        ones = torch.ones(batch, dtype=torch.long, device=beams.device)
+        return Verdict(tokens=target_choice[:, :1], num_tokens=ones, path=torch.zeros_like(target_choice[:, :1]))
+    return (verify_on_host if beams.device.type == "cpu" else verify_on_device)(beams, node_index, target_choice)
+
+
+def verify_on_device(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.Tensor) -> Verdict:
+    """:func:`verify` in batched tensor arithmetic, on the beams' device."""
     batch, width, length = beams.shape
     # The target's prediction after each beam token: [B, W, L].
     predicted = target_choice.gather(1, node_index.reshape(batch, -1)).reshape(batch, width, length)
@@ -55,3 +67,27 @@ def verify(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.T
     tokens = torch.where(steps < last, drafts, bonus)
     path = best_nodes.gather(1, torch.minimum(steps, last))
     return Verdict(tokens=tokens, num_tokens=best_len + 1, path=path)
+
+
+def verify_on_host(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.Tensor) -> Verdict:
+    """:func:`verify` over the beams as Python lists, for beams on the CPU: the same :class:`Verdict`."""
+    batch, width, length = beams.shape
+    tokens, num_tokens, path = [], [], []
+    for row, slots, choice in zip(beams.tolist(), node_index.tolist(), target_choice.tolist(), strict=True):
+        best, best_len = 0, -1
+        for w, (beam, beam_slots) in enumerate(zip(row, slots, strict=True)):
+            accepted = 0
+            while accepted < length - 1 and beam[accepted + 1] == choice[beam_slots[accepted]]:
+                accepted += 1
+            if accepted > best_len:  # the first beam among the longest
+                best, best_len = w, accepted
+        beam, beam_slots = row[best], slots[best]
+        bonus = choice[beam_slots[best_len]]
+        tokens.append(beam[1 : best_len + 1] + [bonus] * (length - best_len))
+        num_tokens.append(best_len + 1)
+        path.append(beam_slots[: best_len + 1] + [beam_slots[best_len]] * (length - best_len - 1))
+    return Verdict(
+        tokens=torch.tensor(tokens, dtype=beams.dtype),
+        num_tokens=torch.tensor(num_tokens),
+        path=torch.tensor(path),
+    )

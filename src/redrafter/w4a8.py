@@ -29,6 +29,7 @@ from .kernels import library
 
 TILE = 16  # outputs per tile of the codes' layout
 BLOCK = 32  # inputs per block (one d and m)
+TOPK_MAX = 64  # the most outputs :meth:`W4A8Linear.top` picks per row (``kernels/w4a8.c``)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -96,12 +97,16 @@ class W4A8Linear(nn.Module):
             part.codes, part.scales = codes, scales
         return fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., K]`` -> ``[..., N]``."""
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> the kernel's input ``[M, K]``: contiguous float32 or bfloat16."""
         flat = x.reshape(-1, self.in_features)
         if flat.dtype not in (torch.float32, torch.bfloat16):
             flat = flat.float()
-        flat = flat.contiguous()
+        return flat.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., N]``."""
+        flat = self._rows(x)
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)  # written in x's dtype by the kernel
         status = library().w4a8_matmul(
             flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
@@ -113,6 +118,23 @@ class W4A8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def top(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """``[..., K]`` -> ``[..., k]``: the columns of the ``k`` largest outputs per row, largest first
+        (of equal ones the lower column first), chosen from the float32 outputs before the rounding
+        to ``x``'s dtype and before any bias (a layer without one: a head), in the same call as the
+        product, so the outputs are never written out. ``1 <= k <=`` :data:`TOPK_MAX`."""
+        if self.bias is not None or not 1 <= k <= min(TOPK_MAX, self.out_features):
+            raise ValueError(f"w4a8 picks 1 to {min(TOPK_MAX, self.out_features)} outputs of a layer without a bias")
+        flat = self._rows(x)
+        indices = torch.empty(flat.shape[0], k, dtype=torch.long)
+        status = library().w4a8_topk(
+            flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
+            self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features, k, indices.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("w4a8: no memory for the quantized activations")
+        return indices.reshape(*x.shape[:-1], k)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"

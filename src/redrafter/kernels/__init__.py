@@ -1,9 +1,11 @@
 """Our C kernels for x86 CPUs with AVX-512 VNNI, built on first use (see :func:`library`).
 
-- ``w4a8.c``: quantized weights times int8 activations (:mod:`redrafter.w4a8`);
+- ``w4a8.c``: quantized weights times int8 activations, and the largest outputs of such a product per
+  row (:mod:`redrafter.w4a8`);
 - ``attention.c``: attention whose result for a query does not depend on the other queries
   (:mod:`redrafter.attention`);
-- ``layer.c``: a whole decoder layer with w4a8 products for decode steps (:mod:`redrafter.fused_layer`);
+- ``layer.c``: the decoder layers with w4a8 products for decode steps, all in one call
+  (:mod:`redrafter.fused_layer`);
 - ``kernels.h``: what they share.
 
 They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
@@ -32,10 +34,25 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     # x, bf16 (x and y), M, K, codes, scales, bits, N, y
     "w4a8_matmul": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR],
+    # the same, then k and the indices of each row's k largest outputs
+    "w4a8_topk": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _I64, _PTR],
     # q, k, v, mask, bf16, B, H, Q, K, D, 11 strides, scale, out
     "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],
-    # layer, bf16, x, B, Q, keys, values, capacity, length, mask, mask strides (batch, query), cos, sin
-    "fused_layer": [_PTR, ctypes.c_int, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR],
+    # layers, count, bf16, x, B, Q, keys, values (pointer arrays), capacity, length, masks (an array), mask
+    # strides (batch, query), cos, sin, captures (an array), final norm, out
+    "fused_layers": [
+        _PTR,
+        _I64,
+        ctypes.c_int,
+        _PTR,
+        _I64,
+        _I64,
+        *[_PTR] * 2,
+        *[_I64] * 2,
+        _PTR,
+        *[_I64] * 2,
+        *[_PTR] * 5,
+    ],
 }
 
 

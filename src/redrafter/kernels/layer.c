@@ -1,5 +1,5 @@
-// One decoder layer of a Llama-family model (Llama, Mistral, Qwen2) with w4a8 products, for decode
-// steps, in one call:
+// The decoder layers of a Llama-family model (Llama, Mistral, Qwen2) with w4a8 products, for decode
+// steps, all in one call (then the final norm):
 //
 //   h = x + o_proj(attention(rope(qkv(norm(x)))))      (new keys and values written to the cache)
 //   x = h + down_proj(silu(gate) * up),  [gate, up] = gate_up(norm(h))
@@ -13,7 +13,8 @@
 //
 // Why: on a 2-core CPU, a one-token step of the default model spent about as long in PyTorch's
 // per-operation overhead (14 us a w4a8 product call, 14 us a norm; 30 layers of about 20 operations)
-// as in its matrix products. Here a layer is one call and one parallel region.
+// as in its matrix products. Here the whole step is one call and one parallel region (one call per
+// layer still spent 0.58 ms a step of the decode loop outside the kernel, 9% of it).
 //
 // Activations float32, or bfloat16 when bf16 != 0 (x, the norms' weights, biases, rotary tables, mask
 // and cache all in that dtype). Shapes: x [B Q, d] (updated in place); cache [B, KV, capacity, hd],
@@ -128,58 +129,98 @@ AVX512 static void round_row(const float *values, int64_t n, int bf16, float *ou
   for (int64_t j = 0; j < n; j += 16) _mm512_storeu_ps(out + j, round16(_mm512_loadu_ps(values + j), bf16));
 }
 
-// The layer (see the top of the file). Returns 0, or -1 when scratch memory ran out.
-int fused_layer(const Layer *L, int bf16, void *x, int64_t B, int64_t Q, void *k_cache, void *v_cache,
-                int64_t capacity, int64_t length, const void *mask, int64_t mask_sb, int64_t mask_si, const void *cos,
-                const void *sin) {
+// Scratch of one layer step over M = B Q rows with `keys` keys (the same for every layer of a model).
+typedef struct {
+  float *act, *out, *s, *sums, *queries;  // a product's input [M, inputs] and output [M, outputs];
+  char *attention;                         // its activations' scales and code sums; queries [B, H, Q, hd];
+  int8_t *q;                               // per attention task: scores, kept keys, the output row;
+  size_t task_bytes;                       // the quantized activations
+} Scratch;
+
+// One layer (see the top of the file) on x, inside a parallel region: its loops are shared.
+VNNI static void layer_step(const Layer *L, int bf16, void *x, int64_t B, int64_t Q, void *k_cache, void *v_cache,
+                            int64_t capacity, int64_t length, const void *mask, int64_t mask_sb, int64_t mask_si,
+                            const void *cos, const void *sin, const Scratch *w) {
   const int64_t M = B * Q, d = L->qkv.in_features, H = L->heads, KV = L->kv_heads, hd = L->head_dim;
   const int64_t I = L->intermediate, keys = length + Q, tasks = B * KV * Q, groups = H / KV;
+  const size_t size = bf16 ? 2 : 4;
+  float *act = w->act, *out = w->out;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) rms_norm_row(x, r, d, L->input_norm, L->eps, bf16, act + r * d);
+  product(&L->qkv, act, M, bf16, w->q, w->s, w->sums, out);
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, w->queries, k_cache, v_cache, capacity, length);
+#pragma omp for schedule(static)
+  for (int64_t task = 0; task < tasks; task++) {  // the query heads of one key/value head at one token
+    int64_t b = task / (KV * Q), kv = (task / Q) % KV, i = task % Q, h = kv * groups;
+    float *scores = (float *)(w->attention + task * w->task_bytes), *rows = scores + 9 * keys;
+    attention_group((const char *)w->queries + ((b * H + h) * Q + i) * hd * size, Q * hd, groups,
+                    (const char *)k_cache + (b * KV + kv) * capacity * hd * size,
+                    (const char *)v_cache + (b * KV + kv) * capacity * hd * size,
+                    (const char *)mask + (b * mask_sb + i * mask_si) * size, bf16, keys, hd, hd, hd, L->scale, scores,
+                    (int32_t *)(scores + 8 * keys), rows);
+    round_row(rows, groups * hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
+  }
+  product(&L->o_proj, act, M, bf16, w->q, w->s, w->sums, out);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) {
+    add_row(x, r, d, out + r * d, bf16);
+    rms_norm_row(x, r, d, L->post_norm, L->eps, bf16, act + r * d);
+  }
+  product(&L->gate_up, act, M, bf16, w->q, w->s, w->sums, out);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) glu_row(out + r * 2 * I, I, bf16, act + r * I);
+  product(&L->down_proj, act, M, bf16, w->q, w->s, w->sums, out);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) add_row(x, r, d, out + r * d, bf16);
+}
+
+// A decode step through `count` layers (see the top of the file) in one call and one parallel region:
+// x [B Q, d] goes through layers[0 .. count), layer l with its cache k_caches[l], v_caches[l] (all of
+// `capacity` entries, `length` of them filled) and additive mask masks[l] (one per layer type; all with
+// strides mask_sb and mask_si); after layer l, x is copied to captures[l] where that is not NULL; out
+// [B Q, d] = final_norm * rms_norm(x), rounded as the unfused forward rounds. Returns 0, or -1 when
+// scratch memory ran out.
+VNNI int fused_layers(const Layer *layers, int64_t count, int bf16, void *x, int64_t B, int64_t Q, void *const *k_caches,
+                 void *const *v_caches, int64_t capacity, int64_t length, const void *const *masks, int64_t mask_sb,
+                 int64_t mask_si, const void *cos, const void *sin, void *const *captures, const void *final_norm,
+                 void *out) {
+  const Layer *L = layers;
+  const int64_t M = B * Q, d = L->qkv.in_features, H = L->heads, hd = L->head_dim, I = L->intermediate;
+  const int64_t keys = length + Q, tasks = B * L->kv_heads * Q, groups = H / L->kv_heads;
   int64_t inputs = d > H * hd ? d : H * hd, outputs = L->qkv.out_features;
   inputs = inputs > I ? inputs : I;
   outputs = outputs > 2 * I ? outputs : 2 * I;
   outputs = outputs > d ? outputs : d;
-  const size_t task_bytes = (size_t)(keys * 9 * 4 + groups * hd * 4);  // 8 heads' scores, kept keys, outputs
+  Scratch w;
+  w.task_bytes = (size_t)(keys * 9 * 4 + groups * hd * 4);  // 8 heads' scores, kept keys, outputs
   const size_t bytes = (size_t)(M * inputs) * (4 + 1) + 2 * (size_t)(M * inputs / 32) * 4 + (size_t)(M * outputs) * 4 +
-                       (size_t)(M * H * hd) * 4 + (size_t)tasks * task_bytes;
+                       (size_t)(M * H * hd) * 4 + (size_t)tasks * w.task_bytes + (size_t)(M * d) * 4;
   char *scratch = malloc(bytes);
   if (scratch == NULL) return -1;
-  float *act = (float *)scratch;                  // [M, inputs]: a product's input
-  float *out = act + M * inputs;                  // [M, outputs]: a product's output
-  float *s = out + M * outputs, *sums = s + M * inputs / 32;
-  float *queries = sums + M * inputs / 32;        // [B, H, Q, hd] in the dtype
-  char *attention = (char *)(queries + M * H * hd);  // per task: scores, kept keys, the output row
-  int8_t *q = (int8_t *)(attention + tasks * task_bytes);
-  const size_t size = bf16 ? 2 : 4;
+  w.act = (float *)scratch;
+  w.out = w.act + M * inputs;
+  w.s = w.out + M * outputs, w.sums = w.s + M * inputs / 32;
+  w.queries = w.sums + M * inputs / 32;
+  w.attention = (char *)(w.queries + M * H * hd);
+  float *normalized = (float *)(w.attention + tasks * w.task_bytes);  // [M, d]: the final norm's rows
+  w.q = (int8_t *)(normalized + M * d);
+  const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) rms_norm_row(x, r, d, L->input_norm, L->eps, bf16, act + r * d);
-    product(&L->qkv, act, M, bf16, q, s, sums, out);
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, queries, k_cache, v_cache, capacity, length);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; task++) {  // the query heads of one key/value head at one token
-      int64_t b = task / (KV * Q), kv = (task / Q) % KV, i = task % Q, h = kv * groups;
-      float *scores = (float *)(attention + task * task_bytes), *rows = scores + 9 * keys;
-      attention_group((const char *)queries + ((b * H + h) * Q + i) * hd * size, Q * hd, groups,
-                      (const char *)k_cache + (b * KV + kv) * capacity * hd * size,
-                      (const char *)v_cache + (b * KV + kv) * capacity * hd * size,
-                      (const char *)mask + (b * mask_sb + i * mask_si) * size, bf16, keys, hd, hd, hd, L->scale, scores,
-                      (int32_t *)(scores + 8 * keys), rows);
-      round_row(rows, groups * hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
+    for (int64_t l = 0; l < count; l++) {
+      layer_step(layers + l, bf16, x, B, Q, k_caches[l], v_caches[l], capacity, length, masks[l], mask_sb, mask_si,
+                 cos, sin, &w);
+      if (captures[l] != NULL) {
+#pragma omp single
+        memcpy(captures[l], x, (size_t)M * row_bytes);
+      }
     }
-    product(&L->o_proj, act, M, bf16, q, s, sums, out);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; r++) {
-      add_row(x, r, d, out + r * d, bf16);
-      rms_norm_row(x, r, d, L->post_norm, L->eps, bf16, act + r * d);
+      rms_norm_row(x, r, d, final_norm, L->eps, bf16, normalized + r * d);
+      for (int64_t j = 0; j < d; j += 16) store16(out, r * d + j, _mm512_loadu_ps(normalized + r * d + j), bf16);
     }
-    product(&L->gate_up, act, M, bf16, q, s, sums, out);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) glu_row(out + r * 2 * I, I, bf16, act + r * I);
-    product(&L->down_proj, act, M, bf16, q, s, sums, out);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) add_row(x, r, d, out + r * d, bf16);
   }
   free(scratch);
   return 0;

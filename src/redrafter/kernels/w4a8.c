@@ -18,11 +18,13 @@
 //           nibble and u[n, 32 b + 8 p + 4 + i] in its high one.
 //   8 bits: 512 bytes, eight chunks of 64; byte 4 j + i of chunk p holds u[n, 32 b + 4 p + i].
 // d and m: per tile and block, 16 float16 d then 16 float16 m.
+#include <math.h>
 #include <stdlib.h>
 
 #include "kernels.h"
 
 #define ROWS 4      // rows of x per register block: the unpacked codes are reused across them
+#define TOPK_MAX 64  // w4a8_topk: the most candidates a row may ask for
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
 VNNI void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
@@ -118,6 +120,53 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16, y);
     }
+  }
+  free(q);
+  return 0;
+}
+
+// The k largest of y [N] (N a multiple of 16) into indices [k], largest first; of equal values the
+// lower index first, so the choice is the same however the row was computed. One pass: each 16 values
+// are compared with the k-th largest so far, and only those above it are inserted.
+AVX512 static void row_topk(const float *y, int64_t N, int64_t k, int64_t *indices) {
+  float best[TOPK_MAX];
+  int64_t filled = 0;
+  float threshold = -INFINITY;
+  for (int64_t j0 = 0; j0 < N; j0 += 16) {
+    __mmask16 above = filled < k ? (__mmask16)0xFFFF
+                                 : _mm512_cmp_ps_mask(_mm512_loadu_ps(y + j0), _mm512_set1_ps(threshold), _CMP_GT_OQ);
+    while (above) {
+      int64_t j = j0 + __builtin_ctz(above);
+      above &= above - 1;
+      float value = y[j];
+      if (filled == k && !(value > best[k - 1])) continue;  // the k-th largest rose within these 16
+      int64_t p = filled < k ? filled++ : k - 1;
+      for (; p > 0 && best[p - 1] < value; p--) best[p] = best[p - 1], indices[p] = indices[p - 1];
+      best[p] = value, indices[p] = j;
+      if (filled == k) threshold = best[k - 1];
+    }
+  }
+}
+
+// indices [M, k] = the k largest outputs of y = x W^T per row (float32, as w4a8_matmul computes them
+// before any rounding; see row_topk for the order), without writing y out: the greedy argmax's
+// candidates from a Q8_0 head. 1 <= k <= TOPK_MAX <= N. Returns 0, or -1 when scratch memory ran out.
+int w4a8_topk(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
+              int64_t N, int64_t k, int64_t *indices) {
+  int8_t *q = malloc((size_t)(M * K) + 2 * (size_t)(M * (K / 32)) * sizeof(float) + (size_t)(M * N) * sizeof(float));
+  if (q == NULL) return -1;
+  float *s = (float *)(q + M * K), *sums = s + M * (K / 32), *y = sums + M * (K / 32);
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
+    for (int64_t first = 0; first < M; first += PANEL) {
+      int64_t count = M - first < PANEL ? M - first : PANEL;
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, 0, y);
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) row_topk(y + r * N, N, k, indices + r * k);
   }
   free(q);
   return 0;
