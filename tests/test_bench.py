@@ -209,7 +209,7 @@ def test_sweep_and_batch_sizes(capsys, model_dir, drafter_dir, prompt_file, tmp_
         (["--variant", "w2", "beams=2,depth=3"], "'depth=3' is not SETTING=N"),
         (["--variant", "w2", "beams"], "'beams' is not SETTING=N"),
         (["--variant", "w2", "beams=two"], "beams takes a whole number, got 'two'"),
-        (["--variant", "w2", "beams=0"], "--beams must be at least 1"),
+        (["--variant", "w2", "beams=0,lookup-len=0,ngram-len=0"], "--beams 0 verifies the lookup beams alone"),
         (["--variant", "ar", "beams=2"], "--variant ar: the name of a method"),
         (["--variant", "w2", "beams=2", "--variant", "w2", "beams=3"], "each NAME once"),
         (["--variant", "w2", "beams=2", "--drafter", "none"], "need a drafter"),

@@ -14,6 +14,7 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from redrafter import ReDrafter
 from redrafter.cli import main
+from redrafter.decode import no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 
 JSON_KEYS = {"text", "token_ids", "new_tokens", "steps", "tokens_per_step", "seconds", "tokens_per_second"}
@@ -90,6 +91,15 @@ def test_python_api_generate_and_stream(model_dir, drafter_dir):
     assert batch[0].token_ids == result.token_ids and len(batch) == 2
 
 
+def test_beams_0_verifies_the_lookup_beams_alone(model_dir, drafter_dir):
+    """The drafter drafts nothing: no drafter proposer, no small tree, and plain greedy's output."""
+    rd = ReDrafter.from_pretrained(str(model_dir), drafter=str(drafter_dir), dtype="float64", num_beams=0, lookup_len=4)
+    assert rd.decoder.proposer is no_draft and len(rd.decoder.trees) == 1
+    plain = ReDrafter.from_pretrained(str(model_dir), drafter="none", dtype="float64")
+    prompt = "w4 w8 w4 w8 w4 w8 w4"
+    assert rd.generate(prompt, max_new_tokens=12).token_ids == plain.generate(prompt, max_new_tokens=12).token_ids
+
+
 def other_drafter(tmp_path):
     RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN * 2, vocab_size=VOCAB)).save_pretrained(tmp_path / "d")
     return str(tmp_path / "d")
@@ -141,7 +151,7 @@ def test_a_device_this_machine_lacks_is_one_line_and_leaves_nothing(capsys, mode
 @pytest.mark.parametrize(
     "flag",
     [
-        ["--beams", "0"],
+        ["--beams", "-1"],
         ["--draft-len", "-1"],
         ["--max-new-tokens", "x"],
         ["--lookup-len", "-1"],

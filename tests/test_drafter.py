@@ -85,6 +85,7 @@ def test_equations():
     e = drafter.embed(g)
     s1 = torch.nn.functional.silu(e @ drafter.rnn_w.weight.T + drafter.rnn_u.bias)  # s_0 = 0
     assert torch.allclose(drafter.rnn_step(torch.zeros_like(h), e), s1)
+    assert torch.equal(drafter.rnn_step(None, e), drafter.rnn_step(torch.zeros_like(h), e))  # s_0 = 0, no product
     x = torch.cat([h, s1], dim=-1)
     for block in drafter.lm_head[:-1]:
         x = x + torch.nn.functional.silu(block.linear(x))

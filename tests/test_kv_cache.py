@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from redrafter.kernels import kernel_refusal
 from redrafter.kv_cache import TreeKVCache
 
 
@@ -78,3 +80,25 @@ def test_gather_moves_each_rows_entries_to_the_front():
         for row in range(2):
             assert torch.equal(layer.keys[row, :, :3], entries[row, :, index[row]])
             assert torch.equal(layer.values[row, :, :3], -entries[row, :, index[row]])
+
+
+@pytest.mark.skipif(kernel_refusal() is not None, reason=str(kernel_refusal()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_in_one_call_moves_what_each_layers_keep_moves(dtype):
+    """The kernel's keep over all layers equals the layers' own, for paths of increasing slots whose
+    rows accepted different counts (padding repeats a row's last slot)."""
+    generator = torch.Generator().manual_seed(0)
+    caches = [TreeKVCache(num_layers=3, capacity=16) for _ in range(2)]
+    context, tree = torch.randn(3, 2, 5, 4, generator=generator), torch.randn(3, 2, 6, 4, generator=generator)
+    for cache in caches:
+        for layer in range(3):
+            cache.update(context.to(dtype), -context.to(dtype), layer)
+            cache.update((tree + layer).to(dtype), (-tree - layer).to(dtype), layer)
+    path = torch.tensor([[0, 2, 3, 5], [0, 4, 4, 4], [0, 1, 2, 2]])
+    assert caches[0]._keep_in_one_call(5, path)
+    for layer in caches[1].layers:
+        layer.keep(5, path)
+    for one_call, per_layer in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert one_call.length == per_layer.length == 9
+        assert torch.equal(one_call.keys[:, :, :9], per_layer.keys[:, :, :9])
+        assert torch.equal(one_call.values[:, :, :9], per_layer.values[:, :, :9])

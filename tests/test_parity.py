@@ -118,6 +118,18 @@ def test_ngram_beam_keeps_parity(family, ngram_len):
         assert longest > 3
 
 
+def test_lookup_beams_alone_keep_parity_in_a_batch(family):
+    """``--beams 0``: no drafted beam, the tree holds the context-lookup and n-gram beams only (a row
+    without a match takes a plain step's root alone), rows of mixed lengths side by side."""
+    model = tiny_target(family, seed=4)
+    prompts = [random_prompt(n // 3 + 1, 200 + n) * 3 for n in (2, 9, 17)]  # repeated text: lookups match
+    table = build_table([hf_greedy(model, random_prompt(5, s), 30) for s in range(4)], min_n=1, max_n=4, min_count=1)
+    decoder = SpeculativeDecoder(model, no_draft, [], lookup_len=6, ngrams=table, ngram_len=4)
+    ids, per_step = speculative(decoder, prompts, 24)
+    assert ids == [hf_greedy(model, prompt, 24) for prompt in prompts]
+    assert max(per_step) > 1  # lookup beams were accepted
+
+
 def test_a_table_that_knows_the_continuation_gets_long_steps_accepted(family):
     model = tiny_target(family, seed=3)
     prompt = random_prompt(6, 5)

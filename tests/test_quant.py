@@ -379,6 +379,9 @@ def test_a_quantized_drafter_changes_drafts_a_little_and_output_not_at_all(weigh
     hidden, state = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     exact, approx = drafter.head(hidden, state), quantized.head(hidden, state)
     assert (approx - exact).norm() / exact.norm() < (0.02 if weights == "int8" else 0.2)
+    embedding = quantized.embed(torch.tensor([[3, 9]]))  # the first state (s_0 = 0) skips U's product
+    first = torch.nn.functional.silu(quantized.rnn_w(embedding) + quantized.rnn_u(torch.zeros_like(embedding)))
+    assert torch.equal(quantized.rnn_step(None, embedding), first)
     plain = SpeculativeDecoder(model, no_draft, [])
     decoder = SpeculativeDecoder(model, DrafterProposer(quantized, 3, 4, tree_nodes=6), [], lookup_len=6)
     prompts = [random_prompt(n // 2 + 1, n) * 2 for n in (1, 6, 15)]

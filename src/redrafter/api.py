@@ -184,7 +184,10 @@ class ReDrafter:
         target: a Hugging Face causal LM that accepts 4D masks (checked by ``load_target``).
         tokenizer: its tokenizer.
         drafter: a drafter fitted to ``target``, or None for autoregressive decoding.
-        num_beams: ``W``, beams drafted per step.
+        num_beams: ``W``, beams drafted per step; 0: the drafter drafts nothing and the tree holds the
+            lookup beams alone (context lookup and the drafter's n-gram table, prompt-lookup decoding in
+            this loop), which with w4a8 weights on a 2-core CPU was about as fast as the default tree
+            (docs/host-steps/ of the repository).
         draft_len: ``L``, tokens per beam (the root included), so at most ``L`` tokens per step.
         lookup_len: tokens of a context-lookup beam (copied from the prompt and output so far) added to
             the drafter's beams, its root included; 0 for none.
@@ -236,8 +239,12 @@ class ReDrafter:
         compile: bool = False,
         packed: bool | None = None,
     ) -> None:
-        if num_beams < 1:
-            raise RedrafterError(f"--beams must be at least 1, got {num_beams}")
+        if num_beams < 0:
+            raise RedrafterError(f"--beams must be 0 or more, got {num_beams}")
+        if num_beams == 0 and drafter is not None and max(lookup_len, ngram_len if drafter.ngrams else 0) < 2:
+            raise RedrafterError(
+                "--beams 0 verifies the lookup beams alone: give --lookup-len or --ngram-len of 2 or more"
+            )
         if draft_len < 1:
             raise RedrafterError(f"--draft-len must be at least 1, got {draft_len}")
         if lookup_len < 0:
@@ -263,11 +270,11 @@ class ReDrafter:
             drafter.attach(target.get_input_embeddings(), target.get_output_embeddings()).to(
                 device=target.device, dtype=target.dtype
             ).eval()
-            drafting = quantize_drafter(drafter, drafter_weights)
-            proposer = DrafterProposer(drafting, num_beams, draft_len, tree_nodes)
+            drafting = quantize_drafter(drafter, drafter_weights) if num_beams else drafter
+            proposer = DrafterProposer(drafting, num_beams, draft_len, tree_nodes) if num_beams else no_draft
             shape = TreeShape(num_beams, draft_len, self.lookup_len, ngram_len, tree_nodes)
             small_shape = TreeShape(*(min(a, b) for a, b in zip(astuple(shape), astuple(SMALL_SHAPE), strict=True)))
-            if adaptive and small_tree and small_shape != shape:
+            if adaptive and small_tree and num_beams and small_shape != shape:
                 small_proposer = DrafterProposer(drafting, small_shape.num_beams, small_shape.draft_len)
                 small = TreeKind(small_proposer, small_shape.lookup_len, small_shape.ngram_len)
         self.drafter_weights = drafter_weights if drafter is not None else "float"

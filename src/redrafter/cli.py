@@ -100,8 +100,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--beams",
-        type=_positive,
-        help=f"beams W drafted per step (default by --weights: {_shape_defaults('num_beams')})",
+        type=_at_least(0),
+        help=f"beams W drafted per step; 0: the lookup beams alone (default by --weights: "
+        f"{_shape_defaults('num_beams')})",
     )
     parser.add_argument(
         "--draft-len",

@@ -209,8 +209,8 @@ class RecurrentDrafter(nn.Module):
         if self.config.rnn_cell == "trtllm":
             step = self.rnn_w(token_embedding)
             return step if state is None else step + self.rnn_u(state)
-        if state is None:
-            state = torch.zeros_like(token_embedding)
+        if state is None:  # U s_0 + b with s_0 = 0: the bias alone (one product fewer a step)
+            return F.silu(self.rnn_w(token_embedding) + self.rnn_u.bias)
         return F.silu(self.rnn_w(token_embedding) + self.rnn_u(state))
 
     def head(self, hidden: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

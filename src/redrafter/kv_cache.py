@@ -13,8 +13,12 @@ the decode loop (their extra entries are masked out), so the buffers stay rectan
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .kernels import kernel_refusal, library
 
 
 class ContiguousLayer(CacheLayerMixin):
@@ -149,8 +153,32 @@ class TreeKVCache(Cache):
             for layer in self.layers:
                 layer.length = start + n
             return
+        if self._keep_in_one_call(start, source):
+            return
         for layer in self.layers:
             layer.keep(start, source)
+
+    def _keep_in_one_call(self, start: int, source: torch.Tensor) -> bool:
+        """:meth:`keep` through one call of ``kernels/layer.c``'s ``kv_keep`` for every layer's keys and
+        values, where the kernels run and the buffers are contiguous CPU tensors of one shape (else
+        False: nothing done). The layers' own :meth:`ContiguousLayer.keep` is about eight tensor
+        operations a layer: 0.9 ms for the default model's 30 layers in a decode step, 0.2 ms a step
+        on average (docs/host-steps/ of the repository)."""
+        first = self.layers[0]
+        if not first.is_initialized or first.keys.device.type != "cpu" or kernel_refusal() is not None:
+            return False
+        buffers = [buffer for layer in self.layers for buffer in (layer.keys, layer.values)]
+        shape, dtype = first.keys.shape, first.keys.dtype
+        if not all(b.shape == shape and b.dtype == dtype and b.is_contiguous() for b in buffers):
+            return False
+        batch, heads, capacity, width = shape
+        source = source.to(torch.long).contiguous()
+        pointers = (ctypes.c_void_p * len(buffers))(*(b.data_ptr() for b in buffers))
+        n, size = source.shape[1], first.keys.element_size()
+        library().kv_keep(pointers, len(buffers), batch, heads, capacity, width, size, start, source.data_ptr(), n)
+        for layer in self.layers:
+            layer.length = start + n
+        return True
 
     def gather(self, index: torch.Tensor) -> None:
         """Keep, at ``[0, n)``, the entries now at ``index`` ``[B, n]`` in every layer (a continuous

@@ -5,7 +5,8 @@
 - ``attention.c``: attention whose result for a query does not depend on the other queries
   (:mod:`redrafter.attention`);
 - ``layer.c``: the decoder layers with w4a8 products for decode steps, all in one call
-  (:mod:`redrafter.fused_layer`);
+  (:mod:`redrafter.fused_layer`), and the accepted path's cache entries moved in all layers at once
+  (:meth:`redrafter.kv_cache.TreeKVCache.keep`);
 - ``kernels.h``: what they share.
 
 They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
@@ -40,19 +41,9 @@ SIGNATURES = {
     "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],
     # layers, count, bf16, x, B, Q, keys, values (pointer arrays), capacity, length, masks (an array), mask
     # strides (batch, query), cos, sin, captures (an array), final norm, out
-    "fused_layers": [
-        _PTR,
-        _I64,
-        ctypes.c_int,
-        _PTR,
-        _I64,
-        _I64,
-        *[_PTR] * 2,
-        *[_I64] * 2,
-        _PTR,
-        *[_I64] * 2,
-        *[_PTR] * 5,
-    ],
+    "fused_layers": [_PTR, _I64, ctypes.c_int, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64] + [_PTR] * 5,
+    # buffers (an array), count, B, H, capacity, D, bytes per element, start, source [B, n], n
+    "kv_keep": [_PTR, *[_I64] * 7, _PTR, _I64],
 }
 
 

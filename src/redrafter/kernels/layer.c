@@ -225,3 +225,21 @@ VNNI int fused_layers(const Layer *layers, int64_t count, int bf16, void *x, int
   free(scratch);
   return 0;
 }
+
+// Keep, in each of the `count` cache buffers [B, H, capacity, D] (entries of `bytes` bytes), the entry at
+// start + source[b, i] at start + i, for i < n: a step's accepted path moved next to the context, in
+// all layers at once. A path's slots increase (ancestors are packed before their descendants), so moving
+// them in order overwrites no entry still to be read; a row's padding repeats its last slot. Returns 0.
+int kv_keep(void *const *buffers, int64_t count, int64_t B, int64_t H, int64_t capacity, int64_t D, int64_t bytes,
+             int64_t start, const int64_t *source, int64_t n) {
+  const size_t entry = (size_t)(D * bytes);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t c = 0; c < count; c++)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      char *base = (char *)buffers[c] + (size_t)(bh * capacity + start) * entry;
+      const int64_t *path = source + (bh / H) * n;
+      for (int64_t i = 0; i < n; i++)
+        if (path[i] != i) memmove(base + (size_t)i * entry, base + (size_t)path[i] * entry, entry);
+    }
+  return 0;
+}
