@@ -61,12 +61,16 @@ class TreeShape:
 # With fused w4a8 layers a plain step got twice as fast and each extra token in a forward costs about a
 # tenth of one, so w4a8 drafts one token less: on 16 MT-Bench prompts (128 tokens, adaptive) 161.8 and
 # 168.4 tokens/s against 157.8 and 152.7 in two runs; 2 lookup tokens instead of 3 gave 166.5 against
-# 161.8, 4 gave 163.4 (docs/fused-layer/).
+# 161.8, 4 gave 163.4 (docs/fused-layer/). Once the rest of a step got cheaper (Session 31), that drafted
+# token cost more than it brought: 0.8 ms of drafting and a tree node a step for 0.16 tokens a step that
+# the lookup beams did not already hold (38% of its drafts accepted), so w4a8 verifies the lookup beams
+# alone (num_beams 0; --beams 1 drafts the token again): on 40 MT-Bench prompts (256 tokens) 226.1
+# against 215.2 tokens/s, ar 160.8 (docs/host-steps/).
 DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
-    "w4a8": TreeShape(num_beams=1, draft_len=2, lookup_len=3, ngram_len=3, tree_nodes=0),
+    "w4a8": TreeShape(num_beams=0, draft_len=2, lookup_len=3, ngram_len=3, tree_nodes=0),
 }
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
@@ -186,8 +190,7 @@ class ReDrafter:
         drafter: a drafter fitted to ``target``, or None for autoregressive decoding.
         num_beams: ``W``, beams drafted per step; 0: the drafter drafts nothing and the tree holds the
             lookup beams alone (context lookup and the drafter's n-gram table, prompt-lookup decoding in
-            this loop), which with w4a8 weights on a 2-core CPU was about as fast as the default tree
-            (docs/host-steps/ of the repository).
+            this loop): the default with w4a8 weights (:data:`DEFAULT_SHAPES`).
         draft_len: ``L``, tokens per beam (the root included), so at most ``L`` tokens per step.
         lookup_len: tokens of a context-lookup beam (copied from the prompt and output so far) added to
             the drafter's beams, its root included; 0 for none.
