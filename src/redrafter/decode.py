@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 
 from .beam_search import beam_search
 from .drafter import RecurrentDrafter
+from .head import cpu_head
 from .kv_cache import TreeKVCache
 from .lean_decoder import forward_head, target_forward
 from .lookup import LookupBeams
@@ -187,7 +188,9 @@ class SpeculativeDecoder:
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
         self.forward = target_forward(target, lean, compile, packed)
-        self.head = forward_head(self.forward)  # a packed forward's packed head, else None
+        # A packed forward's packed head, else our kernel's for a bfloat16 head on a CPU, else None.
+        packed_head = forward_head(self.forward)
+        self.head = packed_head if packed_head is not None else cpu_head(target)
         self.proposer = proposer
         self.layers: tuple[int, ...] = tuple(getattr(proposer, "target_layers", ()))
         self.hidden_size = target.config.hidden_size
@@ -296,12 +299,13 @@ class SpeculativeDecoder:
         """
         if max_new_tokens <= 0:
             return
-        batch = RunningBatch(self, TokenChooser(self.target, sampling or SamplingParams(), self.argmax_head, self.head))
+        sampling = sampling or SamplingParams()
+        batch = RunningBatch(self, TokenChooser(self.target, sampling, self.argmax_head, self.head))
         yield batch.add(prompts, [max_new_tokens] * len(prompts))
         policy = self.policy
         try:
             while batch.size:
-                kind = 1 if policy is None else policy.choose(batch.ids)
+                kind = 1 if policy is None else policy.choose(batch.ids, sampling.greedy)
                 start = time.perf_counter()
                 out = batch.step(kind)
                 if policy is not None:

@@ -174,7 +174,7 @@ class Engine:
                 self.wake.clear()
                 continue
             rows = self.batch.ids
-            kind = self.policy.choose(rows)
+            kind = self.policy.choose(rows, all(self.jobs[row].sampling.greedy for row in rows))
             self.kind_steps[kind] += 1
             self.metrics.speculating.set(kind)
             start = time.perf_counter()

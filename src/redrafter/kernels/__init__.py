@@ -7,6 +7,7 @@
 - ``layer.c``: the decoder layers with w4a8 products for decode steps, all in one call
   (:mod:`redrafter.fused_layer`), and the accepted path's cache entries moved in all layers at once
   (:meth:`redrafter.kv_cache.TreeKVCache.keep`);
+- ``head.c``: the target's output head with bfloat16 weights, for sampling (:mod:`redrafter.head`);
 - ``kernels.h``: what they share.
 
 They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
@@ -44,6 +45,8 @@ SIGNATURES = {
     "fused_layers": [_PTR, _I64, ctypes.c_int, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _I64, _I64] + [_PTR] * 5,
     # buffers (an array), count, B, H, capacity, D, bytes per element, start, source [B, n], n
     "kv_keep": [_PTR, *[_I64] * 7, _PTR, _I64],
+    # x, bf16 in, M, K, weights, N, bf16 out, y
+    "bf16_head": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _I64, ctypes.c_int, _PTR],
 }
 
 
