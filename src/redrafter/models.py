@@ -203,8 +203,9 @@ def hidden_to_logits(
     """``[..., d]`` final hidden states -> ``[..., V]`` logits, as the target's own head does.
 
     ``float32``: compute the head in (at least) float32 instead of the model's dtype.
-    ``head``: a module computing the head's product in the model's dtype with the same result, to
-    run instead of the model's own (:class:`redrafter.lean_decoder.PackedForward`'s packed head).
+    ``head``: a module computing the head's product in the model's dtype, to run instead of the
+    model's own (:class:`redrafter.lean_decoder.PackedForward`'s packed head, or
+    :class:`redrafter.head.BFloat16Head`: the same up to the order of its float32 sums).
     """
     if float32:
         own = target.get_output_embeddings()

@@ -130,7 +130,8 @@ class TokenChooser:
     """Chooses the target's token at every node: argmax, or a position-keyed exact draw.
 
     ``argmax_head``: the greedy argmax's quick candidates (:func:`exact_argmax`); ``head``: the
-    head's product computed elsewhere with the same result (:func:`redrafter.models.hidden_to_logits`).
+    head's product computed elsewhere (:func:`redrafter.models.hidden_to_logits`), the same for every
+    row and tree (a packed head, or :class:`redrafter.head.BFloat16Head`).
     """
 
     def __init__(
