@@ -97,7 +97,7 @@ def build_tree(beams: torch.Tensor) -> PackedTree:
 def pack_on_host(beams: torch.Tensor) -> PackedTree:
     """:func:`build_tree` by a walk over each row's beams as Python lists: a prefix takes the next slot
     when first seen, and a slot sees its parent's ancestors and itself. For beams on the CPU."""
-    batch, width, length = beams.shape
+    batch = beams.shape[0]
     rows = beams.tolist()
     tokens, depth, node_index, counts = [], [], [], []
     sees_row, sees_slot, sees_key = [], [], []  # the True entries of ``ancestors``

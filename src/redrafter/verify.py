@@ -39,8 +39,8 @@ def verify(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.T
         The :class:`Verdict`. With argmax choices the emitted tokens equal greedy decoding's next
         ``num_tokens``.
 
-    Beams on the CPU go to :func:`verify_on_host` (Python lists: a decode step's few beams cost less
-    so than as tensor operations), others to :func:`verify_on_device` (batched tensor arithmetic).
+    Beams on the CPU go to :func:`verify_on_host` (Python lists: for a decode step's few beams,
+    cheaper than tensor operations), others to :func:`verify_on_device` (batched tensor arithmetic).
     """
     batch, width, length = beams.shape
     if width == 1 and length == 1:  # a plain step: the target's choice at the root
@@ -71,7 +71,7 @@ def verify_on_device(beams: torch.Tensor, node_index: torch.Tensor, target_choic
 
 def verify_on_host(beams: torch.Tensor, node_index: torch.Tensor, target_choice: torch.Tensor) -> Verdict:
     """:func:`verify` over the beams as Python lists, for beams on the CPU: the same :class:`Verdict`."""
-    batch, width, length = beams.shape
+    length = beams.shape[2]
     tokens, num_tokens, path = [], [], []
     for row, slots, choice in zip(beams.tolist(), node_index.tolist(), target_choice.tolist(), strict=True):
         best, best_len = 0, -1
