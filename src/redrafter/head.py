@@ -25,8 +25,8 @@ class BFloat16Head(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         library()  # a RuntimeError where the kernels cannot run
-        if weight.dtype != torch.bfloat16 or weight.shape[1] % 16 or not weight.is_contiguous():
-            raise ValueError("the head kernel takes contiguous bfloat16 weights [N, K] with K a multiple of 16")
+        if not takes(weight):
+            raise ValueError("the head kernel takes contiguous bfloat16 CPU weights [N, K] with K a multiple of 16")
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +49,17 @@ def cpu_head(target: PreTrainedModel) -> BFloat16Head | None:
     without a bias on a CPU with our kernels), else None (the head's own product)."""
     head = target.get_output_embeddings()
     weight = getattr(head, "weight", None)
-    if weight is None or getattr(head, "bias", None) is not None or weight.device.type != "cpu":
-        return None
-    if weight.dtype != torch.bfloat16 or weight.shape[1] % 16 or not weight.is_contiguous():
+    if weight is None or getattr(head, "bias", None) is not None or not takes(weight):
         return None
     return BFloat16Head(weight.detach()) if kernel_refusal() is None else None
+
+
+def takes(weight: torch.Tensor) -> bool:
+    """Whether the kernel takes these head weights: contiguous bfloat16 ``[N, K]`` on the CPU, ``K`` a
+    multiple of 16."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and not weight.shape[1] % 16
+    )

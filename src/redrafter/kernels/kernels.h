@@ -10,7 +10,6 @@
 #define AVX512 __attribute__((target("avx512f,avx512bw,fma")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma")))
 #define MASKED (-1e30f)  // an additive mask at or below this leaves its key out
-#define PANEL 64         // w4a8 products: rows of x per pass over the weights (its activations stay in cache)
 
 // 16 values at base + at (float32, or bfloat16 when bf16 != 0) as floats.
 AVX512 static inline __m512 load16(const void *base, int64_t at, int bf16) {
@@ -91,12 +90,11 @@ AVX512 static inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n));
 }
 
-// w4a8.c: row r of x [M, K] quantized to int8 per block of 32 (q [K], scales s and code sums [K / 32]);
-// outputs 16 t .. 16 t + 15 of rows [first, first + count) into y [M, N]: float32 (bf16_out 0),
-// bfloat16 (1), or float32 holding the bfloat16 values (2).
-void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums);
-void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s, const float *sums,
-               int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, int bf16_out, void *y);
+// w4a8.c: y [M, N] = x [M, K] times the weights inside a parallel region: the rows quantized into the
+// scratch q [M, K], s and sums [M, K / 32], then the tiles (y float32 when bf16_out is 0,
+// bfloat16 when 1, float32 holding bfloat16 values when 2).
+void w4a8_rows(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
+               int64_t N, int8_t *q, float *s, float *sums, int bf16_out, void *y);
 
 // attention.c: one query's attention over K keys (strides k_sk, v_sk, m_sk), into out [D] (float32);
 // scores and kept: scratch of K floats and K ints.

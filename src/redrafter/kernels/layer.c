@@ -45,15 +45,8 @@ typedef struct {
 // dtype, then the bias added and rounded again). Inside a parallel region: the loops are shared.
 VNNI static void product(const Product *p, const float *x, int64_t M, int bf16, int8_t *q, float *s, float *sums,
                          float *y) {
-  const int64_t K = p->in_features, N = p->out_features, blocks = K / 32;
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, 0, r, K, q + r * K, s + r * blocks, sums + r * blocks);
-  for (int64_t first = 0; first < M; first += PANEL) {
-    int64_t count = M - first < PANEL ? M - first : PANEL;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < N / 16; t++)
-      w4a8_tile(p->codes, p->scales, (int)p->bits, q, s, sums, first, count, K, N, t, bf16 ? 2 : 0, y);
-  }
+  const int64_t N = p->out_features;
+  w4a8_rows(x, 0, M, p->in_features, p->codes, p->scales, (int)p->bits, N, q, s, sums, bf16 ? 2 : 0, y);
   if (p->bias == NULL) return;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < M; r++)
@@ -131,10 +124,12 @@ AVX512 static void round_row(const float *values, int64_t n, int bf16, float *ou
 
 // Scratch of one layer step over M = B Q rows with `keys` keys (the same for every layer of a model).
 typedef struct {
-  float *act, *out, *s, *sums, *queries;  // a product's input [M, inputs] and output [M, outputs];
-  char *attention;                         // its activations' scales and code sums; queries [B, H, Q, hd];
-  int8_t *q;                               // per attention task: scores, kept keys, the output row;
-  size_t task_bytes;                       // the quantized activations
+  float *act, *out;   // a product's input [M, inputs] and output [M, outputs]
+  float *s, *sums;    // its activations' scales and code sums [M, inputs / 32]
+  float *queries;     // [B, H, Q, hd]
+  char *attention;    // per attention task: scores, kept keys, the output row
+  size_t task_bytes;  // the bytes of one task's
+  int8_t *q;          // the quantized activations [M, inputs]
 } Scratch;
 
 // One layer (see the top of the file) on x, inside a parallel region: its loops are shared.

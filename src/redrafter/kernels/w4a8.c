@@ -23,11 +23,12 @@
 
 #include "kernels.h"
 
-#define ROWS 4      // rows of x per register block: the unpacked codes are reused across them
+#define ROWS 4       // rows of x per register block: the unpacked codes are reused across them
 #define TOPK_MAX 64  // w4a8_topk: the most candidates a row may ask for
+#define PANEL 64     // rows of x per pass over the weights (their activations stay in cache)
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
-VNNI void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
+VNNI static void w4a8_quantize_row(const void *x, int bf16, int64_t r, int64_t K, int8_t *q, float *s, float *sums) {
   for (int64_t b = 0; b < K / 32; b++) {
     __m512 v[2];
     for (int h = 0; h < 2; h++) {
@@ -68,7 +69,7 @@ VNNI static inline void load_codes(const uint8_t *block, int bits, __m512i *u) {
 }
 
 // Outputs 16 t .. 16 t + 15 of rows [first, first + count).
-VNNI void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
+VNNI static void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const int8_t *q, const float *s,
                       const float *sums, int64_t first, int64_t count, int64_t K, int64_t N, int64_t t, int bf16_out,
                       void *y) {
   const int64_t blocks = K / 32, block_bytes = 8 * bits * 8;
@@ -103,6 +104,20 @@ VNNI void w4a8_tile(const uint8_t *codes, const uint16_t *dm, int bits, const in
   }
 }
 
+// y [M, N] = x [M, K] (float32, or bfloat16 when bf16 != 0) times the weights above, inside a parallel
+// region (its loops are shared): each row quantized into q, s and sums (scratch for M rows), then the
+// tiles a panel of rows at a time; y as w4a8_tile's bf16_out says.
+void w4a8_rows(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
+               int64_t N, int8_t *q, float *s, float *sums, int bf16_out, void *y) {
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
+  for (int64_t first = 0; first < M; first += PANEL) {
+    int64_t count = M - first < PANEL ? M - first : PANEL;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16_out, y);
+  }
+}
+
 // y [M, N] = x [M, K] times the weights above; x and y float32, or bfloat16 when bf16 != 0.
 // K must be a multiple of 32 and N of 16. Returns 0, or -1 when scratch memory ran out.
 int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
@@ -112,15 +127,7 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
   float *s = (float *)(q + M * K), *sums = s + M * (K / 32);
   // (M * K is a multiple of 32, so s is aligned for floats.)
 #pragma omp parallel
-  {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
-    for (int64_t first = 0; first < M; first += PANEL) {
-      int64_t count = M - first < PANEL ? M - first : PANEL;
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, bf16, y);
-    }
-  }
+  w4a8_rows(x, bf16, M, K, codes, dm, bits, N, q, s, sums, bf16, y);
   free(q);
   return 0;
 }
@@ -158,13 +165,7 @@ int w4a8_topk(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *code
   float *s = (float *)(q + M * K), *sums = s + M * (K / 32), *y = sums + M * (K / 32);
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) w4a8_quantize_row(x, bf16, r, K, q + r * K, s + r * (K / 32), sums + r * (K / 32));
-    for (int64_t first = 0; first < M; first += PANEL) {
-      int64_t count = M - first < PANEL ? M - first : PANEL;
-#pragma omp for schedule(static)
-      for (int64_t t = 0; t < N / 16; t++) w4a8_tile(codes, dm, bits, q, s, sums, first, count, K, N, t, 0, y);
-    }
+    w4a8_rows(x, bf16, M, K, codes, dm, bits, N, q, s, sums, 0, y);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; r++) row_topk(y + r * N, N, k, indices + r * k);
   }
