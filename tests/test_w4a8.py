@@ -70,32 +70,57 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(bits):
         assert torch.equal(layer(x[start:stop]), full[start:stop])
 
 
+def screen_weights(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """A w4a8 layer's own weights ``d u + m`` (float16 ``d``, ``m``) in float64: exact."""
+    rows, columns = codes.shape
+    groups = codes.double().reshape(rows, columns // 32, 32)
+    return (groups * d.half().double()[..., None] + m.half().double()[..., None]).reshape(rows, columns)
+
+
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
-def test_top_picks_the_largest_float32_outputs_of_each_row_alone(bits):
-    """The candidates of the greedy argmax: the columns of each row's k largest float32 outputs, largest
-    first, of equal outputs the lower column first, the same for a row alone or among 70 (panels of 64);
-    a bfloat16 input picks from the outputs of the same values in float32, before any rounding."""
-    _, (codes, d, m) = random_layer(160, 96, bits, seed=21)
-    codes[:16], d[:16], m[:16] = codes[16:32], d[16:32], m[16:32]
-    layer = W4A8Linear(codes, d, m, bits, None, torch.float32)
+@pytest.mark.parametrize("exact_dtype", [torch.bfloat16, torch.float32])
+def test_argmax_is_the_exact_heads_even_where_the_screen_picks_another(bits, exact_dtype):
+    """The certified argmax: the exact head's own (for bfloat16 weights, the float32 logits of
+    BFloat16Head, the lower column among equals), also where the screen's outputs rank another column
+    first; a row alone or among 70 alike."""
+    from redrafter.head import BFloat16Head
+    from redrafter.w4a8 import argmax_bounds
+
+    layer, (codes, d, m) = random_layer(160, 96, bits, seed=31)
+    screen = screen_weights(codes, d, m)
+    generator = torch.Generator().manual_seed(6)
+    exact = (screen + 0.002 * torch.randn(screen.shape, generator=generator, dtype=torch.float64)).to(exact_dtype)
+    exact[7] = exact[40] = (3 * screen[7]).to(exact_dtype)  # two equal columns (far from the screen's)
     x = torch.randn(70, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    outputs = layer(x.float())  # float32: the values top chooses from
-    assert torch.equal(outputs[:, :16], outputs[:, 16:32])  # tile 0 copies tile 1: 16 tied pairs a row
-    for k in (1, 8, 64):
-        picked = layer.top(x, k)
-        assert picked.shape == (70, k)
-        values = outputs.gather(1, picked)
-        assert torch.equal(values, outputs.topk(k, dim=-1).values)  # the k largest, largest first
-        tied = values[:, 1:] == values[:, :-1]
-        assert (picked[:, 1:][tied] > picked[:, :-1][tied]).all()  # of equal ones, the lower column first
-        for start, stop in [(0, 1), (9, 10), (63, 66), (69, 70)]:
-            assert torch.equal(layer.top(x[start:stop], k), picked[start:stop])
-    assert torch.equal(layer.top(x[None, :3], 4), layer.top(x[:3], 4)[None])  # leading dimensions kept
-    tied_rows = (outputs[:, :16] >= outputs.topk(8, dim=-1).values[:, -1:]).any(dim=1)
-    assert tied_rows.any()  # the tie-breaking above was exercised
-    with pytest.raises(ValueError, match="picks 1 to 64"):
-        layer.top(x, 65)
+    x[3] = exact[7].to(torch.bfloat16)  # a row whose best is the tied pair: the lower column wins
+    ids, checked = layer.argmax(x, exact, argmax_bounds(exact, screen))
+    if exact_dtype == torch.bfloat16:
+        logits = BFloat16Head(exact)(x.float())  # float32, in the kernel's order
+        assert torch.equal(ids, logits.argmax(dim=-1))
+    else:  # float32 sums in another order than PyTorch's: the best to within their rounding
+        logits = x.double() @ exact.double().T
+        assert (logits.gather(1, ids[:, None])[:, 0] >= logits.max(dim=-1).values - 1e-4).all()
+    assert ids[3] == 7 and 40 not in ids.tolist()
+    screen_best = layer(x.float()).argmax(dim=-1)
+    assert (screen_best != ids).any()  # the screen alone would have picked another column somewhere
+    assert (checked >= 1).all() and checked.float().median() < 40  # a few logits computed exactly, not all
+    for start, stop in [(0, 1), (9, 10), (63, 66), (69, 70)]:
+        assert torch.equal(layer.argmax(x[start:stop], exact, argmax_bounds(exact, screen))[0], ids[start:stop])
+    assert layer.argmax(x[None, :3], exact, argmax_bounds(exact, screen))[0].shape == (1, 3)  # leading dims kept
+
+
+@needs_kernel
+def test_argmax_of_a_hidden_state_that_is_not_finite_is_a_column():
+    """No candidate survives a NaN: every logit is computed, and the first NaN wins (torch.argmax's rule)."""
+    from redrafter.w4a8 import argmax_bounds
+
+    layer, (codes, d, m) = random_layer(32, 64, 8, seed=3)
+    screen = screen_weights(codes, d, m)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[1, 5] = float("nan")
+    ids, checked = layer.argmax(x, screen.to(torch.bfloat16), argmax_bounds(screen.to(torch.bfloat16), screen))
+    assert ids[1] == 0 and checked[1] == 32 and 0 <= ids[0] < 32
 
 
 @needs_kernel
@@ -185,8 +210,10 @@ def test_w4a8_decodes_with_its_head_and_refuses_compile_in_one_line(model_dir, d
 @pytest.mark.integration
 def test_the_default_model_runs_its_own_codes_and_q8_0_head_through_w4a8():
     """All 210 Q4_1 layers of the default GGUF and its Q8_0 head as stored: the quick head's logits are
-    the bfloat16 head's up to the int8 rounding of the activations, and its 8 candidates hold the best."""
+    the bfloat16 head's up to the int8 rounding of the activations, and its certified argmax is the
+    bfloat16 head's float32 one (on hidden states of the size the model's own have, and larger)."""
     from redrafter.api import ReDrafter
+    from redrafter.head import BFloat16Head
 
     rd = ReDrafter.from_pretrained("default", drafter="none", weights="w4a8")
     assert rd.quantization.from_file == 210 and rd.quantization.dense_bytes == 0
@@ -196,9 +223,10 @@ def test_the_default_model_runs_its_own_codes_and_q8_0_head_through_w4a8():
         quick = rd.argmax_head(hidden).float()
         exact = hidden.float() @ rd.target.get_output_embeddings().weight.float().T
     assert float((quick - exact).abs().max()) < 0.1 * float(exact.std())  # measured: 0.13 against 2.4
-    best = exact.argmax(dim=-1, keepdim=True)
-    assert (quick.topk(8, dim=-1).indices == best).any(dim=-1).all()  # the true best among the candidates
+    assert rd.argmax_head.certifies
+    many = torch.randn(64, 576, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.5, 40, 64)[:, None]
     with torch.inference_mode():
-        picked = rd.argmax_head.candidates(hidden, 8)  # in the product's call, from float32 outputs
-    assert (picked == best).any(dim=-1).all()
+        for rows in (hidden, many.to(torch.bfloat16)):
+            float_head = BFloat16Head(rd.target.get_output_embeddings().weight)(rows.float())
+            assert torch.equal(rd.argmax_head.argmax(rows), float_head.argmax(dim=-1))
     assert rd.generate("Name three colors.", max_new_tokens=8).text.strip()

@@ -1,9 +1,10 @@
 """The target's output head on a CPU, for the logits that sampling draws from (``kernels/head.c``).
 
-Greedy steps take their candidates from the file's own Q8_0 head (:class:`redrafter.quant.ArgmaxHead`)
-and need the float head for only 8 rows of it. A sampled step needs every logit of every tree node,
-and PyTorch's bfloat16 product over the default model's 49,152 x 576 head took 4.3 ms for one row on
-a CPU without bfloat16 instructions: a step at temperature 1 cost half again a greedy one.
+Greedy steps take their argmax from the file's own Q8_0 head (:class:`redrafter.quant.ArgmaxHead`)
+and need the float head for only the few rows of it that head cannot rule out. A sampled step needs
+every logit of every tree node, and PyTorch's bfloat16 product over the default model's 49,152 x 576
+head took 4.3 ms for one row on a CPU without bfloat16 instructions: a step at temperature 1 cost half
+again a greedy one.
 :class:`BFloat16Head` reads the same bfloat16 weights in our kernel instead, at about the speed of
 reading them, each logit a float32 sum in one fixed order rounded to bfloat16: the same for a row
 alone or beside others, so a tree's nodes and a plain step draw from the same distribution.

@@ -34,7 +34,9 @@ stay in the compute dtype: the head's rows are also what exact argmax and a tied
 
 **The head for the argmax's candidates** (:class:`ArgmaxHead`). Greedy decoding picks the best of a
 few candidate tokens recomputed in float32 (:func:`redrafter.sampling.exact_argmax`); the candidates
-only need logits about as close as bfloat16's. Over one to a few rows a bfloat16 head is bound by
+only need logits about as close as bfloat16's. Through the w4a8 kernel the head certifies the argmax
+instead (:meth:`ArgmaxHead.argmax`): every token it cannot rule out by a bound on its error is
+recomputed, so none can be missed. Over one to a few rows a bfloat16 head is bound by
 reading its ``[V, d]`` weights (56 MiB for the default model, a third of an int4 step). Where the
 GGUF file stores the head (or the tied embedding) as Q8_0, ``w = d q`` with ``q`` int8 per block of
 32, the int4 kernel reads it at half the bytes: ``q + 128 = 16 h + l`` with ``h, l`` in 0..15, so
@@ -97,7 +99,7 @@ from torch import nn
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
 from .kernels import kernel_refusal
-from .w4a8 import W4A8Linear
+from .w4a8 import W4A8Linear, argmax_bounds
 
 WEIGHTS = ("float", "int8", "int4", "w4a8")
 # Precisions whose weights are int4 codes with a scale and a zero per group of 32 (a Q4 GGUF's own).
@@ -349,9 +351,9 @@ def has_dense(module: nn.Module) -> bool:
 
 
 class ArgmaxHead(nn.Module):
-    """The target's head over the file's own 4-bit or Q8_0 values, for the candidates of the
-    greedy argmax (see the module docstring): ``[..., d]`` hidden -> ``[..., V]`` logits, close to
-    the float head's. :func:`gguf_argmax_head` builds it.
+    """The target's head over the file's own 4-bit or Q8_0 values, for the greedy argmax (see the
+    module docstring): ``[..., d]`` hidden -> ``[..., V]`` logits, close to the float head's.
+    :func:`gguf_argmax_head` builds it.
 
     Args:
         linear: the product: an :class:`Int4Linear` of ``[V, d]`` (a Q4 head), or of ``[V, 2 d]`` over
@@ -359,11 +361,27 @@ class ArgmaxHead(nn.Module):
             :class:`~redrafter.w4a8.W4A8Linear` of ``[V, d]`` with 4- or 8-bit codes.
         doubled: whether the input is written twice.
         max_rows: :meth:`covers` only inputs of at most this many rows.
+        exact: the float head's weights ``[V, d]`` (the target's own tensor), with ``bounds``
+            (:func:`~redrafter.w4a8.argmax_bounds`): a w4a8 ``linear`` then :meth:`certifies` the
+            argmax itself.
     """
 
-    def __init__(self, linear: nn.Module, doubled: bool, max_rows: int = ARGMAX_HEAD_MAX_ROWS) -> None:
+    def __init__(
+        self,
+        linear: nn.Module,
+        doubled: bool,
+        max_rows: int = ARGMAX_HEAD_MAX_ROWS,
+        exact: torch.Tensor | None = None,
+        bounds: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
-        self.linear, self.doubled, self.max_rows = linear, doubled, max_rows
+        self.linear, self.doubled, self.max_rows, self.exact = linear, doubled, max_rows, exact
+        self.register_buffer("bounds", bounds)
+
+    @property
+    def certifies(self) -> bool:
+        """Whether :meth:`argmax` gives the float head's argmax itself, for any number of rows."""
+        return self.bounds is not None
 
     def covers(self, hidden: torch.Tensor) -> bool:
         """Whether ``hidden`` ``[..., d]`` has few enough rows for this head to be the faster one."""
@@ -373,13 +391,14 @@ class ArgmaxHead(nn.Module):
         return self.linear(torch.cat([hidden, hidden], dim=-1) if self.doubled else hidden)
 
     def candidates(self, hidden: torch.Tensor, count: int) -> torch.Tensor:
-        """``[..., d]`` -> ``[..., count]``: the ids of the ``count`` largest logits. A w4a8 head picks
-        them in the product's own call, from its float32 outputs (:meth:`W4A8Linear.top`: a separate
-        ``topk`` over 49k bfloat16 logits took 0.12 ms a row, more than a tenth of the head's time);
-        other heads take ``topk`` of their logits."""
-        if isinstance(self.linear, W4A8Linear) and self.linear.bias is None and not self.doubled:
-            return self.linear.top(hidden, count)
+        """``[..., d]`` -> ``[..., count]``: the ids of the ``count`` largest logits."""
         return self(hidden).topk(count, dim=-1).indices
+
+    def argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., d]`` -> ``[...]``: the float head's greedy argmax, certified from this head's
+        logits (:meth:`redrafter.w4a8.W4A8Linear.argmax`): each logit that could still win is
+        computed in float32 from ``exact``, the lower id among equals. Needs :meth:`certifies`."""
+        return self.linear.argmax(hidden, self.exact, self.bounds)[0]
 
 
 def gguf_argmax_head(
@@ -415,12 +434,23 @@ def gguf_argmax_head(
     if not torch.equal(values.to(weight.dtype), weight.detach()):
         return None
     if kernel == "w4a8":
-        linear = (
-            W4A8Linear(shifted, d, -128 * d, 8, bias, weight.dtype)
-            if type_name == "Q8_0"
-            else w4a8_linear(codes, bias, weight.dtype)
-        )
-        return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS)
+        if type_name == "Q8_0":
+            linear = W4A8Linear(shifted, d, -128 * d, 8, bias, weight.dtype)
+            scale, offset, units = d.half().double(), -128 * d.half().double(), shifted
+        else:
+            linear = w4a8_linear(codes, bias, weight.dtype)
+            scale, offset, units = codes.scale.half().double(), codes.minimum.half().double(), codes.codes
+        if bias is not None:
+            return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS)
+
+        def screen(rows: slice) -> torch.Tensor:  # the kernel's own weights d u + m, in float64 (exact)
+            groups = units[rows].double().unflatten(1, (-1, GROUP_SIZE))
+            return (groups * scale[rows, :, None] + offset[rows, :, None]).flatten(1)
+
+        exact = weight.detach()
+        chunks = [slice(i, i + 4096) for i in range(0, shape[0], 4096)]  # float64 copies a chunk at a time
+        bounds = torch.cat([argmax_bounds(exact[rows], screen(rows)) for rows in chunks], dim=1)
+        return ArgmaxHead(linear, False, W4A8_ARGMAX_HEAD_MAX_ROWS, exact, bounds)
     if type_name == "Q8_0":
         return ArgmaxHead(Int4Linear(gguf_q8_0_as_int4(tensor.data, shape), bias, weight.dtype), True)
     return ArgmaxHead(Int4Linear(codes, bias, weight.dtype), False)

@@ -89,14 +89,18 @@ def exact_argmax(
     round differently: ties would then break differently and greedy output would depend on the
     tree. The ``candidates`` best bfloat16 logits are recomputed in float32 and the best wins.
 
-    ``argmax_head``: a cheaper head giving the candidates where it :meth:`covers` ``hidden``
-    (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or 4-bit values, its
-    :meth:`~redrafter.quant.ArgmaxHead.candidates`); the winner is still the float32 recomputation
-    with the head's own weights.
+    ``argmax_head``: a cheaper head (:class:`redrafter.quant.ArgmaxHead`: the file's own Q8_0 or
+    4-bit values). One that :attr:`~redrafter.quant.ArgmaxHead.certifies` (w4a8) gives the argmax
+    itself, for any number of rows: every logit its own could not rule out is computed in float32
+    with the head's own weights, so no candidate count can leave the best out. Otherwise it gives
+    the candidates where it :meth:`~redrafter.quant.ArgmaxHead.covers` ``hidden``, and the winner is
+    still the float32 recomputation with the head's own weights.
 
     ``head``: the head's product elsewhere (:func:`redrafter.models.hidden_to_logits`), where
     ``argmax_head`` does not cover ``hidden``.
     """
+    if getattr(argmax_head, "certifies", False):
+        return argmax_head.argmax(hidden)
     if argmax_head is not None and argmax_head.covers(hidden):
         top = argmax_head.candidates(hidden, candidates)  # [..., k]
     else:

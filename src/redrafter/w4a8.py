@@ -29,7 +29,7 @@ from .kernels import library
 
 TILE = 16  # outputs per tile of the codes' layout
 BLOCK = 32  # inputs per block (one d and m)
-TOPK_MAX = 64  # the most outputs :meth:`W4A8Linear.top` picks per row (``kernels/w4a8.c``)
+EXACT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # w4a8_argmax's exact weights
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -119,22 +119,41 @@ class W4A8Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def top(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """``[..., K]`` -> ``[..., k]``: the columns of the ``k`` largest outputs per row, largest first
-        (of equal ones the lower column first), chosen from the float32 outputs before the rounding
-        to ``x``'s dtype and before any bias (a layer without one: a head), in the same call as the
-        product, so the outputs are never written out. ``1 <= k <=`` :data:`TOPK_MAX`."""
-        if self.bias is not None or not 1 <= k <= min(TOPK_MAX, self.out_features):
-            raise ValueError(f"w4a8 picks 1 to {min(TOPK_MAX, self.out_features)} outputs of a layer without a bias")
+    def argmax(self, x: torch.Tensor, exact: torch.Tensor, bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy argmax of a head, certified: ``[..., K]`` -> ``ids [...]`` and ``checked [...]``.
+
+        ``ids``: per row, the column of the largest ``x . exact[n]``, each a float32 sum in one fixed
+        order (for bfloat16 ``exact``, :class:`~redrafter.head.BFloat16Head`'s logits in float32), the
+        lower column among equals. This layer's outputs (the screen) only decide which of them to
+        compute: ``bounds`` ``[2, N]`` (:func:`argmax_bounds`) bound how far a screen output can be
+        from its exact logit, and every column whose screen output is not provably beaten is computed
+        exactly (``checked``: how many per row; see ``kernels/w4a8.c``). A layer without a bias
+        (a head), ``exact`` ``[N, K]`` bfloat16, float16 or float32."""
+        if self.bias is not None or exact.shape != (self.out_features, self.in_features):
+            raise ValueError("w4a8 certifies the argmax of a layer without a bias, with exact weights of its shape")
         flat = self._rows(x)
-        indices = torch.empty(flat.shape[0], k, dtype=torch.long)
-        status = library().w4a8_topk(
+        exact, bounds = exact.contiguous(), bounds.contiguous()
+        ids = torch.empty(flat.shape[0], dtype=torch.long)
+        checked = torch.empty(flat.shape[0], dtype=torch.long)
+        status = library().w4a8_argmax(
             flat.data_ptr(), flat.dtype == torch.bfloat16, flat.shape[0], self.in_features,
-            self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features, k, indices.data_ptr(),
+            self.codes.data_ptr(), self.scales.data_ptr(), self.bits, self.out_features,
+            exact.data_ptr(), EXACT_KINDS[exact.dtype], bounds[0].data_ptr(), bounds[1].data_ptr(),
+            ids.data_ptr(), checked.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("w4a8: no memory for the quantized activations")
-        return indices.reshape(*x.shape[:-1], k)
+        return ids.reshape(x.shape[:-1]), checked.reshape(x.shape[:-1])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def argmax_bounds(exact: torch.Tensor, screen: torch.Tensor) -> torch.Tensor:
+    """``[2, N]`` float32 bounds for :meth:`W4A8Linear.argmax`: per output row, ``|exact - screen|``
+    and ``|screen|`` (Euclidean norms over ``K``, computed in float64 and rounded up), from the exact
+    weights ``[N, K]`` and the screen layer's own weights ``[N, K]`` (float64: ``d u + m`` with its
+    float16 ``d`` and ``m``)."""
+    gap = (exact.double() - screen).norm(dim=1)
+    norm = screen.norm(dim=1)
+    return (torch.stack([gap, norm]) * (1 + 2**-20)).float()

@@ -1,7 +1,7 @@
 """Our C kernels for x86 CPUs with AVX-512 VNNI, built on first use (see :func:`library`).
 
-- ``w4a8.c``: quantized weights times int8 activations, and the largest outputs of such a product per
-  row (:mod:`redrafter.w4a8`);
+- ``w4a8.c``: quantized weights times int8 activations, and a head's greedy argmax certified from
+  such a product (:mod:`redrafter.w4a8`);
 - ``attention.c``: attention whose result for a query does not depend on the other queries
   (:mod:`redrafter.attention`);
 - ``layer.c``: the decoder layers with w4a8 products for decode steps, all in one call
@@ -36,8 +36,9 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 SIGNATURES = {
     # x, bf16 (x and y), M, K, codes, scales, bits, N, y
     "w4a8_matmul": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR],
-    # the same, then k and the indices of each row's k largest outputs
-    "w4a8_topk": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _I64, _PTR],
+    # the same but y, then the exact weights and their kind, the bounds' gap and norm per output, the ids
+    # and how many outputs each row computed exactly
+    "w4a8_argmax": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR, ctypes.c_int, *[_PTR] * 4],
     # q, k, v, mask, bf16, B, H, Q, K, D, 11 strides, scale, out
     "invariant_attention": [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, *[_I64] * 16, ctypes.c_float, _PTR],
     # layers, count, bf16, x, B, Q, keys, values (pointer arrays), capacity, length, masks (an array), mask

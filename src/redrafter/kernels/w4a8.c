@@ -24,7 +24,6 @@
 #include "kernels.h"
 
 #define ROWS 4       // rows of x per register block: the unpacked codes are reused across them
-#define TOPK_MAX 64  // w4a8_topk: the most candidates a row may ask for
 #define PANEL 64     // rows of x per pass over the weights (their activations stay in cache)
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
@@ -132,42 +131,87 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
   return 0;
 }
 
-// The k largest of y [N] (N a multiple of 16) into indices [k], largest first; of equal values the
-// lower index first, so the choice is the same however the row was computed. One pass: each 16 values
-// are compared with the k-th largest so far, and only those above it are inserted.
-AVX512 static void row_topk(const float *y, int64_t N, int64_t k, int64_t *indices) {
-  float best[TOPK_MAX];
-  int64_t filled = 0;
-  float threshold = -INFINITY;
-  for (int64_t j0 = 0; j0 < N; j0 += 16) {
-    __mmask16 above = filled < k ? (__mmask16)0xFFFF
-                                 : _mm512_cmp_ps_mask(_mm512_loadu_ps(y + j0), _mm512_set1_ps(threshold), _CMP_GT_OQ);
-    while (above) {
-      int64_t j = j0 + __builtin_ctz(above);
-      above &= above - 1;
-      float value = y[j];
-      if (filled == k && !(value > best[k - 1])) continue;  // the k-th largest rose within these 16
-      int64_t p = filled < k ? filled++ : k - 1;
-      for (; p > 0 && best[p - 1] < value; p--) best[p] = best[p - 1], indices[p] = indices[p - 1];
-      best[p] = value, indices[p] = j;
-      if (filled == k) threshold = best[k - 1];
-    }
+// sum_k E[at + k] x[k] for exact weights E of kind 0 (bfloat16), 1 (float16) or 2 (float32), a float32
+// sum in one fixed order: 16 lanes over k, then _mm512_reduce_add_ps's tree (head.c's order too).
+VNNI static inline float exact_dot(const void *exact, int kind, int64_t at, const float *x, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 w = kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)exact + at + k)))
+                         : load16(exact, at + k, kind == 0);
+    acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
   }
+  return _mm512_reduce_add_ps(acc);
 }
 
-// indices [M, k] = the k largest outputs of y = x W^T per row (float32, as w4a8_matmul computes them
-// before any rounding; see row_topk for the order), without writing y out: the greedy argmax's
-// candidates from a Q8_0 head. 1 <= k <= TOPK_MAX <= N. Returns 0, or -1 when scratch memory ran out.
-int w4a8_topk(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
-              int64_t N, int64_t k, int64_t *indices) {
-  int8_t *q = malloc((size_t)(M * K) + 2 * (size_t)(M * (K / 32)) * sizeof(float) + (size_t)(M * N) * sizeof(float));
+// The greedy argmax of one row, certified: the n maximizing L_n = sum_k E[n, k] h_k, each L_n a float32
+// sum in exact_dot's order (for bfloat16 weights, bf16_head's logits in float32), of the lower n among equals; the screen's
+// y_n (this row's w4a8 outputs before rounding) only decides which L_n to compute. With Q the screen's
+// weights and h~ the int8 activations times their scales, Cauchy-Schwarz bounds
+//
+//   |L_n - y_n| <= |(E_n - Q_n) . h| + |Q_n . (h - h~)| + float rounding
+//              <= gap[n] |h| + norm[n] |h - h~| + 2^-16 norm[n] |h| + 2^-10 = e_n,
+//
+// (gap[n] >= |E_n - Q_n| and norm[n] >= |Q_n|, Euclidean norms rounded up; the two float32 sums round
+// about 60 times, each by at most 2^-24 of a part of norm[n] |h|), so with low = max_n (y_n - e_n), no
+// n with y_n + e_n < low can beat the n reaching low: only the others are computed exactly. Where no n
+// is left (a hidden state that is not finite) every one is, and the first NaN wins, as in torch.argmax.
+// Returns how many were.
+VNNI static int64_t row_argmax(const void *x, int bf16, int64_t r, int64_t K, const int8_t *q, const float *s,
+                                 const float *y, int64_t N, const void *exact, int exact_kind, const float *gap,
+                                 const float *norm, float *xf, int64_t *id) {
+  double h2 = 0.0, d2 = 0.0;
+  for (int64_t k = 0; k < K; k++) {
+    double h = load1(x, r * K + k, bf16), error = h - (double)s[k / 32] * q[k];
+    h2 += h * h, d2 += error * error;
+  }
+  for (int64_t k = 0; k < K; k += 16) _mm512_storeu_ps(xf + k, load16(x, r * K + k, bf16));
+  const float h_norm = (float)(sqrt(h2) * (1 + 1e-6)), error_norm = (float)(sqrt(d2) * (1 + 1e-6));
+  const __m512 by_gap = _mm512_set1_ps(h_norm), by_norm = _mm512_set1_ps(error_norm + 0x1p-16f * h_norm);
+  const __m512 slack = _mm512_set1_ps(0x1p-10f);
+  __m512 lows = _mm512_set1_ps(-INFINITY);
+  for (int64_t n = 0; n < N; n += 16) {
+    __m512 e = _mm512_fmadd_ps(_mm512_loadu_ps(gap + n), by_gap, _mm512_fmadd_ps(_mm512_loadu_ps(norm + n), by_norm, slack));
+    lows = _mm512_max_ps(lows, _mm512_sub_ps(_mm512_loadu_ps(y + n), e));
+  }
+  const __m512 low = _mm512_set1_ps(_mm512_reduce_max_ps(lows));
+  float best = -INFINITY;
+  int64_t checked = 0;
+  *id = -1;
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    __m512 e = _mm512_fmadd_ps(_mm512_loadu_ps(gap + n0), by_gap, _mm512_fmadd_ps(_mm512_loadu_ps(norm + n0), by_norm, slack));
+    __mmask16 open = _mm512_cmp_ps_mask(_mm512_add_ps(_mm512_loadu_ps(y + n0), e), low, _CMP_GE_OQ);
+    while (open) {
+      int64_t n = n0 + __builtin_ctz(open);
+      open &= open - 1;
+      float value = exact_dot(exact, exact_kind, n * K, xf, K);
+      checked++;
+      if (*id < 0 || value > best) best = value, *id = n;  // increasing n: the lower one kept among equals
+    }
+  }
+  if (*id >= 0) return checked;
+  for (int64_t n = 0; n < N; n++) {
+    float value = exact_dot(exact, exact_kind, n * K, xf, K);
+    if (*id < 0 || value > best || (value != value && best == best)) best = value, *id = n;
+  }
+  return N;
+}
+
+// ids [M]: each row's certified greedy argmax (row_argmax) over the head with screen weights codes/dm
+// (bits, N outputs) and exact weights exact [N, K] (bfloat16, float16 or float32: exact_kind 0, 1, 2);
+// checked [M]: how many logits each row computed exactly. Returns 0, or -1 when scratch memory ran out.
+int w4a8_argmax(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
+                int64_t N, const void *exact, int exact_kind, const float *gap, const float *norm, int64_t *ids,
+                int64_t *checked) {
+  int8_t *q = malloc((size_t)(M * K) + 2 * (size_t)(M * (K / 32)) * sizeof(float) + (size_t)(M * (N + K)) * sizeof(float));
   if (q == NULL) return -1;
-  float *s = (float *)(q + M * K), *sums = s + M * (K / 32), *y = sums + M * (K / 32);
+  float *s = (float *)(q + M * K), *sums = s + M * (K / 32), *y = sums + M * (K / 32), *xf = y + M * N;
 #pragma omp parallel
   {
     w4a8_rows(x, bf16, M, K, codes, dm, bits, N, q, s, sums, 0, y);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; r++) row_topk(y + r * N, N, k, indices + r * k);
+    for (int64_t r = 0; r < M; r++)
+      checked[r] = row_argmax(x, bf16, r, K, q + r * K, s + r * (K / 32), y + r * N, N, exact, exact_kind, gap, norm, xf + r * K,
+                              ids + r);
   }
   free(q);
   return 0;
