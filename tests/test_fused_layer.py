@@ -37,11 +37,17 @@ def w4a8_target(family: str, dtype: torch.dtype, seed: int = 0):
     return model
 
 
-def prefilled(lean: LeanDecoder, prompt: list[int], dtype: torch.dtype) -> TreeKVCache:
+def prefilled(lean: LeanDecoder, prompt: list[int], dtype: torch.dtype, invariant: bool = False) -> TreeKVCache:
+    """A cache holding ``prompt``, prefilled as the decode loop does (``invariant``: by the unfused
+    layers with the attention of decode steps, the arithmetic of a fused prefill)."""
     cache = TreeKVCache(len(lean.layers), capacity=8)  # small: the steps grow it
     n = len(prompt)
     causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), dtype)
-    lean(torch.tensor([prompt]), torch.arange(n)[None], causal, cache)
+    if invariant:
+        lean.make_tables(n, torch.device("cpu"))
+        lean.run(torch.tensor([prompt]), torch.arange(n)[None], causal, cache, invariant=True)
+    else:
+        lean(torch.tensor([prompt]), torch.arange(n)[None], causal, cache)
     return cache
 
 
@@ -60,7 +66,8 @@ def chain_step(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
     """The same layers, rounded at the same places: equal up to the last bit of a norm or a SiLU; the
-    first layer's output too (a drafter that reads it: captured after that layer, not at the end)."""
+    first layer's output too (a drafter that reads it: captured after that layer, not at the end). The
+    prompt's prefill too: fused against the unfused layers with decode steps' attention."""
     model = w4a8_target(family, dtype)
     with torch.inference_mode():
         lean = LeanDecoder(model)
@@ -70,7 +77,7 @@ def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
         results = {}
         for name in ("fused", "unfused"):
             lean.fused = fused if name == "fused" else None
-            cache = prefilled(lean, prompt, dtype)
+            cache = prefilled(lean, prompt, dtype, invariant=name == "unfused")
             hidden = chain_step(lean, cache, tokens, dtype, layers=(0,))
             results[name] = hidden, cache.layers[1].keys[:, :, : cache.length].clone(), cache.length
     (hidden, keys, length), (expected, expected_keys, expected_length) = results["fused"], results["unfused"]
@@ -83,6 +90,55 @@ def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
     assert float((keys - expected_keys).abs().max()) <= tolerance * float(expected_keys.abs().max())
     if dtype == torch.bfloat16:  # most values agree bit for bit
         assert (hidden == expected).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_short_prefill_runs_the_fused_layers_and_a_long_one_sdpa(dtype, monkeypatch):
+    """A prompt of at most FUSED_PREFILL_MAX_TOKENS tokens is prefilled by the fused layers: what the
+    unfused layers give with decode steps' attention, up to the last bits of a norm or a SiLU, and not
+    SDPA's bits; a longer one by the unfused layers and SDPA, bit for bit."""
+    from redrafter import lean_decoder
+
+    model = w4a8_target("llama", dtype, seed=3)
+    prompt = random_prompt(12, 5) * 2
+    with torch.inference_mode():
+        lean = LeanDecoder(model)
+        fused = lean.fused
+        runs, call = [], type(fused).__call__
+        monkeypatch.setattr(type(fused), "__call__", lambda self, *a, **k: runs.append(1) or call(self, *a, **k))
+        results = {}
+        for name, limit in (("fused", 64), ("long", 23), ("sdpa", 64), ("invariant", 64)):
+            monkeypatch.setattr(lean_decoder, "FUSED_PREFILL_MAX_TOKENS", limit)
+            lean.fused = None if name in ("sdpa", "invariant") else fused
+            runs.clear()
+            cache = prefilled(lean, prompt, dtype, invariant=name == "invariant")
+            results[name] = cache.layers[-1].keys[:, :, : cache.length].clone(), len(runs)
+    (keys, fused_runs), (long_keys, long_runs) = results["fused"], results["long"]
+    (sdpa_keys, _), (invariant_keys, _) = results["sdpa"], results["invariant"]
+    assert (fused_runs, long_runs) == (1, 0)  # 24 tokens: fused under a limit of 64, not under 23
+    assert torch.equal(long_keys, sdpa_keys)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-6
+    assert float((keys - invariant_keys).abs().max()) <= tolerance * float(invariant_keys.abs().max())
+    assert not torch.equal(keys, sdpa_keys)  # another attention's sums: a different prefill
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_prefilled_whole_or_in_two_parts_leaves_the_same_bits(dtype):
+    """A fused prefill sums as decode steps do, so a prompt gives the same cache and last hidden state
+    prefilled at once or as a prefill and a chain after it (as a server could split it)."""
+    model = w4a8_target("llama", dtype, seed=4)
+    prompt = random_prompt(10, 6) + random_prompt(9, 7)
+    with torch.inference_mode():
+        lean = LeanDecoder(model)
+        n = len(prompt)
+        whole = TreeKVCache(len(lean.layers), capacity=8)
+        causal = additive_mask(torch.ones(1, n, n, dtype=torch.bool).tril(), dtype)
+        last = lean(torch.tensor([prompt]), torch.arange(n)[None], causal, whole)[:, -1]
+        parts = prefilled(lean, prompt[:7], dtype)
+        last_of_parts = chain_step(lean, parts, prompt[7:], dtype)[:, -1]
+    assert torch.equal(last, last_of_parts)
+    for a, b in zip(whole.layers, parts.layers, strict=True):
+        assert torch.equal(a.keys[:, :, :n], b.keys[:, :, :n]) and torch.equal(a.values[:, :, :n], b.values[:, :, :n])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -39,6 +39,13 @@ class ContiguousLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(batch, heads, self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Make the buffers ``[B, H, capacity, D]`` now (zeros), where nothing wrote them yet: a kernel
+        that writes them itself (:class:`redrafter.fused_layer.FusedLayers`) needs them first."""
+        if not self.is_initialized:
+            empty = torch.zeros(batch, heads, 0, head_dim, dtype=dtype, device=device)
+            self.lazy_initialization(empty, empty)
+
     def _grow(self, needed: int) -> None:
         """Double the capacity until ``needed`` entries fit (amortized; rare)."""
         capacity = self.capacity
@@ -141,6 +148,11 @@ class TreeKVCache(Cache):
     def length(self) -> int:
         """Number of cached positions (the same in every layer)."""
         return self.layers[0].length
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Every layer's :meth:`ContiguousLayer.allocate`."""
+        for layer in self.layers:
+            layer.allocate(batch, heads, head_dim, dtype, device)
 
     def keep(self, start: int, source: torch.Tensor) -> None:
         """Compact every layer: see :meth:`ContiguousLayer.keep`. ``source``: ``[B, n]``.
