@@ -22,6 +22,7 @@
 // strides mask_sb (0 broadcasts) and mask_si, keys contiguous; cos, sin [B Q, hd] (sin's first half
 // negated, as LeanDecoder.make_tables keeps it).
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -127,8 +128,8 @@ typedef struct {
   float *act, *out;   // a product's input [M, inputs] and output [M, outputs]
   float *s, *sums;    // its activations' scales and code sums [M, inputs / 32]
   float *queries;     // [B, H, Q, hd]
-  char *attention;    // per attention task: scores, kept keys, the output row
-  size_t task_bytes;  // the bytes of one task's
+  char *attention;    // per thread, for the attention task it runs: scores, kept keys, the output row
+  size_t task_bytes;  // the bytes of one thread's
   int8_t *q;          // the quantized activations [M, inputs]
 } Scratch;
 
@@ -148,7 +149,7 @@ VNNI static void layer_step(const Layer *L, int bf16, void *x, int64_t B, int64_
 #pragma omp for schedule(static)
   for (int64_t task = 0; task < tasks; task++) {  // the query heads of one key/value head at one token
     int64_t b = task / (KV * Q), kv = (task / Q) % KV, i = task % Q, h = kv * groups;
-    float *scores = (float *)(w->attention + task * w->task_bytes), *rows = scores + 9 * keys;
+    float *scores = (float *)(w->attention + omp_get_thread_num() * w->task_bytes), *rows = scores + 9 * keys;
     attention_group((const char *)w->queries + ((b * H + h) * Q + i) * hd * size, Q * hd, groups,
                     (const char *)k_cache + (b * KV + kv) * capacity * hd * size,
                     (const char *)v_cache + (b * KV + kv) * capacity * hd * size,
@@ -182,15 +183,16 @@ VNNI int fused_layers(const Layer *layers, int64_t count, int bf16, void *x, int
                  void *out) {
   const Layer *L = layers;
   const int64_t M = B * Q, d = L->qkv.in_features, H = L->heads, hd = L->head_dim, I = L->intermediate;
-  const int64_t keys = length + Q, tasks = B * L->kv_heads * Q, groups = H / L->kv_heads;
+  const int64_t keys = length + Q, groups = H / L->kv_heads;
   int64_t inputs = d > H * hd ? d : H * hd, outputs = L->qkv.out_features;
   inputs = inputs > I ? inputs : I;
   outputs = outputs > 2 * I ? outputs : 2 * I;
   outputs = outputs > d ? outputs : d;
   Scratch w;
   w.task_bytes = (size_t)(keys * 9 * 4 + groups * hd * 4);  // 8 heads' scores, kept keys, outputs
+  const int64_t threads = omp_get_max_threads();  // attention scratch per thread, not per task (a prefill has many)
   const size_t bytes = (size_t)(M * inputs) * (4 + 1) + 2 * (size_t)(M * inputs / 32) * 4 + (size_t)(M * outputs) * 4 +
-                       (size_t)(M * H * hd) * 4 + (size_t)tasks * w.task_bytes + (size_t)(M * d) * 4;
+                       (size_t)(M * H * hd) * 4 + (size_t)threads * w.task_bytes + (size_t)(M * d) * 4;
   char *scratch = malloc(bytes);
   if (scratch == NULL) return -1;
   w.act = (float *)scratch;
@@ -198,7 +200,7 @@ VNNI int fused_layers(const Layer *layers, int64_t count, int bf16, void *x, int
   w.s = w.out + M * outputs, w.sums = w.s + M * inputs / 32;
   w.queries = w.sums + M * inputs / 32;
   w.attention = (char *)(w.queries + M * H * hd);
-  float *normalized = (float *)(w.attention + tasks * w.task_bytes);  // [M, d]: the final norm's rows
+  float *normalized = (float *)(w.attention + threads * w.task_bytes);  // [M, d]: the final norm's rows
   w.q = (int8_t *)(normalized + M * d);
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
 #pragma omp parallel
