@@ -142,6 +142,24 @@ def test_a_prompt_prefilled_whole_or_in_two_parts_leaves_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompt_prefilled_alone_or_left_padded_in_a_batch_leaves_the_same_bits(dtype):
+    """The fused prefill skips masked keys, so a row's cache and last hidden state do not depend on the
+    longer prompts it was prefilled beside (what a server's batched admission relies on)."""
+    model = w4a8_target("qwen2", dtype, seed=5)
+    decoder = SpeculativeDecoder(model, no_draft, [])
+    short, longer = random_prompt(9, 8), random_prompt(17, 9)
+    with torch.inference_mode():
+        alone, hidden_alone, _ = decoder._prefill([short], 4)
+        batch, hidden_batch, valid = decoder._prefill([longer, short], 4)
+    assert not valid[1, : len(longer) - len(short)].any()  # the short row is left-padded
+    assert torch.equal(hidden_batch[1], hidden_alone[0])
+    pad = len(longer) - len(short)
+    for a, b in zip(alone.layers, batch.layers, strict=True):
+        assert torch.equal(b.keys[1, :, pad : len(longer)], a.keys[0, :, : len(short)])
+        assert torch.equal(b.values[1, :, pad : len(longer)], a.values[0, :, : len(short)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_token_gets_the_same_bits_in_a_chain_and_alone(dtype):
     """Batch invariance: a chain of tokens as one fused forward equals the same tokens one at a time,
     bit for bit, and so do the cache entries they leave."""
