@@ -5,10 +5,11 @@ alone: tokens a step of the n-gram beam alone, walking the held-out answers (eve
     python docs/tried-32/ngram_prompt_tail.py data/corpus/smollm2-135m-instruct ...  # the 13 folders of make ngrams
 """
 
+import sys
 import time
+
 from redrafter.ngrams import build_table, walk_tokens_per_step
 from redrafter.train import load_corpora, split_heldout
-import sys
 
 pairs = load_corpora(sys.argv[1:])
 train, held = split_heldout(len(pairs), 25)
@@ -21,5 +22,6 @@ for tail in (0, 5):
         # first 64 answer tokens only
         rate64 = walk_tokens_per_step(table, [(pairs[i][0], pairs[i][1][:64]) for i in held], length)
         print(
-            f"prompt tail {tail}: {len(table):,} n-grams; beam of {length}: held-out {rate:.3f} tokens a step, first 64 tokens {rate64:.3f} ({time.time() - t:.0f} s)"
+            f"prompt tail {tail}: {len(table):,} n-grams; beam of {length}: held-out {rate:.3f} tokens a step,"
+            f" first 64 tokens {rate64:.3f} ({time.time() - t:.0f} s)"
         )
