@@ -2,6 +2,9 @@
 ``topk`` (before Session 31), against the candidates picked inside the head's own call
 (``ArgmaxHead.candidates``), for 1 to 32 rows; best of three timings of 300 calls each, and how often
 the two give the same 8 candidates (they differ where bfloat16 rounding ties the 8th and 9th).
+Written for Session 31's in-call candidates (``W4A8Linear.top``); Session 32 replaced them with the
+certified argmax (``docs/certified-argmax/``), and ``ArgmaxHead.candidates`` now takes ``topk`` of the
+logits, so run this on commit 3f26218 to compare the two.
 
     python docs/host-steps/head_candidates.py
 """

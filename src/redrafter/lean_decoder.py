@@ -359,13 +359,14 @@ class LeanDecoder(nn.Module):
         self.make_tables(cache.length + input_ids.shape[1], input_ids.device)
         if packed and self.packed_layers is None:
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
-        dense = self.dense_layers is not None and cache.length == 0 and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
-        invariant = self.invariant_steps and cache.length > 0
-        if self.fused is not None and cache.length == 0 and input_ids.shape[1] <= FUSED_PREFILL_MAX_TOKENS:
-            cache.allocate(input_ids.shape[0], self.kv_heads, self.head_dim, self.fused.dtype, input_ids.device)
-            invariant = True  # a prefill through the fused layers
-        if invariant and self.fused is not None and self.fused.runs(cache.layers):
-            return self.run_fused(input_ids, positions, masks, cache, layers)
+        prefill = cache.length == 0
+        dense = self.dense_layers is not None and prefill and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
+        invariant = self.invariant_steps and not prefill
+        if self.fused is not None and (invariant or input_ids.shape[1] <= FUSED_PREFILL_MAX_TOKENS):
+            if prefill:  # the kernel writes the cache's buffers: they must exist first
+                cache.allocate(input_ids.shape[0], self.kv_heads, self.head_dim, self.fused.dtype, input_ids.device)
+            if self.fused.runs(cache.layers):
+                return self.run_fused(input_ids, positions, masks, cache, layers)
         return self.run(input_ids, positions, masks, cache, layers, packed=packed, dense=dense, invariant=invariant)
 
     def run(
