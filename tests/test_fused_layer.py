@@ -13,7 +13,8 @@ from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.kv_cache import TreeKVCache
 from redrafter.lean_decoder import LeanDecoder
 from redrafter.quant import quantization_refusal, quantize_target
-from redrafter.tree import additive_mask
+from redrafter.models import attention_windows
+from redrafter.tree import additive_mask, layer_masks
 
 pytestmark = pytest.mark.skipif(
     quantization_refusal("cpu", torch.bfloat16, "w4a8") is not None,
@@ -93,30 +94,41 @@ def test_a_fused_step_computes_what_the_unfused_one_does(family, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_short_prefill_runs_the_fused_layers_and_a_long_one_sdpa(dtype, monkeypatch):
-    """A prompt of at most FUSED_PREFILL_MAX_TOKENS tokens is prefilled by the fused layers: what the
-    unfused layers give with decode steps' attention, up to the last bits of a norm or a SiLU, and not
-    SDPA's bits; a longer one by the unfused layers and SDPA, bit for bit."""
+def test_a_prefill_runs_the_fused_layers_in_parts_of_at_most_fused_part_tokens(dtype, monkeypatch):
+    """A w4a8 prompt is prefilled by the fused layers, in calls of at most FUSED_PART_TOKENS tokens: the
+    same bits in one call or in parts (and in the layers captured for a drafter); what the unfused layers
+    give with decode steps' attention, up to the last bits of a norm or a SiLU, and not SDPA's bits."""
     from redrafter import lean_decoder
 
-    model = w4a8_target("llama", dtype, seed=3)
+    model = w4a8_target("mistral", dtype, seed=3)  # a sliding window: a mask per layer type
     prompt = random_prompt(12, 5) * 2
+    n = len(prompt)
     with torch.inference_mode():
         lean = LeanDecoder(model)
         fused = lean.fused
-        runs, call = [], type(fused).__call__
-        monkeypatch.setattr(type(fused), "__call__", lambda self, *a, **k: runs.append(1) or call(self, *a, **k))
+        calls, call = [], type(fused).__call__
+        record = lambda self, x, *args, **kwargs: calls.append(x.shape[1]) or call(self, x, *args, **kwargs)  # noqa: E731
+        monkeypatch.setattr(type(fused), "__call__", record)
+        positions = torch.arange(n)[None]
+        allowed = torch.ones(1, n, n, dtype=torch.bool).tril()
+        mask = layer_masks(allowed, positions, positions, attention_windows(model.config), dtype)
+        assert mask.shape == (1, 1, n, n) and not torch.equal(mask, additive_mask(allowed, dtype))
         results = {}
-        for name, limit in (("fused", 64), ("long", 23), ("sdpa", 64), ("invariant", 64)):
-            monkeypatch.setattr(lean_decoder, "FUSED_PREFILL_MAX_TOKENS", limit)
+        for name, part in (("whole", 64), ("parts", 10), ("sdpa", 64), ("invariant", 64)):
+            monkeypatch.setattr(lean_decoder, "FUSED_PART_TOKENS", part)
             lean.fused = None if name in ("sdpa", "invariant") else fused
-            runs.clear()
-            cache = prefilled(lean, prompt, dtype, invariant=name == "invariant")
-            results[name] = cache.layers[-1].keys[:, :, : cache.length].clone(), len(runs)
-    (keys, fused_runs), (long_keys, long_runs) = results["fused"], results["long"]
-    (sdpa_keys, _), (invariant_keys, _) = results["sdpa"], results["invariant"]
-    assert (fused_runs, long_runs) == (1, 0)  # 24 tokens: fused under a limit of 64, not under 23
-    assert torch.equal(long_keys, sdpa_keys)
+            calls.clear()
+            cache = TreeKVCache(len(lean.layers), capacity=8)
+            if name == "invariant":  # the unfused layers with decode steps' attention
+                lean.make_tables(n, torch.device("cpu"))
+                hidden = lean.run(torch.tensor([prompt]), positions, mask, cache, layers=(0,), invariant=True)
+            else:
+                hidden = lean(torch.tensor([prompt]), positions, mask, cache, layers=(0,))
+            results[name] = hidden, cache.layers[-1].keys[:, :, :n].clone(), list(calls)
+    (whole, keys, whole_calls), (parts, parts_keys, parts_calls) = results["whole"], results["parts"]
+    (_, sdpa_keys, _), (_, invariant_keys, _) = results["sdpa"], results["invariant"]
+    assert (whole_calls, parts_calls) == ([24], [10, 10, 4])
+    assert torch.equal(whole, parts) and torch.equal(keys, parts_keys)
     tolerance = 1e-5 if dtype == torch.float32 else 2**-6
     assert float((keys - invariant_keys).abs().max()) <= tolerance * float(invariant_keys.abs().max())
     assert not torch.equal(keys, sdpa_keys)  # another attention's sums: a different prefill

@@ -17,9 +17,8 @@ the same model with fewer operations, in the style of gpt-fast:
   batch-invariant products (int8, int4, w4a8) speculative decoding then equals plain decoding bit for bit;
 - a w4a8 target's decode steps run each layer as one C call (:class:`redrafter.fused_layer.FusedLayers`,
   the same arithmetic without PyTorch's per-operation overhead: half of such a step), and so do its
-  prefills of up to :data:`FUSED_PREFILL_MAX_TOKENS` tokens (their attention then sums as a decode
-  step's does, not as SDPA's: a prompt's cache can differ from the unfused prefill's in last bits, the
-  same for plain and speculative decoding);
+  prefills (their attention then sums as a decode step's does, not as SDPA's: a prompt's cache can
+  differ from the unfused prefill's in last bits, the same for plain and speculative decoding);
 - where oneDNN has native bfloat16 products, the float layers' weights are reordered once into its
   blocked layout (:class:`redrafter.quant.PackedLinear`), which ``F.linear`` would do on every call:
   on the development machine a bfloat16 step's products became 1.2 to 2x faster, their results equal
@@ -248,13 +247,10 @@ def dense_product(linear: nn.Module) -> nn.Module:
 # threads, float32 copies): 33.6 against 56.8 ms at 16 rows, 57.6 against 56.2 at 32, 117 against 95
 # at 64, 439 against 267 at 256, 1185 against 604 at 700 (docs/default-weights/prefill_products.py).
 DENSE_PREFILL_MIN_ROWS = 32
-# A w4a8 prefill runs the fused layers (one C call, :mod:`redrafter.fused_layer`) up to this many tokens
-# per row, SDPA and the unfused layers beyond: our attention sums each query's keys one by one, and a
-# long prompt's quadratic attention then outweighs the per-operation overhead saved. The default model
-# on a 2-core Xeon (docs/fused-prefill/prefill_cost.txt), unfused against fused: 16 tokens 21.7 against
-# 11.3 ms, 64: 51.8 against 37.7, 200: 158 against 131, 700: 678 against 604, 1200: 1271 against 1276,
-# 2400: 3662 against 3848.
-FUSED_PREFILL_MAX_TOKENS = 1024
+# A w4a8 forward of more tokens a row than this (a long prompt's prefill) runs the fused layers in parts
+# of this many tokens, each a prefill's next part, with the same bits as one call
+# (tests/test_fused_layer.py): the kernel's scratch, about 26 kB a token, stays bounded.
+FUSED_PART_TOKENS = 1024
 
 
 class LeanDecoder(nn.Module):
@@ -354,15 +350,15 @@ class LeanDecoder(nn.Module):
         once (:class:`PackedProducts`, made at the first such call; see :meth:`packs`). A prefill (an
         empty ``cache``) of at least :data:`DENSE_PREFILL_MIN_ROWS` tokens runs int4 layers that keep
         their weights dequantized on those (:class:`DenseProducts`); decode steps never do, so a tree
-        and a single token still get each row the same bits from the int4 kernel. A w4a8 prefill of
-        at most :data:`FUSED_PREFILL_MAX_TOKENS` tokens runs :meth:`run_fused`, as decode steps do."""
+        and a single token still get each row the same bits from the int4 kernel. A w4a8
+        prefill runs :meth:`run_fused`, as decode steps do."""
         self.make_tables(cache.length + input_ids.shape[1], input_ids.device)
         if packed and self.packed_layers is None:
             self.packed_layers = nn.ModuleList(PackedProducts(layer) for layer in self.layers)
         prefill = cache.length == 0
         dense = self.dense_layers is not None and prefill and input_ids.numel() >= DENSE_PREFILL_MIN_ROWS
         invariant = self.invariant_steps and not prefill
-        if self.fused is not None and (invariant or input_ids.shape[1] <= FUSED_PREFILL_MAX_TOKENS):
+        if self.fused is not None:
             if prefill:  # the kernel writes the cache's buffers: they must exist first
                 cache.allocate(input_ids.shape[0], self.kv_heads, self.head_dim, self.fused.dtype, input_ids.device)
             if self.fused.runs(cache.layers):
@@ -430,9 +426,18 @@ class LeanDecoder(nn.Module):
         cache: TreeKVCache,
         layers: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """:meth:`forward` for a decode step or a short prefill through :attr:`fused`
-        (:mod:`redrafter.fused_layer`): all layers and the final norm in one call, the residual stream
-        updated in place."""
+        """:meth:`forward` for a decode step or a prefill through :attr:`fused`
+        (:mod:`redrafter.fused_layer`): all layers and the final norm in one call (one a part of
+        :data:`FUSED_PART_TOKENS` tokens, for more), the residual stream updated in place."""
+        length = input_ids.shape[1]
+        if length > FUSED_PART_TOKENS:
+            start, by_type, parts = cache.length, masks_by_type(masks), []
+            for first in range(0, length, FUSED_PART_TOKENS):
+                last = min(first + FUSED_PART_TOKENS, length)
+                part_masks = {kind: m[:, :, first:last, : start + last] for kind, m in by_type.items()}
+                part = slice(first, last)
+                parts.append(self.run_fused(input_ids[:, part], positions[:, part], part_masks, cache, layers))
+            return torch.cat(parts, dim=1)
         x = self.embed(input_ids).contiguous()
         cos, sin = self.cos[positions].contiguous(), self.sin[positions].contiguous()  # [B, q, hd]
         by_type = {kind: m.to(x.dtype).contiguous() for kind, m in masks_by_type(masks).items()}

@@ -17,79 +17,101 @@
 // q, k, v, mask: float32, or bfloat16 when bf16 != 0; the head dimension D (a multiple of 16, at most
 // 256) contiguous, the others strided (strides in elements; a stride of 0 broadcasts). out: contiguous
 // [B, H, Q, D] in the same dtype.
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
 
-// One query: its kept keys' scores into scores[], their indices into kept[]; out (D floats) written.
-AVX512 void attention_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K,
-                             int64_t D, int64_t k_sk, int64_t v_sk, int64_t m_sk, float scale, float *scores,
-                             int32_t *kept, float *out) {
-  __m512 query[16], acc[16];
-  const int64_t lanes = D / 16;
-  for (int64_t j = 0; j < lanes; j++) query[j] = load16(q, 16 * j, bf16);
-  int64_t count = 0;
-  float top = MASKED;
-  for (int64_t key = 0; key < K; key++) {
-    float bias = load1(mask, key * m_sk, bf16);
-    if (!(bias > MASKED)) continue;
-    __m512 dot = _mm512_setzero_ps();
-    for (int64_t j = 0; j < lanes; j++) dot = _mm512_fmadd_ps(query[j], load16(k, key * k_sk + 16 * j, bf16), dot);
-    float score = _mm512_reduce_add_ps(dot) * scale + bias;
-    scores[count] = score;
-    kept[count++] = (int32_t)key;
-    top = score > top ? score : top;
-  }
-  for (int64_t j = 0; j < lanes; j++) acc[j] = _mm512_setzero_ps();
-  if (count == 0) {  // no key to attend to (a padding row): zeros
-    memset(out, 0, (size_t)D * sizeof(float));
-    return;
-  }
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t t = 0; t < count; t += 16) {
-    __mmask16 live = count - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - t)) - 1);
-    __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + t), _mm512_set1_ps(top));
-    __m512 weights = _mm512_maskz_mov_ps(live, exp_nonpositive(shifted));
-    _mm512_mask_storeu_ps(scores + t, live, weights);
-    total = _mm512_add_ps(total, weights);
-  }
-  for (int64_t t = 0; t < count; t++) {
-    __m512 weight = _mm512_set1_ps(scores[t]);
-    for (int64_t j = 0; j < lanes; j++) acc[j] = _mm512_fmadd_ps(weight, load16(v, kept[t] * v_sk + 16 * j, bf16), acc[j]);
-  }
-  __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-  for (int64_t j = 0; j < lanes; j++) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(acc[j], inverse));
+// The sum of x's 16 lanes, added in pairs (i, i + 8), then (i, i + 4), (i, i + 2), then (0, 1): the order
+// of GCC's _mm512_reduce_add_ps, and the order sums16 keeps for each of its sixteen.
+AVX512 static inline float sum16(__m512 x) {
+  __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+  __m128 two = _mm_add_ps(four, _mm_permute_ps(four, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 
-// G queries (the query heads of one key/value head, at one token: one mask row) at q, q + q_sg, ...:
-// what attention_query computes for each, bit for bit, with each key and value loaded once for all of
-// them. G and lanes (D / 16) are constants where inlined, so the loops over them unroll.
+// The first two of sum16's steps for four vectors at once: 128-bit block r holds d[r]'s four partial sums.
+AVX512 static inline __m512 sums4(__m512 d0, __m512 d1, __m512 d2, __m512 d3) {
+  __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x44), _mm512_shuffle_f32x4(d0, d1, 0xEE));
+  __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(d2, d3, 0x44), _mm512_shuffle_f32x4(d2, d3, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
+
+// sum16 of sixteen vectors, from sums4 of each four (u[m] of d[4m .. 4m + 3]): lane r = sum16(d[r]), bit
+// for bit. A horizontal sum per vector costs about as many shuffles as a dot product has FMAs; here
+// sixteen share them.
+AVX512 static inline __m512 sums16(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
+  __m512 w01 = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 w23 = _mm512_add_ps(_mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4k + m holds d[4m + k]
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
+}
+
+// G queries (the query heads of one key/value head, at one token: one mask row) at q, q + q_sg, ...,
+// each over its kept keys as the top of the file says, with each key and value loaded once for all of
+// them. A query's score for a key is sum16 of its dot product's lanes, times scale plus the key's bias
+// (one rounding); runs of sixteen kept keys get theirs sixteen at a time (sums16), the same bits. G and
+// lanes (D / 16) are constants where inlined, so the loops over them unroll.
 AVX512 static inline __attribute__((always_inline)) void group_queries(
     const void *q, int64_t q_sg, const int64_t G, const void *k, const void *v, const void *mask, int bf16, int64_t K,
     const int64_t lanes, int64_t k_sk, int64_t v_sk, float scale, float *scores, int32_t *kept, float *out) {
-  __m512 query[8][16], acc[8][16];
+  __m512 query[8][16], acc[8][16], tops[8];
   float top[8];
   for (int64_t g = 0; g < G; g++) {
     top[g] = MASKED;
+    tops[g] = _mm512_set1_ps(MASKED);
     for (int64_t j = 0; j < lanes; j++) query[g][j] = load16(q, g * q_sg + 16 * j, bf16);
   }
+  const __m512 scales = _mm512_set1_ps(scale);
+  const __m512i order = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t count = 0;
-  for (int64_t key = 0; key < K; key++) {
-    float bias = load1(mask, key, bf16);
-    if (!(bias > MASKED)) continue;
-    __m512 dot[8], row[16];
-    for (int64_t j = 0; j < lanes; j++) row[j] = load16(k, key * k_sk + 16 * j, bf16);
-    for (int64_t g = 0; g < G; g++) {
-      dot[g] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < lanes; j++) dot[g] = _mm512_fmadd_ps(query[g][j], row[j], dot[g]);
+  for (int64_t block = 0; block < K; block += 16) {
+    if (block + 16 <= K) {
+      __m512 biases = load16(mask, block, bf16);
+      __mmask16 live = _mm512_cmp_ps_mask(biases, _mm512_set1_ps(MASKED), _CMP_GT_OQ);
+      if (live == 0) continue;
+      if (live == 0xFFFF) {  // sixteen kept keys in a row
+        __m512 quads[8][4];
+        for (int64_t m = 0; m < 4; m++) {
+          __m512 dot[8][4];
+          for (int64_t r = 0; r < 4; r++) {
+            __m512 row[16];
+            for (int64_t j = 0; j < lanes; j++) row[j] = load16(k, (block + 4 * m + r) * k_sk + 16 * j, bf16);
+            for (int64_t g = 0; g < G; g++) {
+              dot[g][r] = _mm512_setzero_ps();
+              for (int64_t j = 0; j < lanes; j++) dot[g][r] = _mm512_fmadd_ps(query[g][j], row[j], dot[g][r]);
+            }
+          }
+          for (int64_t g = 0; g < G; g++) quads[g][m] = sums4(dot[g][0], dot[g][1], dot[g][2], dot[g][3]);
+        }
+        for (int64_t g = 0; g < G; g++) {
+          __m512 block_scores = _mm512_fmadd_ps(sums16(quads[g][0], quads[g][1], quads[g][2], quads[g][3]), scales, biases);
+          _mm512_storeu_ps(scores + g * K + count, block_scores);
+          tops[g] = _mm512_mask_mov_ps(tops[g], _mm512_cmp_ps_mask(block_scores, tops[g], _CMP_GT_OQ), block_scores);
+        }
+        _mm512_storeu_si512(kept + count, _mm512_add_epi32(order, _mm512_set1_epi32((int32_t)block)));
+        count += 16;
+        continue;
+      }
     }
-    for (int64_t g = 0; g < G; g++) {
-      float score = _mm512_reduce_add_ps(dot[g]) * scale + bias;
-      scores[g * K + count] = score;
-      top[g] = score > top[g] ? score : top[g];
+    const int64_t end = block + 16 < K ? block + 16 : K;
+    for (int64_t key = block; key < end; key++) {  // one key at a time
+      float bias = load1(mask, key, bf16);
+      if (!(bias > MASKED)) continue;
+      __m512 row[16];
+      for (int64_t j = 0; j < lanes; j++) row[j] = load16(k, key * k_sk + 16 * j, bf16);
+      for (int64_t g = 0; g < G; g++) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < lanes; j++) dot = _mm512_fmadd_ps(query[g][j], row[j], dot);
+        float score = fmaf(sum16(dot), scale, bias);
+        scores[g * K + count] = score;
+        top[g] = score > top[g] ? score : top[g];
+      }
+      kept[count++] = (int32_t)key;
     }
-    kept[count++] = (int32_t)key;
   }
   if (count == 0) {  // no key to attend to (a padding row): zeros
     memset(out, 0, (size_t)(G * 16 * lanes) * sizeof(float));
@@ -98,15 +120,17 @@ AVX512 static inline __attribute__((always_inline)) void group_queries(
   __m512 inverse[8];
   for (int64_t g = 0; g < G; g++) {
     float *weights = scores + g * K;
+    const float block_top = _mm512_reduce_max_ps(tops[g]);  // the scores' maximum does not depend on their order
+    const __m512 most = _mm512_set1_ps(block_top > top[g] ? block_top : top[g]);
     __m512 total = _mm512_setzero_ps();
     for (int64_t t = 0; t < count; t += 16) {
       __mmask16 live = count - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - t)) - 1);
-      __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + t), _mm512_set1_ps(top[g]));
+      __m512 shifted = _mm512_sub_ps(_mm512_maskz_loadu_ps(live, weights + t), most);
       __m512 exps = _mm512_maskz_mov_ps(live, exp_nonpositive(shifted));
       _mm512_mask_storeu_ps(weights + t, live, exps);
       total = _mm512_add_ps(total, exps);
     }
-    inverse[g] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    inverse[g] = _mm512_set1_ps(1.0f / sum16(total));
     for (int64_t j = 0; j < lanes; j++) acc[g][j] = _mm512_setzero_ps();
   }
   for (int64_t t = 0; t < count; t++) {
@@ -129,7 +153,9 @@ AVX512 void attention_group(const void *q, int64_t q_sg, int64_t G, const void *
     const int64_t n = G - first < 8 ? G - first : 8;
     const void *heads = (const char *)q + first * q_sg * size;
     float *rows = out + first * D;
-    if (n == 3 && D == 64) {
+    if (n == 1 && D == 64) {
+      group_queries(heads, q_sg, 1, k, v, mask, bf16, K, 4, k_sk, v_sk, scale, scores, kept, rows);
+    } else if (n == 3 && D == 64) {
       group_queries(heads, q_sg, 3, k, v, mask, bf16, K, 4, k_sk, v_sk, scale, scores, kept, rows);
     } else if (n == 4 && D == 64) {
       group_queries(heads, q_sg, 4, k, v, mask, bf16, K, 4, k_sk, v_sk, scale, scores, kept, rows);
@@ -149,16 +175,15 @@ int invariant_attention(const void *q, const void *k, const void *v, const void 
   const int64_t tasks = B * H * Q, size = bf16 ? 2 : 4;
   char *scratch = malloc((size_t)tasks * (size_t)(K * 8 + D * 4));
   if (scratch == NULL) return -1;
-  const int64_t m_sk = 1;
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < tasks; task++) {
     int64_t b = task / (H * Q), h = (task / Q) % H, i = task % Q;
     float *scores = (float *)(scratch + task * (K * 8 + D * 4));
     int32_t *kept = (int32_t *)(scores + K);
     float *row = (float *)(kept + K);
-    attention_query((const char *)q + (b * q_sb + h * q_sh + i * q_si) * size, (const char *)k + (b * k_sb + h * k_sh) * size,
-              (const char *)v + (b * v_sb + h * v_sh) * size, (const char *)mask + (b * m_sb + i * m_si) * size, bf16,
-              K, D, k_sk, v_sk, m_sk, scale, scores, kept, row);
+    attention_group((const char *)q + (b * q_sb + h * q_sh + i * q_si) * size, 0, 1,
+                    (const char *)k + (b * k_sb + h * k_sh) * size, (const char *)v + (b * v_sb + h * v_sh) * size,
+                    (const char *)mask + (b * m_sb + i * m_si) * size, bf16, K, D, k_sk, v_sk, scale, scores, kept, row);
     if (bf16) {
       uint16_t *target = (uint16_t *)out + task * D;
       for (int64_t j = 0; j < D; j++) target[j] = to_bf16_bits(row[j]);

@@ -96,13 +96,9 @@ AVX512 static inline __m512 exp_nonpositive(__m512 x) {
 void w4a8_rows(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
                int64_t N, int8_t *q, float *s, float *sums, int bf16_out, void *y);
 
-// attention.c: one query's attention over K keys (strides k_sk, v_sk, m_sk), into out [D] (float32);
-// scores and kept: scratch of K floats and K ints.
-void attention_query(const void *q, const void *k, const void *v, const void *mask, int bf16, int64_t K, int64_t D,
-                     int64_t k_sk, int64_t v_sk, int64_t m_sk, float scale, float *scores, int32_t *kept, float *out);
-
-// attention.c: G queries sharing their keys, values and mask row (q_sg elements apart), each as
-// attention_query computes it, into out [G, D]; scores: scratch of 8 K floats, kept of K ints.
+// attention.c: G queries sharing their keys, values and mask row (q_sg elements apart; the mask's keys
+// contiguous), each computed as the top of attention.c says, into out [G, D]; scores: scratch of
+// min(G, 8) K floats, kept of K ints.
 void attention_group(const void *q, int64_t q_sg, int64_t G, const void *k, const void *v, const void *mask, int bf16,
                      int64_t K, int64_t D, int64_t k_sk, int64_t v_sk, float scale, float *scores, int32_t *kept,
                      float *out);
