@@ -12,8 +12,8 @@ from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.kv_cache import TreeKVCache
 from redrafter.lean_decoder import LeanDecoder
-from redrafter.quant import quantization_refusal, quantize_target
 from redrafter.models import attention_windows
+from redrafter.quant import quantization_refusal, quantize_target
 from redrafter.tree import additive_mask, layer_masks
 
 pytestmark = pytest.mark.skipif(
