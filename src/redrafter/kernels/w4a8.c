@@ -23,12 +23,16 @@
 
 #include "kernels.h"
 
-#define ROWS 8       // rows of x per register block: the unpacked codes are reused across them
+#ifndef ROWS
+#define ROWS 8  // rows of x per register block (at most 8): the unpacked codes are reused across them
+#endif
 // Bytes ahead of the codes (a quarter of that of the scales) asked into the cache while a block is
 // multiplied. The hardware prefetchers stop at 4 kB pages, and a decode step streams the weights from
 // memory: on a 2-core Xeon a one-token step of the default model took 2.8 ms without, 2.1 with
 // (docs/prefetch/); 1 kB ahead gave nothing, 2 to 8 kB the same, 16 kB less.
+#ifndef PREFETCH
 #define PREFETCH 4096
+#endif
 #define PANEL 64     // rows of x per pass over the weights (their activations stay in cache)
 
 // Quantize row r of x (float32 or bfloat16) into q[K], s[K / 32] and sums[K / 32] (float, exact).
