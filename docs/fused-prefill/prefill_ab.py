@@ -4,6 +4,9 @@ for plain decoding (`ar`) and `redrafter`: time to first token, tokens per secon
 method's output equals `ar`'s with the same prefill.
 
     python docs/fused-prefill/prefill_ab.py [PROMPTS.jsonl] [--per-category N] [--max-new-tokens N]
+
+It measured commit a8aea92, where FUSED_PREFILL_MAX_TOKENS limited the fused prefill; since Session 33
+every w4a8 prefill runs fused (in parts of FUSED_PART_TOKENS), so run it at that commit.
 """
 
 import argparse

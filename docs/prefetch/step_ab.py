@@ -1,7 +1,7 @@
 """Milliseconds per fused w4a8 forward of the default model, our C kernels as built from two sources side
 by side: each variant in its own process, the variants interleaved for --rounds rounds.
 
-    python docs/prefetch/step_ab.py                       # the kernels of commit a8aea92 against this tree's
+    python docs/prefetch/step_ab.py [--base a8aea92]      # the kernels of a commit against this tree's
     python docs/prefetch/step_ab.py --sweep PREFETCH=0,1024,2048,4096,8192,16384   # this tree's, with -DPREFETCH=...
 
 A variant is a set of kernel sources (a commit's, by `git show`) and extra compiler flags (-DPREFETCH=N
@@ -13,6 +13,7 @@ Forwards: 1 and 5 tokens after a 107-token prompt (a plain step and a tree step)
 """
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -62,7 +63,7 @@ def child(sources: str, flags: list[str]) -> None:
         quantize_target(target, "w4a8", gguf_source("default"), dense_prefill=False)
         forward = target_forward(target)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        result = {}
+        result, bits = {}, {}  # milliseconds, and a hash of each output's bits
         for context, tokens in SHAPES:
             cache = TreeKVCache(target.config.num_hidden_layers, capacity=context + 64)
             causal = additive_mask(torch.ones(1, context, context, dtype=torch.bool).tril(), torch.bfloat16)
@@ -76,8 +77,11 @@ def child(sources: str, flags: list[str]) -> None:
                 if repeat == 3:
                     start = time.perf_counter()
                 cache.crop(context - cache.length)
-                forward(step, positions, mask, cache)
+                hidden = forward(step, positions, mask, cache)
             result[f"{context}/{tokens}"] = (time.perf_counter() - start) / 200 * 1e3
+            bits[f"{context}/{tokens}"] = hashlib.sha256(
+                hidden.contiguous().view(torch.uint8).numpy().tobytes()
+            ).hexdigest()[:12]
         heads = {
             "argmax": lambda x: exact_argmax(target, x, argmax_head=argmax_head),
             "sampling head": cpu_head(target),
@@ -85,18 +89,23 @@ def child(sources: str, flags: list[str]) -> None:
         argmax_head = gguf_argmax_head(target, gguf_source("default"), "w4a8")
         for name, head in heads.items():
             for tokens in (1, 5):
-                hidden = torch.randn(tokens, target.config.hidden_size).bfloat16()
+                hidden = torch.randn(tokens, target.config.hidden_size, generator=torch.Generator().manual_seed(0))
+                hidden = hidden.bfloat16()
                 for repeat in range(203):
                     if repeat == 3:
                         start = time.perf_counter()
-                    head(hidden)
+                    out = head(hidden)
                 result[f"{name} {tokens}"] = (time.perf_counter() - start) / 200 * 1e3
-    print(json.dumps(result))
+                bits[f"{name} {tokens}"] = hashlib.sha256(
+                    out.contiguous().view(torch.uint8).numpy().tobytes()
+                ).hexdigest()[:12]
+    print(json.dumps([result, bits]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base", default="a8aea92", help="the commit whose kernels this tree's are compared with")
     parser.add_argument("--sweep", metavar="NAME=V1,V2,...", help="this tree's kernels built with -DNAME=V for each V")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--flags", default="", help=argparse.SUPPRESS)
@@ -107,17 +116,21 @@ def main() -> None:
         name, values = args.sweep.split("=")
         variants = {f"{name}={value}": ("tree", f"-D{name}={value}") for value in values.split(",")}
     else:
-        variants = {"a8aea92": ("a8aea92", ""), "this tree": ("tree", "")}
+        variants = {args.base: (args.base, ""), "this tree": ("tree", "")}
     times: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    hashes: dict[str, list[str]] = {}
     for round_ in range(args.rounds):
         for name, (sources, flags) in variants.items() if round_ % 2 == 0 else reversed(variants.items()):
             command = [sys.executable, __file__, "--child", sources, f"--flags={flags}"]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
-            for shape, ms in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            result, bits = json.loads(out.stdout.strip().splitlines()[-1])
+            hashes.setdefault(json.dumps(bits, sort_keys=True), []).append(name)
+            for shape, ms in result.items():
                 times[name].setdefault(shape, []).append(ms)
             latest = ", ".join(f"{shape} {values[-1]:.2f}" for shape, values in times[name].items())
             print(f"round {round_ + 1}, {name}: {latest}", flush=True)
-    print("\nmedian ms per forward (context/tokens):")
+    print(f"\noutputs: {len(hashes)} distinct set(s) of bits across all runs of {', '.join(variants)}")
+    print("median ms per forward (context/tokens):")
     for name, shapes in times.items():
         print(f"{name:>14}: " + ", ".join(f"{shape} {statistics.median(v):.2f}" for shape, v in shapes.items()))
 
