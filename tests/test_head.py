@@ -30,6 +30,19 @@ def test_the_logits_are_the_bfloat16_product_of_float32_sums_and_a_rows_own():
         assert torch.equal(head(flat[start:stop]), logits.reshape(18, 304)[start:stop])
 
 
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_an_output_gets_the_same_bits_summed_among_sixteen_or_alone(rows):
+    """Sixteen outputs share one transposed reduction; the last N % 16 are summed one by one. An
+    output's logit is the same either way: a head whose rows start 5 later moves the last five of 309
+    outputs from the one-by-one path into a group of sixteen."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(309, 96, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, 96, generator=generator).to(torch.bfloat16)
+    alone, grouped = BFloat16Head(weight)(x), BFloat16Head(weight[5:].contiguous())(x)
+    assert torch.equal(alone[:, 304:], grouped[:, 299:])
+    assert torch.equal(alone[:, 5:], grouped)
+
+
 def test_the_decode_loop_takes_it_for_a_bfloat16_cpu_target_only():
     bf16 = tiny_target("llama", dtype=torch.bfloat16)
     decoder = SpeculativeDecoder(bf16, no_draft, [], lean=False)

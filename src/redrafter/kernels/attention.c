@@ -23,33 +23,6 @@
 
 #include "kernels.h"
 
-// The sum of x's 16 lanes, added in pairs (i, i + 8), then (i, i + 4), (i, i + 2), then (0, 1): the order
-// of GCC's _mm512_reduce_add_ps, and the order sums16 keeps for each of its sixteen.
-AVX512 static inline float sum16(__m512 x) {
-  __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-  __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-  __m128 two = _mm_add_ps(four, _mm_permute_ps(four, _MM_SHUFFLE(1, 0, 3, 2)));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-}
-
-// The first two of sum16's steps for four vectors at once: 128-bit block r holds d[r]'s four partial sums.
-AVX512 static inline __m512 sums4(__m512 d0, __m512 d1, __m512 d2, __m512 d3) {
-  __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x44), _mm512_shuffle_f32x4(d0, d1, 0xEE));
-  __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(d2, d3, 0x44), _mm512_shuffle_f32x4(d2, d3, 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
-// sum16 of sixteen vectors, from sums4 of each four (u[m] of d[4m .. 4m + 3]): lane r = sum16(d[r]), bit
-// for bit. A horizontal sum per vector costs about as many shuffles as a dot product has FMAs; here
-// sixteen share them.
-AVX512 static inline __m512 sums16(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
-  __m512 w01 = _mm512_add_ps(_mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 2, 3, 2)));
-  __m512 w23 = _mm512_add_ps(_mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u2, u3, _MM_SHUFFLE(3, 2, 3, 2)));
-  __m512 z = _mm512_add_ps(_mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
-  // lane 4k + m holds d[4m + k]
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
-}
-
 // G queries (the query heads of one key/value head, at one token: one mask row) at q, q + q_sg, ...,
 // each over its kept keys as the top of the file says, with each key and value loaded once for all of
 // them. A query's score for a key is sum16 of its dot product's lanes, times scale plus the key's bias

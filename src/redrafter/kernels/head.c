@@ -2,9 +2,11 @@
 //
 // PyTorch's bfloat16 product on a CPU without bfloat16 instructions took 4.3 ms for one row of the
 // default model's 49,152 x 576 head, about twice the time to read its 56 MB. Here each output is a
-// float32 sum in one fixed order (16 lanes over k, then _mm512_reduce_add_ps's fixed tree), rounded
-// to bfloat16 as PyTorch rounds (or kept in float32): a row's logits do not depend on the other rows,
-// so a tree's nodes and a single token get the same distribution. K must be a multiple of 16.
+// float32 sum in one fixed order (16 lanes over k, then sum16's fixed tree, kernels.h), rounded to
+// bfloat16 as PyTorch rounds (or kept in float32): a row's logits do not depend on the other rows, so
+// a tree's nodes and a single token get the same distribution. Sixteen outputs at a time share one
+// transposed reduction (sums16) and each weight is converted from bfloat16 once for up to HEAD_ROWS
+// rows. K must be a multiple of 16.
 #include <stdlib.h>
 
 #include "kernels.h"
@@ -29,12 +31,60 @@ AVX512 static void head_output(const uint16_t *W, const float *xf, int64_t M, in
       for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(weights, _mm512_loadu_ps(xf + (r0 + r) * K + k), acc[r]);
     }
     for (int r = 0; r < rows; r++) {
-      float value = _mm512_reduce_add_ps(acc[r]);
+      float value = sum16(acc[r]);
       if (bf16_out) {
         ((uint16_t *)y)[(r0 + r) * N + n] = to_bf16_bits(value);
       } else {
         ((float *)y)[(r0 + r) * N + n] = value;
       }
+    }
+  }
+}
+
+// Outputs [n0, n0 + 16) of `rows` rows of xf from r0 (rows a constant where inlined): four outputs'
+// sums at a time, then sums16 for all sixteen: head_output's bits.
+AVX512 static inline __attribute__((always_inline)) void head_group_rows(const uint16_t *W, const float *xf, int64_t r0,
+                                                                        const int rows, int64_t K, int64_t N, int64_t n0,
+                                                                        int bf16_out, void *y) {
+  __m512 quads[HEAD_ROWS][4];
+  for (int64_t m = 0; m < 4; m++) {
+    const uint16_t *w = W + (n0 + 4 * m) * K;
+    if (r0 == 0)
+      for (int64_t line = 0; line < 8 * K; line += 64) _mm_prefetch((const char *)(w + HEAD_AHEAD * K) + line, _MM_HINT_T0);
+    __m512 acc[HEAD_ROWS][4];
+    for (int r = 0; r < rows; r++)
+      for (int o = 0; o < 4; o++) acc[r][o] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 weights[4];
+      for (int o = 0; o < 4; o++) weights[o] = load16(w, o * K + k, 1);
+      for (int r = 0; r < rows; r++) {
+        __m512 x = _mm512_loadu_ps(xf + (r0 + r) * K + k);
+        for (int o = 0; o < 4; o++) acc[r][o] = _mm512_fmadd_ps(weights[o], x, acc[r][o]);
+      }
+    }
+    for (int r = 0; r < rows; r++) quads[r][m] = sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+  }
+  for (int r = 0; r < rows; r++) {
+    __m512 sums = sums16(quads[r][0], quads[r][1], quads[r][2], quads[r][3]);
+    if (bf16_out) {
+      _mm256_storeu_si256((__m256i *)((uint16_t *)y + (r0 + r) * N + n0), bf16_bits16(sums));
+    } else {
+      _mm512_storeu_ps((float *)y + (r0 + r) * N + n0, sums);
+    }
+  }
+}
+
+// Outputs [n0, n0 + 16) of rows [0, M), HEAD_ROWS rows at a time.
+AVX512 static void head_group(const uint16_t *W, const float *xf, int64_t M, int64_t K, int64_t N, int64_t n0,
+                              int bf16_out, void *y) {
+  for (int64_t r0 = 0; r0 < M; r0 += HEAD_ROWS) {
+    switch (M - r0 < HEAD_ROWS ? (int)(M - r0) : HEAD_ROWS) {
+#define ROWS_CASE(n)                                           \
+  case n:                                                      \
+    head_group_rows(W, xf, r0, n, K, N, n0, bf16_out, y); \
+    break;
+      ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#undef ROWS_CASE
     }
   }
 }
@@ -46,8 +96,14 @@ AVX512 int bf16_head(const void *x, int bf16_in, int64_t M, int64_t K, const uin
   float *xf = malloc((size_t)(M * K) * sizeof(float));
   if (xf == NULL) return -1;
   for (int64_t i = 0; i < M * K; i += 16) _mm512_storeu_ps(xf + i, load16(x, i, bf16_in));
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) head_output(W, xf, M, K, N, n, bf16_out, y);
+  const int64_t groups = N / 16;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < groups; g++) head_group(W, xf, M, K, N, 16 * g, bf16_out, y);
+#pragma omp for schedule(static)
+    for (int64_t n = 16 * groups; n < N; n++) head_output(W, xf, M, K, N, n, bf16_out, y);  // the last N % 16
+  }
   free(xf);
   return 0;
 }

@@ -158,7 +158,7 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
 }
 
 // sum_k E[at + k] x[k] for exact weights E of kind 0 (bfloat16), 1 (float16) or 2 (float32), a float32
-// sum in one fixed order: 16 lanes over k, then _mm512_reduce_add_ps's tree (head.c's order too).
+// sum in one fixed order: 16 lanes over k, then sum16's tree (head.c's order too).
 VNNI static inline float exact_dot(const void *exact, int kind, int64_t at, const float *x, int64_t K) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
@@ -166,7 +166,7 @@ VNNI static inline float exact_dot(const void *exact, int kind, int64_t at, cons
                          : load16(exact, at + k, kind == 0);
     acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  return sum16(acc);
 }
 
 // The greedy argmax of one row, certified: the n maximizing L_n = sum_k E[n, k] h_k, each L_n a float32
