@@ -1,5 +1,5 @@
 // The decoder layers of a Llama-family model (Llama, Mistral, Qwen2) with w4a8 products, for decode
-// steps, all in one call (then the final norm):
+// steps and prompts' prefills, all in one call (then the final norm):
 //
 //   h = x + o_proj(attention(rope(qkv(norm(x)))))      (new keys and values written to the cache)
 //   x = h + down_proj(silu(gate) * up),  [gate, up] = gate_up(norm(h))
