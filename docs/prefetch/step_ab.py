@@ -5,8 +5,8 @@ by side: each variant in its own process, the variants interleaved for --rounds 
     python docs/prefetch/step_ab.py --sweep PREFETCH=0,1024,2048,4096,8192,16384   # this tree's, with -DPREFETCH=...
 
 A variant is a set of kernel sources (a commit's, by `git show`) and extra compiler flags (-DPREFETCH=N
-overrides w4a8.c's distance in bytes, -DAHEAD=N attention.c's in keys, -DHEAD_AHEAD=N head.c's in
-outputs); the Python side is this tree's (the kernels' signatures did not change).
+overrides w4a8.c's distance in bytes, -DHEAD_AHEAD=N head.c's in outputs; sweep_ahead.txt came from
+-DAHEAD=N, keys ahead in a patch of attention.c that was not kept); the Python side is this tree's (the kernels' signatures did not change).
 Forwards: 1 and 5 tokens after a 107-token prompt (a plain step and a tree step), 1 and 6 tokens after a
 1,000-token context; 200 of each after 3 to warm up, per round. Then the greedy step's certified argmax
 (the Q8_0 screen, `exact_argmax`) and the sampling head (bfloat16, `BFloat16Head`) on 1 and 5 random rows.

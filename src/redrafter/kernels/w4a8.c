@@ -23,9 +23,7 @@
 
 #include "kernels.h"
 
-#ifndef ROWS
-#define ROWS 8  // rows of x per register block (at most 8): the unpacked codes are reused across them
-#endif
+#define ROWS 8  // rows of x per register block (w4a8_tile has a case for each count up to 8)
 // Bytes ahead of the codes (a quarter of that of the scales) asked into the cache while a block is
 // multiplied. The hardware prefetchers stop at 4 kB pages, and a decode step streams the weights from
 // memory: on a 2-core Xeon a one-token step of the default model took 2.8 ms without, 2.1 with
