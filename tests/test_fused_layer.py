@@ -154,9 +154,14 @@ def test_a_prompt_prefilled_whole_or_in_two_parts_leaves_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_prompt_prefilled_alone_or_left_padded_in_a_batch_leaves_the_same_bits(dtype):
+@pytest.mark.parametrize("part", [1024, 5])
+def test_a_prompt_prefilled_alone_or_left_padded_in_a_batch_leaves_the_same_bits(dtype, part, monkeypatch):
     """The fused prefill skips masked keys, so a row's cache and last hidden state do not depend on the
-    longer prompts it was prefilled beside (what a server's batched admission relies on)."""
+    longer prompts it was prefilled beside (what a server's batched admission relies on); also when
+    the prefill runs in parts (of 5 tokens: the short row's first part is all padding)."""
+    from redrafter import lean_decoder
+
+    monkeypatch.setattr(lean_decoder, "FUSED_PART_TOKENS", part)
     model = w4a8_target("qwen2", dtype, seed=5)
     decoder = SpeculativeDecoder(model, no_draft, [])
     short, longer = random_prompt(9, 8), random_prompt(17, 9)
