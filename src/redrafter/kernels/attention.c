@@ -11,8 +11,9 @@
 // blocks its sums by the shapes of the call, so there the two differ by rounding.)
 //
 // attention_group runs the query heads that share a key/value head (and a mask row) together, with the
-// same arithmetic per query: each key and value is loaded once for all of them (layer.c's decode steps;
-// a tree step's context is read from memory once per key/value head and token instead of once per head).
+// same arithmetic per query: each key and value is loaded once for all of them (layer.c's steps and
+// prefills; a tree step's context is read from memory once per key/value head and token instead of once
+// per head). invariant_attention runs it one head at a time.
 //
 // q, k, v, mask: float32, or bfloat16 when bf16 != 0; the head dimension D (a multiple of 16, at most
 // 256) contiguous, the others strided (strides in elements; a stride of 0 broadcasts). out: contiguous
