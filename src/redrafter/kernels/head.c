@@ -11,32 +11,22 @@
 
 #include "kernels.h"
 
-#define HEAD_ROWS 4  // rows of x per pass over an output's weights
+#define HEAD_ROWS 4  // rows of x per pass over a group of outputs' weights
 // Outputs ahead whose weights are asked into the cache (w4a8.c says why; measured in docs/prefetch/).
 #ifndef HEAD_AHEAD
 #define HEAD_AHEAD 4
 #endif
 
-// Output n of rows [0, M) of xf [M, K] (float32) into y [M, N].
+// Output n of rows [0, M) of xf [M, K] (float32) into y [M, N], a row at a time (exact_dot): the bits
+// head_group gives, for the outputs after the last group of sixteen.
 AVX512 static void head_output(const uint16_t *W, const float *xf, int64_t M, int64_t K, int64_t N, int64_t n,
                                int bf16_out, void *y) {
-  const uint16_t *w = W + n * K;
-  for (int64_t line = 0; line < 2 * K; line += 64) _mm_prefetch((const char *)(w + HEAD_AHEAD * K) + line, _MM_HINT_T0);
-  for (int64_t r0 = 0; r0 < M; r0 += HEAD_ROWS) {
-    int rows = M - r0 < HEAD_ROWS ? (int)(M - r0) : HEAD_ROWS;
-    __m512 acc[HEAD_ROWS];
-    for (int r = 0; r < HEAD_ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 weights = load16(w, k, 1);
-      for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(weights, _mm512_loadu_ps(xf + (r0 + r) * K + k), acc[r]);
-    }
-    for (int r = 0; r < rows; r++) {
-      float value = sum16(acc[r]);
-      if (bf16_out) {
-        ((uint16_t *)y)[(r0 + r) * N + n] = to_bf16_bits(value);
-      } else {
-        ((float *)y)[(r0 + r) * N + n] = value;
-      }
+  for (int64_t r = 0; r < M; r++) {
+    float value = exact_dot(W, 0, n * K, xf + r * K, K);
+    if (bf16_out) {
+      ((uint16_t *)y)[r * N + n] = to_bf16_bits(value);
+    } else {
+      ((float *)y)[r * N + n] = value;
     }
   }
 }

@@ -118,6 +118,19 @@ AVX512 static inline __m512 sums16(__m512 u0, __m512 u1, __m512 u2, __m512 u3) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), z);
 }
 
+// sum_k E[at + k] x[k] for exact weights E of kind 0 (bfloat16), 1 (float16) or 2 (float32), a float32
+// sum in one fixed order: 16 lanes over k, then sum16's tree (w4a8.c's exact logits; head.c's
+// outputs that are not in a group of sixteen).
+AVX512 static inline float exact_dot(const void *exact, int kind, int64_t at, const float *x, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 w = kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)exact + at + k)))
+                         : load16(exact, at + k, kind == 0);
+    acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+  }
+  return sum16(acc);
+}
+
 // w4a8.c: y [M, N] = x [M, K] times the weights inside a parallel region: the rows quantized into the
 // scratch q [M, K], s and sums [M, K / 32], then the tiles (y float32 when bf16_out is 0,
 // bfloat16 when 1, float32 holding bfloat16 values when 2).

@@ -155,18 +155,6 @@ int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *co
   return 0;
 }
 
-// sum_k E[at + k] x[k] for exact weights E of kind 0 (bfloat16), 1 (float16) or 2 (float32), a float32
-// sum in one fixed order: 16 lanes over k, then sum16's tree (head.c's order too).
-VNNI static inline float exact_dot(const void *exact, int kind, int64_t at, const float *x, int64_t K) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 w = kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)exact + at + k)))
-                         : load16(exact, at + k, kind == 0);
-    acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
-  }
-  return sum16(acc);
-}
-
 // The greedy argmax of one row, certified: the n maximizing L_n = sum_k E[n, k] h_k, each L_n a float32
 // sum in exact_dot's order (for bfloat16 weights, bf16_head's logits in float32), of the lower n among equals; the screen's
 // y_n (this row's w4a8 outputs before rounding) only decides which L_n to compute. With Q the screen's
