@@ -77,14 +77,41 @@ def test_min_count_drops_rare_ngrams():
     assert len(empty) == 0 and empty.draft([1, 2], 3) == []
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_shares_and_longest_suffix_against_a_dictionary_count(seed):
+    rng = random.Random(seed)
+    sequences = [[rng.randrange(4) for _ in range(rng.randrange(5, 40))] for _ in range(3)]
+    table = build_table(sequences, 1, 3, 1)
+    counts: dict[tuple[int, ...], Counter] = defaultdict(Counter)
+    for sequence in sequences:
+        for n in range(1, 4):
+            for end in range(n, len(sequence)):
+                counts[tuple(sequence[end - n : end])][sequence[end]] += 1
+    for gram, followers in counts.items():
+        at = int(np.searchsorted(table.keys, np.uint64(ngram_hash(gram))))
+        follower = int(table.followers[at])
+        assert table.shares[at] == 255 * followers[follower] // sum(followers.values()), gram
+    history = [rng.randrange(5) for _ in range(6)]  # 4 never occurs: the suffix must back off past it
+    expected = next(((n, gram) for n in (3, 2, 1) if (gram := tuple(history[-n:])) in counts), None)
+    found = table.longest(history)
+    if expected is None:
+        assert found is None
+    else:
+        n, gram = expected
+        assert found[0] == n and found[1] == lookup(table, gram) and found[1] == table.follower(history)
+
+
 def test_saved_with_a_drafter_and_loaded_back(tmp_path):
     drafter = RecurrentDrafter(DrafterConfig(hidden_size=HIDDEN, vocab_size=VOCAB))
     drafter.ngrams = build_table([[1, 2, 3, 1, 2, 4]], 1, 3, 1)
+    drafter.ngrams.confidence = np.arange(112, dtype=np.float32).reshape(7, 16) / 112
     drafter.save_pretrained(tmp_path)
     loaded = RecurrentDrafter.from_pretrained(tmp_path)
     assert loaded.ngrams is not None
     assert np.array_equal(loaded.ngrams.keys, drafter.ngrams.keys)
     assert np.array_equal(loaded.ngrams.followers, drafter.ngrams.followers)
+    assert np.array_equal(loaded.ngrams.shares, drafter.ngrams.shares)
+    assert np.array_equal(loaded.ngrams.confidence, drafter.ngrams.confidence)
     assert (loaded.ngrams.min_n, loaded.ngrams.max_n) == (1, 3)
     assert loaded.ngrams.draft([7, 1, 2], 2) == drafter.ngrams.draft([7, 1, 2], 2)
     (tmp_path / FILE_NAME).unlink()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -21,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 import redrafter.decode as decode_module
+from redrafter.confidence import GRID_SHAPE
 from redrafter.decode import DrafterProposer, SpeculativeDecoder
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.errors import RedrafterError
@@ -93,6 +95,7 @@ def sampled_counts(
     ngram_len: int = 0,
     tree_nodes: int = 0,
     rnn_cell: str = "reference",
+    lookup_nodes: int = 0,
 ) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
     config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB, rnn_cell=rnn_cell)
@@ -101,8 +104,11 @@ def sampled_counts(
     # A table of random text: its drafts are deterministic guesses, as a real corpus's are.
     text = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(2)).tolist()
     table = build_table([text], min_n=1, max_n=2, min_count=1)
+    table.confidence = np.full(GRID_SHAPE, 0.5, dtype=np.float32)  # every guess worth a node: branching trees
     proposer = DrafterProposer(drafter, 3, 3, tree_nodes)
-    decoder = SpeculativeDecoder(model, proposer, [], lookup_len, table, ngram_len)
+    decoder = SpeculativeDecoder(
+        model, proposer, [], lookup_len, table, ngram_len, lookup_nodes=lookup_nodes, node_costs=(1.0,) * 8
+    )
     rows: list[list[int]] = [[] for _ in range(ROWS)]
     accepted_drafts = 0
     for step in decoder.decode([PROMPT] * ROWS, NEW, params):
@@ -155,6 +161,13 @@ def test_speculative_sampling_matches_the_target_distribution(target, params, lo
     assert abs(sum(exact.values()) - 1) < 1e-9
     pvalue = chi_square_pvalue(exact, sampled_counts(target, params, lookup_len, ngram_len, tree_nodes))
     assert pvalue > 1e-3, f"speculative samples do not follow the target's distribution (p={pvalue:.2e})"
+
+
+def test_sampling_with_a_confidence_tree(target):
+    """The lookup drafts as a confidence tree beside the drafter's beams: several guesses per node."""
+    params = SamplingParams(temperature=1.0, seed=10)
+    counts = sampled_counts(target, params, lookup_nodes=6)
+    assert chi_square_pvalue(exact_distribution(target, params), counts) > 1e-3
 
 
 def test_sampling_with_a_trtllm_cell_drafter(target):

@@ -45,6 +45,7 @@ class TreeShape:
     lookup_len: int
     ngram_len: int
     tree_nodes: int
+    lookup_nodes: int = 0
 
 
 # The default tree per weight precision (--weights), each measured fastest for its precision on the
@@ -70,8 +71,18 @@ DEFAULT_SHAPES = {
     "float": TreeShape(num_beams=6, draft_len=4, lookup_len=12, ngram_len=4, tree_nodes=9),
     "int8": TreeShape(num_beams=2, draft_len=3, lookup_len=6, ngram_len=3, tree_nodes=0),
     "int4": TreeShape(num_beams=1, draft_len=3, lookup_len=3, ngram_len=3, tree_nodes=0),
-    "w4a8": TreeShape(num_beams=0, draft_len=2, lookup_len=3, ngram_len=3, tree_nodes=0),
+    "w4a8": TreeShape(num_beams=0, draft_len=2, lookup_len=3, ngram_len=3, tree_nodes=0, lookup_nodes=12),
 }
+# w4a8 verifies a confidence tree of up to 12 nodes instead of its two lookup beams (--lookup-nodes,
+# redrafter.confidence), where the drafter's n-gram table holds a confidence grid: fewer nodes a step
+# for nearly the same tokens. Chosen on 24 MT-Bench prompts (256 tokens, one run: 297.4 against 288.7
+# tokens/s, ar 193.6), reported on 78 Spec-Bench prompts (276.4 against 264.8, 1.53x against 1.47x ar;
+# docs/confidence/).
+# A forward of n tokens against one with w4a8 weights, for the confidence tree's size: forward and
+# certified argmax after 400 cached tokens on a 2-core Xeon (AVX-512 VNNI; 1.0, 1.024, 1.128, 1.250,
+# 1.389, 1.542, 1.786, 1.901, -, 2.240 for 1 to 10 tokens, docs/confidence/cost.txt), with the rest
+# of a plain step (a fifth of it in the loop's profile) added alike.
+NODE_COSTS = (1.0, 1.019, 1.104, 1.203, 1.315, 1.439, 1.637, 1.730, 1.866, 2.004)
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
 # The small tree an adaptive engine may also choose (--speculation adaptive): one drafter beam of one
@@ -199,6 +210,10 @@ class ReDrafter:
         tree_nodes: verify only the ``T`` most probable drafted prefixes that beam search held at
             any depth (a dynamic tree, :func:`redrafter.beam_search.beam_search`); 0 for the ``W``
             final beams.
+        lookup_nodes: when above 0, verify each row's confidence tree of at most this many nodes
+            (:mod:`redrafter.confidence`: the context's and the n-gram table's guesses, the most
+            probable kept) instead of the context-lookup and n-gram beams; needs a drafter whose
+            n-gram table holds a confidence grid (``redrafter ngrams`` fits one).
         quantization: how ``target``'s weights were quantized (:func:`redrafter.quant.quantize_target`).
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers the
             model (Llama, Mistral, Qwen2); False: through transformers' decoder.
@@ -232,6 +247,7 @@ class ReDrafter:
         lookup_len: int = DEFAULT_SHAPES["float"].lookup_len,
         ngram_len: int = DEFAULT_SHAPES["float"].ngram_len,
         tree_nodes: int = DEFAULT_SHAPES["float"].tree_nodes,
+        lookup_nodes: int = DEFAULT_SHAPES["float"].lookup_nodes,
         quantization: QuantizationReport | None = None,
         lean: bool = True,
         drafter_weights: str = "float",
@@ -244,9 +260,11 @@ class ReDrafter:
     ) -> None:
         if num_beams < 0:
             raise RedrafterError(f"--beams must be 0 or more, got {num_beams}")
-        if num_beams == 0 and drafter is not None and max(lookup_len, ngram_len if drafter.ngrams else 0) < 2:
+        lookup_alone = max(lookup_len, ngram_len if drafter is not None and drafter.ngrams else 0, 2 * lookup_nodes)
+        if num_beams == 0 and drafter is not None and lookup_alone < 2:
             raise RedrafterError(
-                "--beams 0 verifies the lookup beams alone: give --lookup-len or --ngram-len of 2 or more"
+                "--beams 0 verifies the lookup beams alone: give --lookup-len or --ngram-len of 2 or more, "
+                "or --lookup-nodes"
             )
         if draft_len < 1:
             raise RedrafterError(f"--draft-len must be at least 1, got {draft_len}")
@@ -256,6 +274,13 @@ class ReDrafter:
             raise RedrafterError(f"--ngram-len must be 0 or more, got {ngram_len}")
         if tree_nodes < 0:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
+        if lookup_nodes < 0:
+            raise RedrafterError(f"--lookup-nodes must be 0 or more, got {lookup_nodes}")
+        if lookup_nodes and drafter is not None and getattr(drafter.ngrams, "confidence", None) is None:
+            raise RedrafterError(
+                "--lookup-nodes needs a drafter whose n-gram table holds a confidence grid (redrafter ngrams "
+                "fits one with --heldout-every); give --lookup-nodes 0"
+            )
         if drafter_weights not in WEIGHTS:
             raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
         if compile and (refusal := compile_refusal(target, lean)) is not None:
@@ -266,6 +291,7 @@ class ReDrafter:
         self.quantization = quantization or QuantizationReport("float")
         self.num_beams, self.draft_len, self.tree_nodes = num_beams, draft_len, tree_nodes
         self.lookup_len = lookup_len if drafter is not None else 0  # plain decoding stays plain
+        self.lookup_nodes = lookup_nodes if drafter is not None else 0
         proposer: Proposer = no_draft
         small: TreeKind | None = None
         if drafter is not None:
@@ -275,7 +301,7 @@ class ReDrafter:
             ).eval()
             drafting = quantize_drafter(drafter, drafter_weights) if num_beams else drafter
             proposer = DrafterProposer(drafting, num_beams, draft_len, tree_nodes) if num_beams else no_draft
-            shape = TreeShape(num_beams, draft_len, self.lookup_len, ngram_len, tree_nodes)
+            shape = TreeShape(num_beams, draft_len, self.lookup_len, ngram_len, tree_nodes, self.lookup_nodes)
             small_shape = TreeShape(*(min(a, b) for a, b in zip(astuple(shape), astuple(SMALL_SHAPE), strict=True)))
             if adaptive and small_tree and num_beams and small_shape != shape:
                 small_proposer = DrafterProposer(drafting, small_shape.num_beams, small_shape.draft_len)
@@ -305,6 +331,8 @@ class ReDrafter:
             argmax_head,
             compile,
             packed,
+            self.lookup_nodes,
+            NODE_COSTS,
         )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 
@@ -321,6 +349,7 @@ class ReDrafter:
         lookup_len: int | None = None,
         ngram_len: int | None = None,
         tree_nodes: int | None = None,
+        lookup_nodes: int | None = None,
         drafter_weights: str | None = None,
         adaptive: bool = True,
         small_tree: bool | None = None,
@@ -377,9 +406,16 @@ class ReDrafter:
         quantization = quantize_target(target, weights, gguf_source(model), dense_prefill=dense_prefill)
         argmax_head = gguf_argmax_head(target, gguf_source(model), weights) if quick_argmax else None
         given = dict(
-            num_beams=num_beams, draft_len=draft_len, lookup_len=lookup_len, ngram_len=ngram_len, tree_nodes=tree_nodes
+            num_beams=num_beams,
+            draft_len=draft_len,
+            lookup_len=lookup_len,
+            ngram_len=ngram_len,
+            tree_nodes=tree_nodes,
+            lookup_nodes=lookup_nodes,
         )
         shape = asdict(DEFAULT_SHAPES[weights]) | {k: v for k, v in given.items() if v is not None}
+        if lookup_nodes is None and (drafter is None or getattr(drafter.ngrams, "confidence", None) is None):
+            shape["lookup_nodes"] = 0  # a drafter without a confidence grid keeps the lookup beams
         return cls(
             target,
             tokenizer,
@@ -413,7 +449,7 @@ class ReDrafter:
     def check_context(self, ids: list[int]) -> None:
         """Raise :class:`RedrafterError` unless ``ids`` leave room in the context for a step's tree."""
         limit = context_limit(self.target.config)
-        if len(ids) + max(self.draft_len, self.lookup_len, self.ngram_len) >= limit:
+        if len(ids) + max(self.draft_len, self.lookup_len, self.ngram_len, self.lookup_nodes + 1) >= limit:
             raise RedrafterError(f"the prompt has {len(ids)} tokens; the model's context is {limit}")
 
     # -- generation ---------------------------------------------------------------------------

@@ -172,6 +172,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         lookup_len=rd.lookup_len,
         ngram_len=rd.ngram_len,
         tree_nodes=rd.tree_nodes,
+        lookup_nodes=rd.lookup_nodes,
         lean=rd.lean,
         drafter_weights=rd.drafter_weights,
         adaptive=rd.adaptive,
@@ -202,6 +203,7 @@ VARIANT_SETTINGS = {
     "lookup-len": "lookup_len",
     "ngram-len": "ngram_len",
     "tree-nodes": "tree_nodes",
+    "lookup-nodes": "lookup_nodes",  # 0: the lookup beams instead of the confidence tree
     "lean": "lean",
     "adaptive": "adaptive",  # 0: a tree every step
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it

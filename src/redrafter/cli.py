@@ -127,6 +127,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="a dynamic tree: verify only the T most probable drafted tokens among the W beam-search "
         f"prefixes held at every depth (default {_shape_defaults('tree_nodes')}; 0 = the W final beams)",
     )
+    parser.add_argument(
+        "--lookup-nodes",
+        type=_at_least(0),
+        help="verify a confidence tree of at most this many nodes, the most probable of the context's and the "
+        "n-gram table's guesses, instead of the lookup and n-gram beams (default "
+        f"{_shape_defaults('lookup_nodes')}, where the drafter's n-gram table has a confidence grid; 0 = the beams)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument(
@@ -195,6 +202,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         lookup_len=args.lookup_len,
         ngram_len=args.ngram_len,
         tree_nodes=args.tree_nodes,
+        lookup_nodes=args.lookup_nodes,
         drafter_weights=args.drafter_weights,
         adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
         small_tree=getattr(args, "small_tree", None),
@@ -402,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     ng.add_argument(
         "--heldout-every",
         type=int,
-        default=0,
-        help="leave every N-th conversation out and report the n-gram beam's tokens per step on them (0: use all)",
+        default=25,
+        help="leave every N-th conversation out of the counts: on them fit the confidence tree's grid "
+        "(--lookup-nodes) and report the n-gram beam's tokens per step (default %(default)s; 0: count all, no grid)",
     )
     ng.set_defaults(run=run_ngrams)
 
@@ -653,6 +662,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def run_ngrams(args: argparse.Namespace) -> int:
     from .api import DEFAULT_NGRAM_LEN
+    from .confidence import fit_confidence
     from .ngrams import FILE_NAME, build_table, walk_tokens_per_step
     from .train import load_corpora, split_heldout
 
@@ -669,12 +679,15 @@ def run_ngrams(args: argparse.Namespace) -> int:
     else:
         train_idx, heldout_idx = list(range(len(pairs))), []
     table = build_table([pairs[i][1] for i in train_idx], args.min_n, args.max_n, args.min_count)
+    if heldout_idx:
+        table.confidence = fit_confidence(table, [pairs[i] for i in heldout_idx])
     table.save(out)
     size = (out / FILE_NAME).stat().st_size
     print(f"{out / FILE_NAME}: {len(table):,} n-grams from {len(train_idx):,} answers, {size / 2**20:.1f} MiB")
     if heldout_idx:
         rate = walk_tokens_per_step(table, [pairs[i] for i in heldout_idx], DEFAULT_NGRAM_LEN)
         print(f"held out ({len(heldout_idx)} answers): {rate:.3f} tokens per step with the n-gram beam alone")
+        print(f"confidence grid of the confidence tree (--lookup-nodes) fitted on them, {table.confidence.size} cells")
     return 0
 
 

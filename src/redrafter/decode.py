@@ -5,7 +5,8 @@ One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cache
 1. the proposer drafts beams ``[B, W, L]`` from the target's features ``[B, F]`` (the hidden state,
    ``F = d``, or with it the outputs of the layers a drafter fuses) and last token ``[B]``;
    with ``lookup_len``, one context-lookup beam per row joins them, and with an n-gram table one
-   beam drafted from the corpus's n-grams (:mod:`redrafter.lookup`, :mod:`redrafter.ngrams`);
+   beam drafted from the corpus's n-grams (:mod:`redrafter.lookup`, :mod:`redrafter.ngrams`), or
+   with ``lookup_nodes`` instead of both beams each row's confidence tree (:mod:`redrafter.confidence`);
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
 3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
 4. verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`), from
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -36,6 +37,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from .beam_search import beam_search
+from .confidence import ConfidenceTree
 from .drafter import RecurrentDrafter
 from .head import cpu_head
 from .kv_cache import TreeKVCache
@@ -149,6 +151,11 @@ class SpeculativeDecoder:
             included) per row to the proposer's beams (:mod:`redrafter.lookup`).
         ngrams: a corpus n-gram table (:mod:`redrafter.ngrams`) drafting one more beam per row of
             ``ngram_len`` tokens (its root included; below 2: none), or None.
+        lookup_nodes: when above 0, the lookup drafts come as each row's confidence tree of at most
+            this many nodes (:mod:`redrafter.confidence`, over the context and ``ngrams``, which must
+            hold a confidence grid) instead of the context-lookup and n-gram beams.
+        node_costs: the confidence tree's cost of a forward of ``n`` tokens relative to one
+            (``node_costs[n - 1]``); needed with ``lookup_nodes``.
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
             the model (False: always transformers' decoder).
         policy: chooses per step of :meth:`decode` between a tree, a smaller tree
@@ -183,7 +190,11 @@ class SpeculativeDecoder:
         argmax_head: nn.Module | None = None,
         compile: bool = False,
         packed: bool | None = None,
+        lookup_nodes: int = 0,
+        node_costs: Sequence[float] = (),
     ) -> None:
+        if lookup_nodes and (ngrams is None or ngrams.confidence is None or not node_costs):
+            raise ValueError("lookup_nodes needs an n-gram table with a confidence grid, and node costs")
         self.target = target
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
@@ -196,6 +207,8 @@ class SpeculativeDecoder:
         self.hidden_size = target.config.hidden_size
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
+        self.confident = ngrams if lookup_nodes else None  # the confidence tree's table
+        self.lookup_nodes, self.node_costs = lookup_nodes, tuple(node_costs)
         self.trees = [TreeKind(proposer)] + ([small_tree] if small_tree else [])
         self.kinds = STEP_KINDS[: len(self.trees) + 1]
         if policy is not None and len(policy.kinds) > len(self.kinds):
@@ -230,7 +243,9 @@ class SpeculativeDecoder:
             and cut
         )
 
-    def _small_tree_counts(self, beams: torch.Tensor, tokens: torch.Tensor, lookup: LookupBeams | None) -> torch.Tensor:
+    def _small_tree_counts(
+        self, beams: torch.Tensor, tokens: torch.Tensor, lookup: LookupBeams | ConfidenceTree | None
+    ) -> torch.Tensor:
         """``[B]`` tokens each row would have emitted in a small-tree step instead of this tree step
         (see :meth:`nested_small_tree`): two when the target's choice at the root (``tokens[:, 0]``
         of the step's ``[B, w]`` emitted tokens) is one of the small tree's depth-1 tokens, else one.
@@ -361,8 +376,10 @@ class SpeculativeDecoder:
             input_ids = torch.full((rows, tokens), vocab // 2, device=device)
             self._forward(cache, input_ids, positions, tree_allowed(chain, valid), valid)
 
-    def _lookup(self, prompts: list[list[int]]) -> LookupBeams | None:
-        """The rows' context-lookup and n-gram beams, or None when both are off."""
+    def _lookup(self, prompts: list[list[int]]) -> LookupBeams | ConfidenceTree | None:
+        """The rows' confidence trees, or else their context-lookup and n-gram beams, or None when off."""
+        if self.confident is not None:
+            return ConfidenceTree(prompts, self.confident, self.node_costs, self.lookup_nodes, self.max_positions)
         if self.lookup_len <= 1 and self.ngrams is None:
             return None
         return LookupBeams(
@@ -413,7 +430,7 @@ class SpeculativeDecoder:
         return counts
 
     def _tree_depth(self) -> int:
-        return max(getattr(self.proposer, "draft_len", 1), self.lookup_len, self.ngram_len)
+        return max(getattr(self.proposer, "draft_len", 1), self.lookup_len, self.ngram_len, self.lookup_nodes + 1)
 
 
 @dataclass
@@ -440,7 +457,7 @@ class _Rows:
     context_valid: torch.Tensor
     step_tokens: torch.Tensor
     step_counts: torch.Tensor
-    lookup: LookupBeams | None
+    lookup: LookupBeams | ConfidenceTree | None
 
     def select(self, keep: list[int]) -> None:
         """Keep only the rows at indices ``keep``, in that order."""

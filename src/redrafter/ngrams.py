@@ -11,9 +11,11 @@ one-hidden-state view and the row's own context miss a stock phrase (retrieval d
 REST, with the target's own words as the datastore).
 
 Storage: ``n``-grams are hashed to 64 bits (:func:`ngram_hash`, the same in Python and vectorised
-numpy); the table is the sorted hashes ``[E]`` and the followers ``[E]``, looked up with a binary
-search. ``n``-grams seen fewer than ``min_count`` times are dropped (rare ones are mostly noise and
-make most of the table). Saved as ``ngrams.safetensors`` next to a drafter.
+numpy); the table is the sorted hashes ``[E]``, the followers ``[E]`` and each follower's share of
+its ``n``-gram's continuations ``[E]`` (a byte), looked up with a binary search. ``n``-grams seen
+fewer than ``min_count`` times are dropped (rare ones are mostly noise and make most of the table).
+Saved as ``ngrams.safetensors`` next to a drafter, with the confidence grid of
+:mod:`redrafter.confidence` when one was fitted.
 """
 
 from __future__ import annotations
@@ -64,27 +66,40 @@ class NgramTable:
         followers: the token that most often followed each one.
         min_n: shortest n-gram kept (the last resort of the back-off).
         max_n: longest n-gram kept (tried first).
+        shares: ``[E]`` uint8, ``floor(255 * count(follower) / count(n-gram))`` (None in a table
+            saved before it was kept).
+        confidence: the confidence tree's grid (:func:`redrafter.confidence.fit_confidence`), ``[C, G]``
+            float32, or None.
     """
 
     keys: np.ndarray
     followers: np.ndarray
     min_n: int
     max_n: int
+    shares: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def follower(self, history: Sequence[int]) -> int | None:
         """The token after the longest known suffix of ``history``, or None when none is known."""
+        found = self.longest(history)
+        return None if found is None else found[1]
+
+    def longest(self, history: Sequence[int]) -> tuple[int, int, int] | None:
+        """``(n, follower, share)`` of the longest known suffix of ``history``, or None."""
         suffix = list(history[-self.max_n :])
-        longest = min(self.max_n, len(suffix))
-        queries = [ngram_hash(suffix[len(suffix) - n :]) for n in range(longest, self.min_n - 1, -1)]
-        if not queries or not len(self.keys):
+        sizes = range(min(self.max_n, len(suffix)), self.min_n - 1, -1)
+        if not len(sizes) or not len(self.keys):
             return None
-        wanted = np.array(queries, dtype=np.uint64)
-        found = np.searchsorted(self.keys, wanted).clip(max=len(self.keys) - 1)
-        hits = np.nonzero(self.keys[found] == wanted)[0]
-        return int(self.followers[found[hits[0]]]) if len(hits) else None
+        wanted = [ngram_hash(suffix[len(suffix) - n :]) for n in sizes]
+        found = self.keys.searchsorted(np.array(wanted, dtype=np.uint64)).tolist()
+        for n, key, at in zip(sizes, wanted, found, strict=True):
+            if at < len(self.keys) and int(self.keys[at]) == key:
+                share = 255 if self.shares is None else int(self.shares[at])
+                return n, int(self.followers[at]), share
+        return None
 
     def draft(self, history: Sequence[int], count: int) -> list[int]:
         """Up to ``count`` tokens after ``history``, each the follower of the longest known suffix."""
@@ -103,6 +118,10 @@ class NgramTable:
             "keys": torch.from_numpy(self.keys.view(np.int64).copy()),
             "followers": torch.from_numpy(self.followers.astype(np.int32)),
         }
+        if self.shares is not None:
+            tensors["shares"] = torch.from_numpy(self.shares.astype(np.uint8))
+        if self.confidence is not None:
+            tensors["confidence"] = torch.from_numpy(self.confidence.astype(np.float32))
         metadata = {"min_n": str(self.min_n), "max_n": str(self.max_n)}
         atomic_write(Path(folder) / FILE_NAME, lambda p: save_file(tensors, p, metadata=metadata))
 
@@ -118,12 +137,18 @@ class NgramTable:
             tensors = load_file(str(path))
             keys = tensors["keys"].numpy().view(np.uint64)
             followers = tensors["followers"].numpy()
+            shares = tensors["shares"].numpy() if "shares" in tensors else None
+            confidence = tensors["confidence"].numpy() if "confidence" in tensors else None
             min_n, max_n = int(metadata["min_n"]), int(metadata["max_n"])
         except (KeyError, ValueError, OSError, SafetensorError) as error:
             raise RedrafterError(f"{path}: not an n-gram table ({error})") from None
-        if keys.shape != followers.shape or not 1 <= min_n <= max_n:
+        if (
+            keys.shape != followers.shape
+            or (shares is not None and shares.shape != keys.shape)
+            or not 1 <= min_n <= max_n
+        ):
             raise RedrafterError(f"{path}: inconsistent n-gram table")
-        return cls(keys, followers, min_n, max_n)
+        return cls(keys, followers, min_n, max_n, shares, confidence)
 
 
 def build_table(sequences: Sequence[Sequence[int]], min_n: int = 2, max_n: int = 6, min_count: int = 2) -> NgramTable:
@@ -135,7 +160,8 @@ def build_table(sequences: Sequence[Sequence[int]], min_n: int = 2, max_n: int =
             the last token is known: a unigram's follower is rarely right and costs a tree node.
         min_count: an n-gram seen fewer times than this is dropped.
     Returns:
-        the table: per kept n-gram its most frequent follower (ties: the smallest token id).
+        the table: per kept n-gram its most frequent follower (ties: the smallest token id) and that
+        follower's share of the n-gram's continuations.
     """
     if not 1 <= min_n <= max_n:
         raise RedrafterError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
@@ -146,7 +172,7 @@ def build_table(sequences: Sequence[Sequence[int]], min_n: int = 2, max_n: int =
             all_keys.append(_hashes(array[:-1], n))  # the n-grams that have a follower
             all_next.append(array[n:])
     if not all_keys:
-        return NgramTable(np.zeros(0, np.uint64), np.zeros(0, np.int32), min_n, max_n)
+        return NgramTable(np.zeros(0, np.uint64), np.zeros(0, np.int32), min_n, max_n, np.zeros(0, np.uint8))
     keys, followers = np.concatenate(all_keys), np.concatenate(all_next)
     # Count each (n-gram, follower) pair, then keep per n-gram the most frequent follower.
     order = np.lexsort((followers, keys))
@@ -163,8 +189,10 @@ def build_table(sequences: Sequence[Sequence[int]], min_n: int = 2, max_n: int =
     first[1:] = pair_keys[1:] != pair_keys[:-1]
     group_start = np.nonzero(first)[0]
     totals = np.add.reduceat(pair_counts, group_start)
-    keep = group_start[totals >= min_count]
-    return NgramTable(pair_keys[keep], pair_next[keep].astype(np.int32), min_n, max_n)
+    kept = totals >= min_count
+    keep = group_start[kept]
+    shares = (255 * pair_counts[keep] // totals[kept]).astype(np.uint8)
+    return NgramTable(pair_keys[keep], pair_next[keep].astype(np.int32), min_n, max_n, shares)
 
 
 def walk_tokens_per_step(table: NgramTable, pairs: Sequence[tuple[list[int], list[int]]], length: int) -> float:

@@ -146,7 +146,11 @@ VNNI static void layer_step(const Layer *L, int bf16, void *x, int64_t B, int64_
   product(&L->qkv, act, M, bf16, w->q, w->s, w->sums, out);
 #pragma omp for schedule(static)
   for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, w->queries, k_cache, v_cache, capacity, length);
-#pragma omp for schedule(static)
+  // A prefill deals its tasks out one at a time: a later token has more keys, and contiguous shares gave
+  // one thread the dearer ones. A decode step's tasks (a few tokens after the same keys) stay in
+  // contiguous shares, so that fewer threads read each key/value head (docs/confidence/: the same bits).
+  const int64_t share = Q >= 32 ? 1 : (tasks + omp_get_num_threads() - 1) / omp_get_num_threads();
+#pragma omp for schedule(static, share)
   for (int64_t task = 0; task < tasks; task++) {  // the query heads of one key/value head at one token
     int64_t b = task / (KV * Q), kv = (task / Q) % KV, i = task % Q, h = kv * groups;
     float *scores = (float *)(w->attention + omp_get_thread_num() * w->task_bytes), *rows = scores + 9 * keys;
