@@ -452,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
+        "lookup-nodes=0 for the two lookup beams instead of the confidence tree, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
         "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4|w4a8, "
