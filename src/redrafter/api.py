@@ -80,8 +80,8 @@ DEFAULT_SHAPES = {
 # docs/confidence/).
 # A forward of n tokens against one with w4a8 weights, for the confidence tree's size: forward and
 # certified argmax after 400 cached tokens on a 2-core Xeon (AVX-512 VNNI; 1.0, 1.024, 1.128, 1.250,
-# 1.389, 1.542, 1.786, 1.901, -, 2.240 for 1 to 10 tokens, docs/confidence/cost.txt), with the rest
-# of a plain step (a fifth of it in the loop's profile) added alike.
+# 1.389, 1.542, 1.786, 1.901, 2.240 for 1 to 8 and 10 tokens, 9 between; docs/confidence/cost.txt),
+# times 0.81 plus 0.19: the rest of a plain step (a fifth of it in the loop's profile) added alike.
 NODE_COSTS = (1.0, 1.019, 1.104, 1.203, 1.315, 1.439, 1.637, 1.730, 1.866, 2.004)
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
