@@ -14,6 +14,7 @@ from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 from redrafter.api import ReDrafter
 from redrafter.confidence import (
     CONTEXT_ORDERS,
+    CONTEXT_SIZES,
     GRID_SHAPE,
     PRIOR,
     PRIOR_WEIGHT,
@@ -22,11 +23,11 @@ from redrafter.confidence import (
     candidates,
     cost,
     fit_confidence,
-    index_tokens,
     table_cell,
 )
 from redrafter.decode import SpeculativeDecoder, no_draft
 from redrafter.errors import RedrafterError
+from redrafter.lookup import index_tokens
 from redrafter.ngrams import build_table
 from redrafter.tree import PAD, build_tree
 
@@ -63,11 +64,11 @@ def test_candidates_match_brute_force(seed):
     vocab = rng.choice([3, 5, 9])
     table = build_table([[rng.randrange(vocab) for _ in range(80)]], min_n=rng.choice([1, 2]), max_n=4, min_count=1)
     history, index = [], {}
-    index_tokens(history, index, [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))])
+    index_tokens(history, index, [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))], CONTEXT_SIZES)
     for _ in range(4):
         path = [rng.randrange(vocab) for _ in range(rng.randrange(0, 4))]
         assert candidates(history, index, table, path) == reference_candidates(history, table, path)
-        index_tokens(history, index, [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))])
+        index_tokens(history, index, [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))], CONTEXT_SIZES)
 
 
 def test_table_cells_split_order_and_share():
@@ -174,6 +175,9 @@ def test_the_api_refuses_lookup_nodes_without_a_grid():
         ReDrafter(model, word_tokenizer(), drafter, num_beams=1, lookup_nodes=4)
     with pytest.raises(RedrafterError, match="--lookup-nodes must be 0 or more"):
         ReDrafter(model, word_tokenizer(), drafter, num_beams=1, lookup_nodes=-1)
+    drafter.ngrams.confidence = np.full((3, 3), 0.5, dtype=np.float32)  # a grid of another layout: refused now
+    with pytest.raises(RedrafterError, match=r"confidence grid is \(3, 3\), not \(7, 16\)"):
+        ReDrafter(model, word_tokenizer(), drafter, num_beams=1, lookup_nodes=4)
     drafter.ngrams.confidence = np.full(GRID_SHAPE, 0.5, dtype=np.float32)
     engine = ReDrafter(model, word_tokenizer(), drafter, num_beams=0, lookup_nodes=4, lookup_len=0, ngram_len=0)
     assert engine.decoder.lookup_nodes == 4  # the tree alone is a valid draft (no --beams, no lookup beams)

@@ -18,8 +18,13 @@ if count:
 rd = ReDrafter.from_pretrained()
 done = set()
 try:
-    for line in open(out):
-        done.add(json.loads(line)["index"])
+    with open(out) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):  # cut off mid-line by an interruption: write it again
+        with open(out, "w") as f:
+            f.writelines(lines[:-1])
+        lines = lines[:-1]
+    done = {json.loads(line)["index"] for line in lines}
 except FileNotFoundError:
     pass
 t0 = time.time()

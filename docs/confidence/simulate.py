@@ -1,6 +1,7 @@
 """Replay the lookup drafts along fixed greedy outputs: the two lookup beams against the confidence tree,
 both the engine's own classes over the shipped n-gram table, in tokens a step, tree nodes a step and
-an estimated speed-up from the cost curve the tree is sized by.
+an estimated speed-up from the cost curve the tree is sized by, and the host time a step takes to
+build and pack the tree.
 
     python docs/confidence/dump.py ../shared/data/mt_bench.jsonl 0 mt80.jsonl        # greedy outputs
     python docs/confidence/dump.py ../shared/data/spec_bench.jsonl 20 spec180.jsonl
@@ -14,34 +15,37 @@ after). The estimate prices a step of n tokens at NODE_COSTS[n - 1] plain ones (
 
 import json
 import sys
+import time
 from collections import defaultdict
 
 import torch
 
 from redrafter.api import DEFAULT_DRAFTER, NODE_COSTS
 from redrafter.confidence import ConfidenceTree, cost
+from redrafter.decode import UNKNOWN
 from redrafter.lookup import LookupBeams
 from redrafter.ngrams import NgramTable
-from redrafter.tree import PAD, build_tree
+from redrafter.tree import build_tree
+from redrafter.verify import verify
 
 
-def replay(record: dict, lookup) -> tuple[int, float, int]:
-    """Steps (the prefill's included), estimated cost in plain steps, and tree nodes of one prompt."""
-    answer, done, steps, spent, nodes = record["answer"], 1, 1, 1.0, 0
+def replay(record: dict, lookup) -> tuple[int, float, int, float]:
+    """Steps (the prefill's included), estimated cost in plain steps, tree nodes and host seconds (the
+    beams built and packed) of one prompt; acceptance as SpeculativeDecoder.replay judges it."""
+    answer, done, steps, spent, nodes, host = record["answer"], 1, 1, 1.0, 0, 0.0
+    truth = torch.tensor([answer + [UNKNOWN]])  # the target's choice after each output token
     lookup.extend(0, answer[:1])
     while done < len(answer):
-        beams = lookup.beams(torch.tensor([[[answer[done - 1]]]]))[0].tolist()
-        truth, accepted = answer[done:], 0
-        for beam in beams:
-            k = 0
-            while k + 1 < len(beam) and beam[k + 1] != PAD and k < len(truth) and beam[k + 1] == truth[k]:
-                k += 1
-            accepted = max(accepted, k)
-        size = int(build_tree(torch.tensor([beams])).num_nodes[0])
-        emitted = min(accepted + 1, len(truth))
+        start = time.perf_counter()
+        beams = lookup.beams(torch.tensor([[[answer[done - 1]]]]))
+        tree = build_tree(beams)
+        host += time.perf_counter() - start
+        choice = truth[:, (done + tree.depth[0]).clamp(max=len(answer))]
+        emitted = min(int(verify(beams, tree.node_index, choice).num_tokens[0]), len(answer) - done)
         lookup.extend(0, answer[done : done + emitted])
+        size = int(tree.num_nodes[0])
         done, steps, spent, nodes = done + emitted, steps + 1, spent + cost(NODE_COSTS, size), nodes + size
-    return steps, spent, nodes
+    return steps, spent, nodes, host
 
 
 def main() -> None:
@@ -59,10 +63,11 @@ def main() -> None:
             results = [replay(record, make(record["prompt"])) for record in records]
 
             def line(indices: list[int], results: list = results, records: list = records) -> str:
-                steps, spent, nodes = (sum(results[i][k] for i in indices) for k in range(3))
-                tokens = sum(len(records[i]["answer"]) for i in indices)
-                per_step, nodes = tokens / steps, nodes / (steps - len(indices))
-                return f"{per_step:.3f} tokens a step, {nodes:.2f} nodes, {tokens / spent:.3f}x estimated"
+                steps, spent, nodes, host = (sum(results[i][k] for i in indices) for k in range(4))
+                tokens, trees = sum(len(records[i]["answer"]) for i in indices), steps - len(indices)
+                per_step, nodes, host = tokens / steps, nodes / trees, 1e3 * host / trees
+                estimate = tokens / spent
+                return f"{per_step:.3f} tokens a step, {nodes:.2f} nodes, {estimate:.3f}x estimated, host {host:.3f} ms"
 
             same = sum(result[0] == record["steps"] for result, record in zip(results, records, strict=True))
             print(f"{path}, {name}: {line(list(range(len(records))))}; steps as in the file: {same} of {len(records)}")

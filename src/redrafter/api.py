@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from .confidence import grid_refusal
 from .decode import STEP_KINDS, DrafterProposer, Proposer, SpeculativeDecoder, TreeKind, no_draft
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
@@ -76,8 +77,8 @@ DEFAULT_SHAPES = {
 # w4a8 verifies a confidence tree of up to 12 nodes instead of its two lookup beams (--lookup-nodes,
 # redrafter.confidence), where the drafter's n-gram table holds a confidence grid: fewer nodes a step
 # for nearly the same tokens. Chosen on 24 MT-Bench prompts (256 tokens, one run: 297.4 against 288.7
-# tokens/s, ar 193.6), reported on 78 Spec-Bench prompts (276.4 against 264.8, 1.53x against 1.47x ar;
-# docs/confidence/).
+# tokens/s, ar 193.6), reported on Spec-Bench's own five categories (30 prompts, no MT-Bench one: 217.9
+# against 209.3, 1.43x against 1.37x ar; docs/confidence/).
 # A forward of n tokens against one with w4a8 weights, for the confidence tree's size: forward and
 # certified argmax after 400 cached tokens on a 2-core Xeon (AVX-512 VNNI; 1.0, 1.024, 1.128, 1.250,
 # 1.389, 1.542, 1.786, 1.901, 2.240 for 1 to 8 and 10 tokens, 9 between; docs/confidence/cost.txt),
@@ -276,10 +277,10 @@ class ReDrafter:
             raise RedrafterError(f"--tree-nodes must be 0 or more, got {tree_nodes}")
         if lookup_nodes < 0:
             raise RedrafterError(f"--lookup-nodes must be 0 or more, got {lookup_nodes}")
-        if lookup_nodes and drafter is not None and getattr(drafter.ngrams, "confidence", None) is None:
+        if lookup_nodes and drafter is not None and (refusal := grid_refusal(drafter.ngrams)) is not None:
             raise RedrafterError(
-                "--lookup-nodes needs a drafter whose n-gram table holds a confidence grid (redrafter ngrams "
-                "fits one with --heldout-every); give --lookup-nodes 0"
+                f"--lookup-nodes needs a drafter whose n-gram table holds a confidence grid ({refusal}); "
+                "give --lookup-nodes 0"
             )
         if drafter_weights not in WEIGHTS:
             raise RedrafterError(f"unknown drafter weights {drafter_weights!r}; choose one of {', '.join(WEIGHTS)}")
@@ -414,7 +415,7 @@ class ReDrafter:
             lookup_nodes=lookup_nodes,
         )
         shape = asdict(DEFAULT_SHAPES[weights]) | {k: v for k, v in given.items() if v is not None}
-        if lookup_nodes is None and (drafter is None or getattr(drafter.ngrams, "confidence", None) is None):
+        if lookup_nodes is None and (drafter is None or grid_refusal(drafter.ngrams) is not None):
             shape["lookup_nodes"] = 0  # a drafter without a confidence grid keeps the lookup beams
         return cls(
             target,

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from .errors import RedrafterError
+from .lookup import index_tokens, with_extra_beams
 from .ngrams import NgramTable
-from .tree import PAD
 
 CONTEXT_ORDERS = 6
 """Longest context match looked for (a longer one counts as this long)."""
+CONTEXT_SIZES = range(1, CONTEXT_ORDERS + 1)
 SHARE_BUCKETS = 5
 ORDER_BUCKETS = 3
 GRID_SHAPE = (CONTEXT_ORDERS + 1, 1 + SHARE_BUCKETS * ORDER_BUCKETS)
@@ -51,13 +52,15 @@ def table_cell(order: int, share: int) -> int:
     return 1 + min(SHARE_BUCKETS - 1, share * SHARE_BUCKETS // 256) + SHARE_BUCKETS * order_bucket
 
 
-def index_tokens(history: list[int], index: dict[tuple[int, ...], int], tokens: Sequence[int]) -> None:
-    """Append ``tokens`` to ``history`` and index the n-grams (up to :data:`CONTEXT_ORDERS`) they complete."""
-    for token in tokens:
-        position = len(history)  # the new token's position: it follows the n-grams ending before it
-        for n in range(1, min(CONTEXT_ORDERS, position) + 1):
-            index[tuple(history[position - n : position])] = position
-        history.append(token)
+def grid_refusal(table: NgramTable | None) -> str | None:
+    """Why ``table`` cannot drive a confidence tree, or None when it can."""
+    if table is None:
+        return "the drafter has no n-gram table"
+    if table.confidence is None or table.shares is None:
+        return "the drafter's n-gram table has no confidence grid: rebuild it with redrafter ngrams"
+    if tuple(table.confidence.shape) != GRID_SHAPE:
+        return f"the n-gram table's confidence grid is {tuple(table.confidence.shape)}, not {GRID_SHAPE}"
+    return None
 
 
 def candidates(
@@ -98,14 +101,14 @@ def fit_confidence(table: NgramTable, pairs: Sequence[tuple[list[int], list[int]
     for prompt, answer in pairs:
         history: list[int] = []
         index: dict[tuple[int, ...], int] = {}
-        index_tokens(history, index, list(prompt) + list(answer[:1]))
+        index_tokens(history, index, list(prompt) + list(answer[:1]), CONTEXT_SIZES)
         for token in answer[1:]:
             for guess, cell in candidates(history, index, table).items():
                 for level in _levels(cell):
                     counts = seen.setdefault(level, [0, 0])
                     counts[0] += 1
                     counts[1] += guess == token
-            index_tokens(history, index, [token])
+            index_tokens(history, index, [token], CONTEXT_SIZES)
     grid = np.zeros(GRID_SHAPE, dtype=np.float32)
     for context in range(GRID_SHAPE[0]):
         for column in range(GRID_SHAPE[1]):
@@ -159,12 +162,8 @@ class ConfidenceTree:
         max_nodes: int,
         max_positions: int | None = None,
     ) -> None:
-        if table.confidence is None or table.shares is None:
-            raise RedrafterError("the drafter's n-gram table has no confidence grid: rebuild it with redrafter ngrams")
-        if tuple(table.confidence.shape) != GRID_SHAPE:
-            raise RedrafterError(
-                f"the n-gram table's confidence grid is {tuple(table.confidence.shape)}, not {GRID_SHAPE}"
-            )
+        if (refusal := grid_refusal(table)) is not None:
+            raise RedrafterError(refusal)
         if max_nodes < 1 or not node_costs:
             raise ValueError("a confidence tree needs max_nodes >= 1 and node costs")
         self.table, self.grid = table, table.confidence.tolist()
@@ -177,7 +176,7 @@ class ConfidenceTree:
 
     def extend(self, row: int, tokens: list[int]) -> None:
         """Append ``tokens`` (what ``row`` emitted) to its history."""
-        index_tokens(self.histories[row], self.indexes[row], tokens)
+        index_tokens(self.histories[row], self.indexes[row], tokens, CONTEXT_SIZES)
 
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""
@@ -236,9 +235,10 @@ class ConfidenceTree:
             longest of ``L`` and the deepest leaf plus its root, shorter beams ending in ``PAD``; a
             row with fewer leaves repeats its beam 0.
         """
-        batch, width, draft_len = drafted.shape
+        batch, width, _ = drafted.shape
         cut = [length for length in (lookup_len, ngram_len) if length is not None]
-        found: list[list[list[int]]] = []
+        found: dict[tuple[int, int], list[int]] = {}
+        self.extra_beams = 0
         for row in range(batch):
             history = self.histories[row]
             depth = self.max_nodes if not cut else max(cut) - 1
@@ -246,15 +246,7 @@ class ConfidenceTree:
                 depth = min(depth, self.max_positions - len(history))
             paths = [path for path, _ in self.nodes(row, depth)] if depth > 0 else []
             parents = {path[:-1] for path in paths}
-            found.append([[history[-1], *path] for path in paths if path not in parents])
-        self.extra_beams = max(map(len, found))
-        length = max([draft_len] + [len(beam) for leaves in found for beam in leaves])
-        beams = drafted.new_full((batch, width + self.extra_beams, length), PAD)
-        beams[:, :width, :draft_len] = drafted
-        beams[:, width:, :draft_len] = drafted[:, :1]
-        places = [(row, column) for row, leaves in enumerate(found) for column in range(width, width + len(leaves))]
-        if places:
-            rows, columns = (torch.tensor(index, device=beams.device) for index in zip(*places, strict=True))
-            values = [beam + [PAD] * (length - len(beam)) for leaves in found for beam in leaves]
-            beams[rows, columns] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
-        return beams
+            leaves = [[history[-1], *path] for path in paths if path not in parents]
+            found.update({(row, width + i): leaf for i, leaf in enumerate(leaves)})
+            self.extra_beams = max(self.extra_beams, len(leaves))
+        return with_extra_beams(drafted, self.extra_beams, found)

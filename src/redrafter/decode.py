@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from .beam_search import beam_search
-from .confidence import ConfidenceTree
+from .confidence import ConfidenceTree, grid_refusal
 from .drafter import RecurrentDrafter
 from .head import cpu_head
 from .kv_cache import TreeKVCache
@@ -193,8 +193,8 @@ class SpeculativeDecoder:
         lookup_nodes: int = 0,
         node_costs: Sequence[float] = (),
     ) -> None:
-        if lookup_nodes and (ngrams is None or ngrams.confidence is None or not node_costs):
-            raise ValueError("lookup_nodes needs an n-gram table with a confidence grid, and node costs")
+        if lookup_nodes and ((refusal := grid_refusal(ngrams)) is not None or not node_costs):
+            raise ValueError(f"lookup_nodes needs an n-gram table with a confidence grid, and node costs ({refusal})")
         self.target = target
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)

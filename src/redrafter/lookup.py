@@ -22,10 +22,41 @@ position right after its latest occurrence that has a follower. Each step costs 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
 from .ngrams import NgramTable
 from .tree import PAD
+
+
+def index_tokens(
+    history: list[int], index: dict[tuple[int, ...], int], tokens: Sequence[int], sizes: Iterable[int]
+) -> None:
+    """Append ``tokens`` to ``history``; ``index`` maps each ``n``-gram they complete (``n`` in ``sizes``)
+    to the position right after it, its latest follower."""
+    for token in tokens:
+        position = len(history)  # the new token's position: it follows the n-grams ending before it
+        for n in sizes:
+            if position >= n:
+                index[tuple(history[position - n : position])] = position
+        history.append(token)
+
+
+def with_extra_beams(drafted: torch.Tensor, extra: int, found: dict[tuple[int, int], list[int]]) -> torch.Tensor:
+    """``drafted`` ``[B, W, L]`` and ``extra`` more beams per row: ``found[row, column]`` (a column from
+    ``W``, root included) where given, else a copy of the row's beam 0. Returns ``[B, W + extra, M]``,
+    ``M`` the longest of ``L`` and the found beams, shorter beams ending in ``PAD``."""
+    batch, width, draft_len = drafted.shape
+    length = max([draft_len] + [len(tokens) for tokens in found.values()])
+    beams = drafted.new_full((batch, width + extra, length), PAD)
+    beams[:, :width, :draft_len] = drafted
+    beams[:, width:, :draft_len] = drafted[:, :1]
+    if found:
+        rows, columns = (torch.tensor(index, device=beams.device) for index in zip(*found, strict=True))
+        values = [tokens + [PAD] * (length - len(tokens)) for tokens in found.values()]
+        beams[rows, columns] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
+    return beams
 
 
 class LookupBeams:
@@ -77,13 +108,7 @@ class LookupBeams:
             whole = tokens[: len(proposed)] == proposed and len(tokens) > len(proposed)
             self.lengths[row] = min(2 * self.lengths[row], self.max_length) if whole else self.length
             self.proposed[row] = None
-        history, index = self.histories[row], self.indexes[row]
-        for token in tokens:
-            position = len(history)  # the new token's position: it follows the n-grams ending before it
-            for n in self.sizes:
-                if position >= n:
-                    index[tuple(history[position - n : position])] = position
-            history.append(token)
+        index_tokens(self.histories[row], self.indexes[row], tokens, self.sizes)
 
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""
@@ -142,7 +167,7 @@ class LookupBeams:
             rows' lookup lengths, shorter beams ending in ``PAD``: the context-lookup beam, then the
             n-gram beam; a copy of beam 0 for a row without a match (or a beam cut below 2 tokens).
         """
-        batch, width, draft_len = drafted.shape
+        batch, width, _ = drafted.shape
         ngram_len = self.ngram_length if ngram_len is None else min(ngram_len, self.ngram_length)
         lookup_column, ngram_column = self.columns(width)
         found: dict[tuple[int, int], list[int]] = {}  # (row, beam) -> tokens
@@ -159,12 +184,4 @@ class LookupBeams:
                 drafted_ngrams = self.ngrams.draft(history, self._room(row, ngram_len - 1))
                 if drafted_ngrams:
                     found[row, ngram_column] = [history[-1], *drafted_ngrams]
-        length = max([draft_len] + [len(tokens) for tokens in found.values()])
-        beams = drafted.new_full((batch, width + self.extra_beams, length), PAD)
-        beams[:, :width, :draft_len] = drafted
-        beams[:, width:, :draft_len] = drafted[:, :1]
-        if found:
-            rows, columns = (torch.tensor(index, device=beams.device) for index in zip(*found, strict=True))
-            values = [tokens + [PAD] * (length - len(tokens)) for tokens in found.values()]
-            beams[rows, columns] = torch.tensor(values, dtype=beams.dtype).to(beams.device)
-        return beams
+        return with_extra_beams(drafted, self.extra_beams, found)
