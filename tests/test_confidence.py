@@ -12,6 +12,7 @@ from conftest import tiny_target, word_tokenizer
 from test_parity import hf_greedy, random_drafter, random_prompt, speculative
 
 from redrafter.api import ReDrafter
+from redrafter.bench import drafter_alone
 from redrafter.confidence import (
     CONTEXT_ORDERS,
     CONTEXT_SIZES,
@@ -22,6 +23,7 @@ from redrafter.confidence import (
     best_count,
     candidates,
     cost,
+    curve_at,
     fit_confidence,
     table_cell,
 )
@@ -106,9 +108,10 @@ def test_fitted_grid_is_the_shrunk_hit_rate_of_each_cell():
 def test_best_count_maximizes_expected_tokens_per_cost():
     rng = random.Random(0)
     for _ in range(200):
-        probabilities = sorted((rng.random() for _ in range(rng.randrange(0, 12))), reverse=True)
-        rates = [(1 + sum(probabilities[:k])) / cost(COSTS, k + 1) for k in range(len(probabilities) + 1)]
-        assert best_count(probabilities, COSTS) == rates.index(max(rates))
+        rows = rng.choice([1, 1, 3, 8])
+        probabilities = sorted((rows * rng.random() for _ in range(rng.randrange(0, 12))), reverse=True)
+        rates = [(rows + sum(probabilities[:k])) / cost(COSTS, k + 1) for k in range(len(probabilities) + 1)]
+        assert best_count(probabilities, COSTS, rows) == rates.index(max(rates))
     assert cost(COSTS, 9) == pytest.approx(COSTS[-1] + 2 * (COSTS[-1] - COSTS[-2]))  # extended by its last step
 
 
@@ -118,7 +121,7 @@ def test_tree_nodes_come_best_first_with_path_probabilities(seed):
     rng = random.Random(seed)
     prompt = [rng.randrange(5) for _ in range(30)]
     tree = ConfidenceTree([prompt], table, COSTS, max_nodes=10)
-    nodes = tree.nodes(0, max_depth=10)
+    nodes = tree.nodes(0, 10, COSTS)
     paths = [path for path, _ in nodes]
     assert len(set(paths)) == len(paths)
     for k, (path, probability) in enumerate(nodes):
@@ -130,7 +133,10 @@ def test_tree_nodes_come_best_first_with_path_probabilities(seed):
         assert probability == pytest.approx(expected, rel=1e-12)
     probabilities = [p for _, p in nodes]
     assert probabilities == sorted(probabilities, reverse=True)
-    assert len(nodes) == best_count(probabilities, COSTS)
+    kept = best_count(probabilities, COSTS)
+    assert len(nodes) >= kept
+    beams = tree.beams(torch.tensor([[[prompt[-1]]]]))
+    assert int(build_tree(beams).num_nodes[0]) == 1 + kept  # a row alone keeps what best_count says
 
 
 def test_beams_hold_the_tree_leaves_and_repeat_beam_zero_where_fewer():
@@ -142,7 +148,7 @@ def test_beams_hold_the_tree_leaves_and_repeat_beam_zero_where_fewer():
     beams = tree.beams(drafted)  # [B, 1 + E, M]
     assert beams.shape[1] == 1 + tree.extra_beams
     for row in range(2):
-        nodes = {path for path, _ in tree.nodes(row, 6)}
+        nodes = {path for path, _ in tree.nodes(row, 6, (1.0,) * 12)}
         packed = build_tree(beams[row : row + 1])
         assert int(packed.num_nodes[0]) == 1 + len(nodes)
         leaves = [tuple(t for t in beam[1:] if t != PAD) for beam in beams[row, 1:].tolist()]
@@ -154,6 +160,47 @@ def test_beams_hold_the_tree_leaves_and_repeat_beam_zero_where_fewer():
     assert (cut[:, :, 2:] == PAD).all() if cut.shape[2] > 2 else True
     near_end = ConfidenceTree([[1, 2, 1, 2, 1, 2]], table, (1.0,) * 12, max_nodes=6, max_positions=8)
     assert near_end.beams(torch.tensor([[[2]]])).shape[2] <= 1 + 2  # positions 6 and 7 left
+
+
+def test_curve_at_picks_or_interpolates_the_batch_size():
+    curves = {1: (1.0, 1.1), 4: (1.0, 1.5, 2.0), 8: (1.0, 2.0, 3.0)}
+    assert curve_at(COSTS, 16) == list(COSTS)  # one curve serves every batch size
+    assert curve_at(curves, 1) == [1.0, 1.1] and curve_at(curves, 4) == [1.0, 1.5, 2.0]
+    assert curve_at(curves, 6) == pytest.approx([1.0, 1.75, 2.5])  # halfway between 4 and 8
+    assert curve_at(curves, 2) == pytest.approx([1.0, 1.1 + 0.4 / 3, 1.2 + 0.8 / 3])  # 1's curve extended
+    assert curve_at(curves, 64) == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_keep_the_count_that_pays_over_the_whole_batch(seed):
+    """Over several rows every row keeps its k most probable nodes, k maximizing the rows' expected tokens
+    per the cost of that batch size's forward (brute force over k and the rows' own node lists)."""
+    table = grid_table(seed)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5) for _ in range(rng.randrange(5, 40))] for _ in range(rng.randrange(2, 6))]
+    curves = {1: COSTS, 2: (1.0, 1.15, 1.4, 1.7, 2.0), 8: (1.0, 1.6, 2.2, 2.8, 3.4)}
+    tree = ConfidenceTree(prompts, table, curves, max_nodes=8)
+    batch = len(prompts)
+    costs = curve_at(curves, batch)
+    lists = [[p for _, p in tree.nodes(row, 8, costs)] for row in range(batch)]
+    rates = [
+        (batch + sum(sum(nodes[:k]) for nodes in lists)) / cost(costs, k + 1) for k in range(max(map(len, lists)) + 1)
+    ]
+    keep = rates.index(max(rates))
+    beams = tree.beams(torch.tensor([[[prompt[-1]]] for prompt in prompts]))
+    packed = build_tree(beams)
+    assert packed.num_nodes.tolist() == [1 + min(keep, len(nodes)) for nodes in lists]
+
+
+def test_a_dear_second_token_leaves_a_plain_step():
+    table = grid_table(1)
+    table.confidence[:] = 0.5  # every guess right half of the time
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2]] * 4
+    curves = {1: (1.0, 1.1, 1.2), 4: (1.0, 1.6, 2.2)}  # over four rows a second token costs 0.6 of a step
+    drafted = torch.tensor([[[2]]] * 4)
+    assert tuple(ConfidenceTree(prompts, table, curves, max_nodes=4).beams(drafted).shape) == (4, 1, 1)
+    alone = ConfidenceTree(prompts[:1], table, curves, max_nodes=4).beams(drafted[:1])
+    assert alone.shape[1] > 1  # one row alone still takes a tree
 
 
 def test_a_table_without_a_grid_is_refused():
@@ -181,6 +228,9 @@ def test_the_api_refuses_lookup_nodes_without_a_grid():
     drafter.ngrams.confidence = np.full(GRID_SHAPE, 0.5, dtype=np.float32)
     engine = ReDrafter(model, word_tokenizer(), drafter, num_beams=0, lookup_nodes=4, lookup_len=0, ngram_len=0)
     assert engine.decoder.lookup_nodes == 4  # the tree alone is a valid draft (no --beams, no lookup beams)
+    alone = drafter_alone(engine)  # bench's redrafter-nolookup: the drafter's own tree, nothing looked up
+    assert (alone.num_beams, alone.draft_len, alone.tree_nodes) == (6, 4, 9)
+    assert (alone.lookup_len, alone.ngram_len, alone.lookup_nodes) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
@@ -190,7 +240,9 @@ def test_confidence_tree_keeps_greedy_parity_in_a_batch(family):
     corpus = [hf_greedy(model, random_prompt(5, s), 30) for s in range(4)] + [hf_greedy(model, prompts[0], 10)]
     table = build_table(corpus, min_n=1, max_n=4, min_count=1)
     table.confidence = fit_confidence(table, [(p, hf_greedy(model, p, 20)) for p in (random_prompt(4, 77), prompts[1])])
-    decoder = SpeculativeDecoder(model, no_draft, [], ngrams=table, lookup_nodes=8, node_costs=COSTS)
-    ids, per_step = speculative(decoder, prompts, 24)
-    assert ids == [hf_greedy(model, prompt, 24) for prompt in prompts]
-    assert max(per_step) > 2  # trees were accepted beyond one drafted token
+    expected = [hf_greedy(model, prompt, 24) for prompt in prompts]
+    for costs in (COSTS, {1: COSTS, 2: (1.0, 1.1, 1.2, 1.3), 3: (1.0, 1.2, 1.4, 1.6)}):
+        decoder = SpeculativeDecoder(model, no_draft, [], ngrams=table, lookup_nodes=8, node_costs=costs)
+        ids, per_step = speculative(decoder, prompts, 24)
+        assert ids == expected
+        assert max(per_step) > 2  # trees were accepted beyond one drafted token

@@ -84,6 +84,19 @@ DEFAULT_SHAPES = {
 # 1.389, 1.542, 1.786, 1.901, 2.240 for 1 to 8 and 10 tokens, 9 between; docs/confidence/cost.txt),
 # times 0.81 plus 0.19: the rest of a plain step (a fifth of it in the loop's profile) added alike.
 NODE_COSTS = (1.0, 1.019, 1.104, 1.203, 1.315, 1.439, 1.637, 1.730, 1.866, 2.004)
+# The same over several rows: a decode step with n tokens a row over B rows against a plain step over
+# them, keyed by B (redrafter.confidence.curve_at interpolates between): whole steps of the decode loop
+# (the lookup, the tree's packing and verification included) on 2 to 16 MT-Bench prompts decoded
+# together on the same Xeon, the means of two runs of docs/batch-tree/loop_cost.py (loop_cost.txt).
+# Over 16 rows a second token a row costs 0.87 of a plain step: the forward is no longer bound by
+# streaming the weights.
+BATCH_NODE_COSTS = {
+    1: NODE_COSTS,
+    2: (1.0, 1.307, 1.628, 1.839, 2.180),
+    4: (1.0, 1.594, 2.162, 2.776, 3.428),
+    8: (1.0, 1.757, 2.490, 3.224, 3.985),
+    16: (1.0, 1.867, 2.743, 3.580, 4.442),
+}
 DEFAULT_NGRAM_LEN = DEFAULT_SHAPES["float"].ngram_len
 WEIGHT_CHOICES = ("auto", *DEFAULT_SHAPES)  # auto: default_weights
 # The small tree an adaptive engine may also choose (--speculation adaptive): one drafter beam of one
@@ -333,7 +346,7 @@ class ReDrafter:
             compile,
             packed,
             self.lookup_nodes,
-            NODE_COSTS,
+            BATCH_NODE_COSTS,
         )
         self.ngram_len = self.decoder.ngram_len  # 0 when there is no table
 

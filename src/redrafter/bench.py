@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from .api import ReDrafter
+from .api import DEFAULT_SHAPES, ReDrafter
 from .decode import StageClock
 from .drafter import RecurrentDrafter
 from .errors import RedrafterError
@@ -187,6 +187,18 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
     return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
 
 
+def drafter_alone(rd: ReDrafter) -> ReDrafter:
+    """``redrafter-nolookup``: ``rd`` with the drafter's own tree alone, no lookup beam nor confidence tree;
+    where ``rd`` drafts nothing (``num_beams`` 0, the w4a8 default), the float weights' drafter tree
+    (:data:`~redrafter.api.DEFAULT_SHAPES`), so that it measures what the drafter drafts."""
+    shape = (
+        {}
+        if rd.num_beams
+        else {k: getattr(DEFAULT_SHAPES["float"], k) for k in ("num_beams", "draft_len", "tree_nodes")}
+    )
+    return variant(rd, lookup_len=0, ngram_len=0, lookup_nodes=0, **shape)
+
+
 def plain_engine(rd: ReDrafter) -> ReDrafter:
     """Plain greedy decoding (``ar``) as ``rd`` runs its target: the same weights, quick argmax head,
     compilation and packing, so that a ratio against it measures speculation alone."""
@@ -329,7 +341,7 @@ def make_methods(
         "hf": lambda: hf(),
         "hf-pld": lambda: hf(prompt_lookup_num_tokens=10),
         "redrafter-w1": lambda: ours(variant(rd, num_beams=1)),
-        "redrafter-nolookup": lambda: ours(variant(rd, lookup_len=0, ngram_len=0)),
+        "redrafter-nolookup": lambda: ours(drafter_alone(rd)),
         "redrafter-nongrams": lambda: ours(variant(rd, ngram_len=0)),
         "redrafter-static": lambda: ours(variant(rd, tree_nodes=0)),
         "redrafter-nornn": lambda: ours(variant(rd, drafter=ablation_drafter)),

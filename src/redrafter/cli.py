@@ -421,9 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure speed side by side with the baselines (Spec-Bench protocol)",
         description="Benchmark methods interleaved per prompt after a warm-up: redrafter, ar (our loop without "
         "a drafter), ar-transformers (ar through transformers' decoder), hf (transformers generate), "
-        "hf-pld (prompt lookup), redrafter-w1 (one beam), "
-        "redrafter-nolookup (drafter beams only), redrafter-nongrams (no corpus n-gram beam), redrafter-static "
-        "(--tree-nodes 0), redrafter-nornn (--ablation-drafter), llama.cpp (llama-cpp-python on the same .gguf "
+        "hf-pld (prompt lookup), redrafter-w1 (one beam), redrafter-nolookup (the drafter's own tree only), "
+        "redrafter-nongrams (no corpus n-gram beam), redrafter-static (--tree-nodes 0), "
+        "redrafter-nornn (--ablation-drafter), llama.cpp (llama-cpp-python on the same .gguf "
         "file), and --variant tree shapes. Writes OUT/results.json, speedup.png, acceptance.png.",
     )
     be.add_argument(

@@ -16,6 +16,13 @@ expected number of its tokens accepted. The tree keeps the most probable nodes, 
 expected tokens of the step per its cost largest (``node_costs``: a forward of ``n`` tokens relative
 to one). Verification is the tree's as for any beams, so output is unchanged.
 
+Rows that decode together share one forward, every row's tree padded to the largest, and a forward's
+cost grows with its rows: on this project's 2-core CPU a second token a row costs 1.2 plain steps over
+two rows, 1.4 over four and 1.7 over sixteen (``docs/batch-tree/``). So ``node_costs`` may give a
+curve per batch size (:func:`curve_at`), and a step keeps the same number of nodes in every row, the
+number that makes the expected tokens of all rows per the step's cost largest: often none over many
+rows (then the step is a plain one), a few where most rows copy.
+
 Host-side state per row: the token history and, per ``n`` up to :data:`CONTEXT_ORDERS`, a dict from
 each ``n``-gram to the position right after its latest occurrence (as :class:`~redrafter.lookup.LookupBeams`).
 """
@@ -23,7 +30,7 @@ each ``n``-gram to the position right after its latest occurrence (as :class:`~r
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +127,33 @@ def fit_confidence(table: NgramTable, pairs: Sequence[tuple[list[int], list[int]
     return grid
 
 
+NodeCosts = Sequence[float] | Mapping[int, Sequence[float]]
+"""A cost curve (``curve[n - 1]``: a forward of ``n`` tokens a row relative to one token a row), or such
+curves by the number of rows in the forward."""
+
+
+def curve_at(node_costs: NodeCosts, rows: int) -> list[float]:
+    """The cost curve for a forward over ``rows`` rows: ``node_costs`` itself when it is one curve, else
+    the curve of that batch size, interpolated linearly between the nearest given ones (the smallest's
+    below them, the largest's above)."""
+    if not isinstance(node_costs, Mapping):
+        return list(node_costs)
+    sizes = sorted(node_costs)
+    below = [size for size in sizes if size <= rows]
+    above = [size for size in sizes if size >= rows]
+    if not below or not above:
+        return list(node_costs[sizes[0] if not below else sizes[-1]])
+    low, high = below[-1], above[0]
+    if low == high:
+        return list(node_costs[low])
+    share = (rows - low) / (high - low)
+    length = max(len(node_costs[low]), len(node_costs[high]))
+    return [
+        cost(node_costs[low], n) + share * (cost(node_costs[high], n) - cost(node_costs[low], n))
+        for n in range(1, length + 1)
+    ]
+
+
 def cost(node_costs: Sequence[float], n: int) -> float:
     """The relative cost of a forward of ``n`` tokens: ``node_costs[n - 1]``, extended beyond by its
     last step."""
@@ -129,10 +163,11 @@ def cost(node_costs: Sequence[float], n: int) -> float:
     return node_costs[-1] + slope * (n - len(node_costs))
 
 
-def best_count(probabilities: Sequence[float], node_costs: Sequence[float]) -> int:
+def best_count(probabilities: Sequence[float], node_costs: Sequence[float], rows: int = 1) -> int:
     """How many of the nodes (most probable first) to verify: the ``k`` maximizing the expected
-    tokens per cost, ``(1 + sum of the first k probabilities) / cost(k + 1)`` (:func:`cost`)."""
-    best, best_rate, expected = 0, 1.0 / cost(node_costs, 1), 1.0
+    tokens per cost, ``(rows + sum of the first k probabilities) / cost(k + 1)`` (:func:`cost`).
+    Over several rows, ``probabilities[j]`` sums the rows' ``j``-th nodes."""
+    best, best_rate, expected = 0, rows / cost(node_costs, 1), float(rows)
     for k, probability in enumerate(probabilities, start=1):
         expected += probability
         rate = expected / cost(node_costs, k + 1)
@@ -149,7 +184,8 @@ class ConfidenceTree:
     Args:
         prompts: the rows' prompt token ids (the history starts with them).
         table: an n-gram table with shares and a fitted confidence grid.
-        node_costs: ``node_costs[n - 1]``: a forward of ``n`` tokens relative to one (``[1.0, ...]``).
+        node_costs: ``node_costs[n - 1]``: a forward of ``n`` tokens a row relative to one
+            (``[1.0, ...]``), or such curves by the number of rows in the forward (:func:`curve_at`).
         max_nodes: the most nodes a tree holds besides its root.
         max_positions: the target's context; a node never reaches past it.
     """
@@ -158,7 +194,7 @@ class ConfidenceTree:
         self,
         prompts: list[list[int]],
         table: NgramTable,
-        node_costs: Sequence[float],
+        node_costs: NodeCosts,
         max_nodes: int,
         max_positions: int | None = None,
     ) -> None:
@@ -167,7 +203,7 @@ class ConfidenceTree:
         if max_nodes < 1 or not node_costs:
             raise ValueError("a confidence tree needs max_nodes >= 1 and node costs")
         self.table, self.grid = table, table.confidence.tolist()
-        self.node_costs, self.max_nodes, self.max_positions = list(node_costs), max_nodes, max_positions
+        self.node_costs, self.max_nodes, self.max_positions = node_costs, max_nodes, max_positions
         self.histories: list[list[int]] = [[] for _ in prompts]
         self.indexes: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
         self.extra_beams = 0  # beams the last call of beams() added per row
@@ -192,14 +228,16 @@ class ConfidenceTree:
         """No beam of a fixed kind sits at a fixed column (see :meth:`LookupBeams.columns`)."""
         return None, None
 
-    def nodes(self, row: int, max_depth: int) -> list[tuple[tuple[int, ...], float]]:
-        """The row's tree: ``(path, probability)`` of each node below the root, most probable first
-        (so every node's parent comes before it), as many as :func:`best_count` keeps.
+    def nodes(self, row: int, max_depth: int, costs: Sequence[float]) -> list[tuple[tuple[int, ...], float]]:
+        """The row's candidate nodes: ``(path, probability)`` of each node below the root, most probable
+        first (so every node's parent comes before it), up to where one no longer pays under ``costs``
+        (a cost curve); :meth:`beams` keeps as many as :func:`best_count` says.
 
         Nodes are taken from a heap, most probable first, and only a taken node's children are
         looked up. Taking stops once a node would not pay for the next node's cost at the best rate
-        so far (every later node is less probable, and the costs grow at least about as fast)."""
-        history, index, grid, costs = self.histories[row], self.indexes[row], self.grid, self.node_costs
+        so far (every later node is less probable, and the costs grow at least about as fast): over
+        many rows, where a second token a row is dear, most rows stop at their first guess."""
+        history, index, grid = self.histories[row], self.indexes[row], self.grid
         heap: list[tuple[float, int, tuple[int, ...]]] = []
         pushed = 0
         for token, (context, column) in candidates(history, index, self.table).items():
@@ -221,10 +259,14 @@ class ConfidenceTree:
                 for token, (context, column) in candidates(history, index, self.table, path).items():
                     heapq.heappush(heap, (negative * grid[context][column], pushed, (*path, token)))
                     pushed += 1
-        return taken[: best_count([p for _, p in taken], costs)]
+        return taken
 
     def beams(self, drafted: torch.Tensor, lookup_len: int | None = None, ngram_len: int | None = None) -> torch.Tensor:
         """Add each row's tree, one beam per leaf, to ``drafted`` beams.
+
+        Every row keeps its ``k`` most probable nodes (fewer where it has fewer), ``k`` from
+        :func:`best_count` over all rows' nodes with the cost curve of this many rows
+        (:func:`curve_at`): the rows' trees are padded to the largest in the forward.
 
         Args:
             drafted: ``[B, W, L]`` beams (token 0 of each row is the last token of its history).
@@ -236,17 +278,23 @@ class ConfidenceTree:
             row with fewer leaves repeats its beam 0.
         """
         batch, width, _ = drafted.shape
+        costs = curve_at(self.node_costs, batch)
         cut = [length for length in (lookup_len, ngram_len) if length is not None]
-        found: dict[tuple[int, int], list[int]] = {}
-        self.extra_beams = 0
+        grown = []
         for row in range(batch):
-            history = self.histories[row]
             depth = self.max_nodes if not cut else max(cut) - 1
             if self.max_positions is not None:
-                depth = min(depth, self.max_positions - len(history))
-            paths = [path for path, _ in self.nodes(row, depth)] if depth > 0 else []
+                depth = min(depth, self.max_positions - len(self.histories[row]))
+            grown.append(self.nodes(row, depth, costs) if depth > 0 else [])
+        widest = max((len(nodes) for nodes in grown), default=0)
+        sums = [sum(nodes[j][1] for nodes in grown if len(nodes) > j) for j in range(widest)]
+        keep = best_count(sums, costs, batch)
+        found: dict[tuple[int, int], list[int]] = {}
+        self.extra_beams = 0
+        for row, nodes in enumerate(grown):
+            paths = [path for path, _ in nodes[:keep]]
             parents = {path[:-1] for path in paths}
-            leaves = [[history[-1], *path] for path in paths if path not in parents]
+            leaves = [[self.histories[row][-1], *path] for path in paths if path not in parents]
             found.update({(row, width + i): leaf for i, leaf in enumerate(leaves)})
             self.extra_beams = max(self.extra_beams, len(leaves))
         return with_extra_beams(drafted, self.extra_beams, found)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from .beam_search import beam_search
-from .confidence import ConfidenceTree, grid_refusal
+from .confidence import ConfidenceTree, NodeCosts, grid_refusal
 from .drafter import RecurrentDrafter
 from .head import cpu_head
 from .kv_cache import TreeKVCache
@@ -154,8 +154,9 @@ class SpeculativeDecoder:
         lookup_nodes: when above 0, the lookup drafts come as each row's confidence tree of at most
             this many nodes (:mod:`redrafter.confidence`, over the context and ``ngrams``, which must
             hold a confidence grid) instead of the context-lookup and n-gram beams.
-        node_costs: the confidence tree's cost of a forward of ``n`` tokens relative to one
-            (``node_costs[n - 1]``); needed with ``lookup_nodes``.
+        node_costs: the confidence tree's cost of a forward of ``n`` tokens a row relative to one
+            (``node_costs[n - 1]``), or such curves by the rows in the forward
+            (:data:`redrafter.confidence.NodeCosts`); needed with ``lookup_nodes``.
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
             the model (False: always transformers' decoder).
         policy: chooses per step of :meth:`decode` between a tree, a smaller tree
@@ -191,7 +192,7 @@ class SpeculativeDecoder:
         compile: bool = False,
         packed: bool | None = None,
         lookup_nodes: int = 0,
-        node_costs: Sequence[float] = (),
+        node_costs: NodeCosts = (),
     ) -> None:
         if lookup_nodes and ((refusal := grid_refusal(ngrams)) is not None or not node_costs):
             raise ValueError(f"lookup_nodes needs an n-gram table with a confidence grid, and node costs ({refusal})")
@@ -208,7 +209,7 @@ class SpeculativeDecoder:
         self.lookup_len = lookup_len
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.confident = ngrams if lookup_nodes else None  # the confidence tree's table
-        self.lookup_nodes, self.node_costs = lookup_nodes, tuple(node_costs)
+        self.lookup_nodes, self.node_costs = lookup_nodes, node_costs
         self.trees = [TreeKind(proposer)] + ([small_tree] if small_tree else [])
         self.kinds = STEP_KINDS[: len(self.trees) + 1]
         if policy is not None and len(policy.kinds) > len(self.kinds):
