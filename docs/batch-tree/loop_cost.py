@@ -33,7 +33,8 @@ for rows in batches:
         prompts = [rd.encode(texts[(r * rows + i) % len(texts)]) for i in range(rows)]
         for k in counts if r % 2 else counts[::-1]:
             decoder.lookup_nodes, decoder.node_costs = max(k, 1), (1.0, 99.0) if k < 0 else (1.0,) * 16
-            batch = RunningBatch(decoder, TokenChooser(decoder.target, SamplingParams(), decoder.argmax_head, decoder.head))
+            chooser = TokenChooser(decoder.target, SamplingParams(), decoder.argmax_head, decoder.head)
+            batch = RunningBatch(decoder, chooser)
             batch.add(prompts, [new_tokens] * rows)
             steps = []
             while batch.size == rows:

@@ -663,6 +663,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "ngram_len": rd.ngram_len,
             "ngram_entries": 0 if rd.drafter is None or rd.drafter.ngrams is None else len(rd.drafter.ngrams),
             "tree_nodes": rd.tree_nodes,
+            "lookup_nodes": rd.lookup_nodes,
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -724,10 +725,12 @@ def plot_speedup(results: dict, path: Path) -> None:
     axis.set_ylabel("tokens/s relative to ar")
     c = results["config"]
     dynamic = f", {c['tree_nodes']} drafted nodes" if c.get("tree_nodes") else ""
+    looked_up = f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}"
+    if c.get("lookup_nodes"):
+        looked_up = f"confidence tree of up to {c['lookup_nodes']} nodes"
     axis.set_title(
         f"speedup over autoregressive decoding ({c['dtype']}, {c.get('weights', 'float')} weights, "
-        f"{c['device']}, W={c['beams']}, L={c['draft_len']}, "
-        f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}{dynamic})"
+        f"{c['device']}, W={c['beams']}, L={c['draft_len']}, {looked_up}{dynamic})"
     )
     axis.legend(fontsize=8)
     figure.tight_layout()

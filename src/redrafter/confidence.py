@@ -17,8 +17,8 @@ expected tokens of the step per its cost largest (``node_costs``: a forward of `
 to one). Verification is the tree's as for any beams, so output is unchanged.
 
 Rows that decode together share one forward, every row's tree padded to the largest, and a forward's
-cost grows with its rows: on this project's 2-core CPU a second token a row costs 1.2 plain steps over
-two rows, 1.4 over four and 1.7 over sixteen (``docs/batch-tree/``). So ``node_costs`` may give a
+cost grows with its rows: on this project's 2-core CPU a step with a second token a row costs 1.3 plain
+steps over two rows, 1.6 over four and 1.9 over sixteen (``docs/batch-tree/``). So ``node_costs`` may give a
 curve per batch size (:func:`curve_at`), and a step keeps the same number of nodes in every row, the
 number that makes the expected tokens of all rows per the step's cost largest: often none over many
 rows (then the step is a plain one), a few where most rows copy.
