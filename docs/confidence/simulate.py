@@ -29,9 +29,10 @@ from redrafter.tree import build_tree
 from redrafter.verify import verify
 
 
-def replay(record: dict, lookup) -> tuple[int, float, int, float]:
-    """Steps (the prefill's included), estimated cost in plain steps, tree nodes and host seconds (the
-    beams built and packed) of one prompt; acceptance as SpeculativeDecoder.replay judges it."""
+def replay(record: dict, lookup, costs=NODE_COSTS) -> tuple[int, float, int, float]:
+    """Steps (the prefill's included), estimated cost in plain steps (a step of n tokens at
+    ``cost(costs, n)``), tree nodes and host seconds (the beams built and packed) of one prompt;
+    acceptance as SpeculativeDecoder.replay judges it."""
     answer, done, steps, spent, nodes, host = record["answer"], 1, 1, 1.0, 0, 0.0
     truth = torch.tensor([answer + [UNKNOWN]])  # the target's choice after each output token
     lookup.extend(0, answer[:1])
@@ -44,7 +45,7 @@ def replay(record: dict, lookup) -> tuple[int, float, int, float]:
         emitted = min(int(verify(beams, tree.node_index, choice).num_tokens[0]), len(answer) - done)
         lookup.extend(0, answer[done : done + emitted])
         size = int(tree.num_nodes[0])
-        done, steps, spent, nodes = done + emitted, steps + 1, spent + cost(NODE_COSTS, size), nodes + size
+        done, steps, spent, nodes = done + emitted, steps + 1, spent + cost(costs, size), nodes + size
     return steps, spent, nodes, host
 
 
