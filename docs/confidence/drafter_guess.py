@@ -5,14 +5,17 @@ tree alone, along fixed greedy outputs (``dump.py``). The drafter reads the targ
 ``SpeculativeDecoder.replay``. The estimate prices a step of n tokens at ``NODE_COSTS[n - 1]`` plain
 steps plus the drafter's step at 0, 0.03, 0.1 or 0.2 of a plain one (in the decode loop today its
 one-token beam search takes about 0.6 ms, 0.14 of a plain step: ``redrafter bench --profile --beams 1
---draft-len 2``).
+--draft-len 2``). It first times a bare drafter step in PyTorch, one row, alone (the root's
+embedding, the RNN cell, the head over the draft vocabulary, softmax and top-1), float and w4a8.
 
     python docs/confidence/drafter_guess.py mt80.jsonl
 """
 
 import heapq
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from redrafter.api import NODE_COSTS, ReDrafter
 from redrafter.confidence import MIN_PROBABILITY, ConfidenceTree, candidates, cost
 from redrafter.decode import UNKNOWN
 from redrafter.models import decoder_features
+from redrafter.quant import quantize_drafter
 from redrafter.tree import build_tree
 from redrafter.verify import verify
 
@@ -93,8 +97,24 @@ def replay(rd: ReDrafter, record: dict, guesses, with_guess: bool, calibration: 
     return len(answer), steps, nodes, spent
 
 
+def time_step(rd: ReDrafter) -> None:
+    """Median milliseconds of a bare drafter step (one row, 300 calls after 50), float and w4a8."""
+    hidden = torch.randn(1, rd.target.config.hidden_size, dtype=rd.target.dtype)
+    root = torch.tensor([1234])
+    for name, drafter in (("float", rd.drafter), ("w4a8", quantize_drafter(rd.drafter, "w4a8"))):
+        times = []
+        with torch.inference_mode():
+            for _ in range(350):
+                start = time.perf_counter()
+                state = drafter.rnn_step(None, drafter.embed(root))
+                drafter.head(drafter.condition(hidden), state).float().softmax(-1).max(-1)
+                times.append(time.perf_counter() - start)
+        print(f"a bare drafter step, {name}: {1e3 * statistics.median(times[50:]):.3f} ms")
+
+
 def main() -> None:
     rd = ReDrafter.from_pretrained(weights="float")
+    time_step(rd)
     for path in sys.argv[1:]:
         records = [json.loads(line) for line in open(path)]
         guesses = [drafter_guesses(rd, record) for record in records]
