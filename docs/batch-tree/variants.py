@@ -19,7 +19,6 @@ tree. Each variant is a tree built differently, none of it in the package:
 """
 
 import contextlib
-import heapq
 import json
 import sys
 from pathlib import Path
@@ -51,42 +50,31 @@ class CalibratedTree(ConfidenceTree):
     def __init__(self, *args, **kwargs) -> None:
         self.hits: dict[tuple[int, bool], float] = {}
         self.predicted: dict[tuple[int, bool], float] = {}
+        self.looked_up: dict[tuple[int, ...], tuple[float, tuple[int, bool]]] = {}  # node -> its guess, cell
         self.last: list[tuple[tuple[int, ...], float, tuple[int, bool]]] = []
         super().__init__(*args, **kwargs)
 
-    def factor(self, cell: tuple[int, int]) -> tuple[float, tuple[int, bool]]:
-        key = (cell[0], cell[1] > 0)
-        scale = (self.hits.get(key, 0.0) + self.weight) / (self.predicted.get(key, 0.0) + self.weight)
-        return min(0.99, self.grid[cell[0]][cell[1]] * scale), key
+    def guesses(self, row, path=()):
+        found = []
+        for token, (context, column) in confidence.candidates(
+            self.histories[row], self.indexes[row], self.table, path
+        ).items():
+            key = (context, column > 0)
+            scale = (self.hits.get(key, 0.0) + self.weight) / (self.predicted.get(key, 0.0) + self.weight)
+            factor = min(0.99, self.grid[context][column] * scale)
+            self.looked_up[(*path, token)] = (factor, key)
+            found.append((token, factor))
+        return found
 
     def nodes(self, row, max_depth, costs):
-        history, index = self.histories[row], self.indexes[row]
-        heap, pushed = [], 0
-        for token, cell in confidence.candidates(history, index, self.table).items():
-            factor, key = self.factor(cell)
-            heap.append((-factor, pushed, (token,), factor, key))
-            pushed += 1
-        heapq.heapify(heap)
-        taken, expected, best_rate = [], 1.0, 1.0
-        while heap and len(taken) < self.max_nodes:
-            negative, _, path, factor, key = heapq.heappop(heap)
-            step = cost(costs, len(taken) + 2) - cost(costs, len(taken) + 1)
-            if -negative < confidence.MIN_PROBABILITY or -negative < best_rate * step:
-                break
-            taken.append((path, -negative, factor, key))
-            expected -= negative
-            best_rate = max(best_rate, expected / cost(costs, len(taken) + 1))
-            if len(path) < max_depth:
-                for token, cell in confidence.candidates(history, index, self.table, path).items():
-                    child, child_key = self.factor(cell)
-                    heapq.heappush(heap, (negative * child, pushed, (*path, token), child, child_key))
-                    pushed += 1
-        self.last = [(path, factor, key) for path, _, factor, key in taken]
-        return [(path, probability) for path, probability, _, _ in taken]
+        self.looked_up = {}
+        taken = super().nodes(row, max_depth, costs)
+        self.last = [(path, *self.looked_up[path]) for path, _ in taken]
+        return taken
 
     def extend(self, row, tokens):
         """After a step ``tokens`` are the target's from its root on: score each node whose parent held."""
-        for path, factor, key in getattr(self, "last", []):
+        for path, factor, key in self.last:
             depth = len(path)
             if depth <= len(tokens) and list(path[:-1]) == tokens[: depth - 1]:
                 self.predicted[key] = self.predicted.get(key, 0.0) + factor

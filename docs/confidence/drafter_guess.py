@@ -11,7 +11,6 @@ embedding, the RNN cell, the head over the draft vocabulary, softmax and top-1),
     python docs/confidence/drafter_guess.py mt80.jsonl
 """
 
-import heapq
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from redrafter.api import NODE_COSTS, ReDrafter
-from redrafter.confidence import MIN_PROBABILITY, ConfidenceTree, candidates, cost
+from redrafter.confidence import ConfidenceTree, cost
 from redrafter.decode import UNKNOWN
 from redrafter.models import decoder_features
 from redrafter.quant import quantize_drafter
@@ -32,31 +31,16 @@ DRAFTER_COSTS = (0.0, 0.03, 0.1, 0.2)
 
 
 class GuessedTree(ConfidenceTree):
-    """The confidence tree with one more guess at the root: ``guess`` (token, probability) or None."""
+    """The confidence tree with one more guess at the root: ``guess`` (token, probability) or None; where
+    a lookup guess names the same token, the larger probability."""
 
     guess: tuple[int, float] | None = None
 
-    def nodes(self, row, max_depth, costs):
-        history, index, grid = self.histories[row], self.indexes[row], self.grid
-        root = {token: grid[c][k] for token, (c, k) in candidates(history, index, self.table).items()}
-        if self.guess is not None:
-            root[self.guess[0]] = max(root.get(self.guess[0], 0.0), self.guess[1])
-        heap = [(-p, i, (token,)) for i, (token, p) in enumerate(root.items())]
-        heapq.heapify(heap)
-        pushed, taken, expected, best_rate = len(heap), [], 1.0, 1.0
-        while heap and len(taken) < self.max_nodes:  # as ConfidenceTree.nodes
-            negative, _, path = heapq.heappop(heap)
-            step = cost(costs, len(taken) + 2) - cost(costs, len(taken) + 1)
-            if -negative < MIN_PROBABILITY or -negative < best_rate * step:
-                break
-            taken.append((path, -negative))
-            expected -= negative
-            best_rate = max(best_rate, expected / cost(costs, len(taken) + 1))
-            if len(path) < max_depth:
-                for token, (c, k) in candidates(history, index, self.table, path).items():
-                    heapq.heappush(heap, (negative * grid[c][k], pushed, (*path, token)))
-                    pushed += 1
-        return taken
+    def guesses(self, row, path=()):
+        found = dict(super().guesses(row, path))
+        if not path and self.guess is not None:
+            found[self.guess[0]] = max(found.get(self.guess[0], 0.0), self.guess[1])
+        return list(found.items())
 
 
 def drafter_guesses(rd: ReDrafter, record: dict) -> tuple[list[int], list[float]]:

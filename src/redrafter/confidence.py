@@ -228,21 +228,25 @@ class ConfidenceTree:
         """No beam of a fixed kind sits at a fixed column (see :meth:`LookupBeams.columns`)."""
         return None, None
 
+    def guesses(self, row: int, path: tuple[int, ...] = ()) -> list[tuple[int, float]]:
+        """``(token, probability)`` of each guess for the token after ``row``'s history and ``path``: the
+        context's and the table's (:func:`candidates`), each at its grid cell's probability of being right."""
+        grid = self.grid
+        found = candidates(self.histories[row], self.indexes[row], self.table, path)
+        return [(token, grid[context][column]) for token, (context, column) in found.items()]
+
     def nodes(self, row: int, max_depth: int, costs: Sequence[float]) -> list[tuple[tuple[int, ...], float]]:
         """The row's candidate nodes: ``(path, probability)`` of each node below the root, most probable
-        first (so every node's parent comes before it), up to where one no longer pays under ``costs``
-        (a cost curve); :meth:`beams` keeps as many as :func:`best_count` says.
+        first (so every node's parent comes before it), each the product of its guesses' probabilities
+        along its path (:meth:`guesses`), up to where one no longer pays under ``costs`` (a cost curve);
+        :meth:`beams` keeps as many as :func:`best_count` says.
 
         Nodes are taken from a heap, most probable first, and only a taken node's children are
         looked up. Taking stops once a node would not pay for the next node's cost at the best rate
         so far (every later node is less probable, and the costs grow at least about as fast): over
         many rows, where a second token a row is dear, most rows stop at their first guess."""
-        history, index, grid = self.histories[row], self.indexes[row], self.grid
-        heap: list[tuple[float, int, tuple[int, ...]]] = []
-        pushed = 0
-        for token, (context, column) in candidates(history, index, self.table).items():
-            heap.append((-grid[context][column], pushed, (token,)))
-            pushed += 1
+        heap = [(-probability, i, (token,)) for i, (token, probability) in enumerate(self.guesses(row))]
+        pushed = len(heap)
         heapq.heapify(heap)
         taken: list[tuple[tuple[int, ...], float]] = []
         expected, best_rate = 1.0, 1.0
@@ -256,8 +260,8 @@ class ConfidenceTree:
             expected += probability
             best_rate = max(best_rate, expected / cost(costs, len(taken) + 1))
             if len(path) < max_depth:
-                for token, (context, column) in candidates(history, index, self.table, path).items():
-                    heapq.heappush(heap, (negative * grid[context][column], pushed, (*path, token)))
+                for token, factor in self.guesses(row, path):
+                    heapq.heappush(heap, (negative * factor, pushed, (*path, token)))
                     pushed += 1
         return taken
 
