@@ -54,7 +54,7 @@ class CalibratedTree(ConfidenceTree):
         self.last: list[tuple[tuple[int, ...], float, tuple[int, bool]]] = []
         super().__init__(*args, **kwargs)
 
-    def guesses(self, row, path=()):
+    def guesses(self, row, path=(), drafted=None):
         found = []
         for token, (context, column) in confidence.candidates(
             self.histories[row], self.indexes[row], self.table, path
@@ -66,9 +66,9 @@ class CalibratedTree(ConfidenceTree):
             found.append((token, factor))
         return found
 
-    def nodes(self, row, max_depth, costs):
+    def nodes(self, row, max_depth, costs, drafted=None):
         self.looked_up = {}
-        taken = super().nodes(row, max_depth, costs)
+        taken = super().nodes(row, max_depth, costs, drafted)
         self.last = [(path, *self.looked_up[path]) for path, _ in taken]
         return taken
 

@@ -22,25 +22,13 @@ import torch
 from redrafter.api import NODE_COSTS, ReDrafter
 from redrafter.confidence import ConfidenceTree, cost
 from redrafter.decode import UNKNOWN
+from redrafter.guess import DrafterGuess
 from redrafter.models import decoder_features
 from redrafter.quant import quantize_drafter
 from redrafter.tree import build_tree
 from redrafter.verify import verify
 
 DRAFTER_COSTS = (0.0, 0.03, 0.1, 0.2)
-
-
-class GuessedTree(ConfidenceTree):
-    """The confidence tree with one more guess at the root: ``guess`` (token, probability) or None; where
-    a lookup guess names the same token, the larger probability."""
-
-    guess: tuple[int, float] | None = None
-
-    def guesses(self, row, path=()):
-        found = dict(super().guesses(row, path))
-        if not path and self.guess is not None:
-            found[self.guess[0]] = max(found.get(self.guess[0], 0.0), self.guess[1])
-        return list(found.items())
 
 
 def drafter_guesses(rd: ReDrafter, record: dict) -> tuple[list[int], list[float]]:
@@ -59,17 +47,17 @@ def replay(rd: ReDrafter, record: dict, guesses, with_guess: bool, calibration: 
     prompt, answer = record["prompt"], record["answer"]
     tokens, probabilities = guesses
     truth = torch.tensor([answer + [UNKNOWN]])
-    tree = GuessedTree([prompt], rd.drafter.ngrams, NODE_COSTS, 12, 8192)
+    tree = ConfidenceTree([prompt], rd.drafter.ngrams, NODE_COSTS, 12, 8192)
     tree.extend(0, answer[:1])
     done, steps, nodes, spent = 1, 1, 0, [1.0] * len(DRAFTER_COSTS)
     while done < len(answer):
         at = len(prompt) + done - 2  # the hidden state before the root
-        tree.guess = (tokens[at], probabilities[at]) if with_guess else None
+        guess = [(tokens[at], probabilities[at])] if with_guess else None
         if with_guess:
             calibration[0] += probabilities[at]
             calibration[1] += tokens[at] == answer[done]
             calibration[2] += 1
-        beams = tree.beams(torch.tensor([[[answer[done - 1]]]]))
+        beams = tree.beams(torch.tensor([[[answer[done - 1]]]]), guesses=guess)
         packed = build_tree(beams)
         choice = truth[:, (done + packed.depth[0]).clamp(max=len(answer))]
         emitted = min(int(verify(beams, packed.node_index, choice).num_tokens[0]), len(answer) - done)
@@ -82,18 +70,31 @@ def replay(rd: ReDrafter, record: dict, guesses, with_guess: bool, calibration: 
 
 
 def time_step(rd: ReDrafter) -> None:
-    """Median milliseconds of a bare drafter step (one row, 300 calls after 50), float and w4a8."""
+    """Median milliseconds of a bare drafter step (one row, 300 calls after 50): float and w4a8 through
+    PyTorch, and w4a8 as one kernel call (``redrafter.guess.DrafterGuess``)."""
     hidden = torch.randn(1, rd.target.config.hidden_size, dtype=rd.target.dtype)
     root = torch.tensor([1234])
-    for name, drafter in (("float", rd.drafter), ("w4a8", quantize_drafter(rd.drafter, "w4a8"))):
+    w4a8 = quantize_drafter(rd.drafter, "w4a8")
+    kernel = DrafterGuess(w4a8)
+    steps = {
+        "float": lambda: step(rd.drafter, hidden, root),
+        "w4a8": lambda: step(w4a8, hidden, root),
+        "w4a8, one kernel call": lambda: kernel(hidden, root),
+    }
+    for name, run in steps.items():
         times = []
         with torch.inference_mode():
             for _ in range(350):
                 start = time.perf_counter()
-                state = drafter.rnn_step(None, drafter.embed(root))
-                drafter.head(drafter.condition(hidden), state).float().softmax(-1).max(-1)
+                run()
                 times.append(time.perf_counter() - start)
         print(f"a bare drafter step, {name}: {1e3 * statistics.median(times[50:]):.3f} ms")
+
+
+def step(drafter, hidden: torch.Tensor, root: torch.Tensor) -> None:
+    """The drafter's first step through PyTorch: the root's embedding, the RNN cell, the head, softmax, top-1."""
+    state = drafter.rnn_step(None, drafter.embed(root))
+    drafter.head(drafter.condition(hidden), state).float().softmax(-1).max(-1)
 
 
 def main() -> None:

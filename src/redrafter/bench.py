@@ -173,6 +173,7 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
         ngram_len=rd.ngram_len,
         tree_nodes=rd.tree_nodes,
         lookup_nodes=rd.lookup_nodes,
+        drafter_guess=rd.drafter_guess,
         lean=rd.lean,
         drafter_weights=rd.drafter_weights,
         adaptive=rd.adaptive,
@@ -184,7 +185,10 @@ def variant(rd: ReDrafter, **changes) -> ReDrafter:
     )
     if "argmax_head" in changes and not isinstance(changes["argmax_head"], torch.nn.Module | None):
         changes["argmax_head"] = rd.argmax_head if changes["argmax_head"] else None  # a variant's 1 or 0
-    return ReDrafter(rd.target, rd.tokenizer, **(settings | changes), quantization=rd.quantization)
+    merged = settings | changes
+    if "drafter_guess" not in changes and (merged["num_beams"] or not merged["lookup_nodes"]):
+        merged["drafter_guess"] = False  # the guess joins a confidence tree where the drafter drafts nothing
+    return ReDrafter(rd.target, rd.tokenizer, **merged, quantization=rd.quantization)
 
 
 def drafter_alone(rd: ReDrafter) -> ReDrafter:
@@ -215,7 +219,8 @@ VARIANT_SETTINGS = {
     "lookup-len": "lookup_len",
     "ngram-len": "ngram_len",
     "tree-nodes": "tree_nodes",
-    "lookup-nodes": "lookup_nodes",  # 0: the lookup beams instead of the confidence tree
+    "lookup-nodes": "lookup_nodes",  # 0: the lookup beams instead of the confidence tree (and drafter-guess=0)
+    "drafter-guess": "drafter_guess",  # 0: the confidence tree without the drafter's guess
     "lean": "lean",
     "adaptive": "adaptive",  # 0: a tree every step
     "small-tree": "small_tree",  # 1: adaptive among the tree, the small tree and plain steps; 0: without it
@@ -664,6 +669,7 @@ def summarize(rd: ReDrafter, methods: list[str], records: list[dict], max_new_to
             "ngram_entries": 0 if rd.drafter is None or rd.drafter.ngrams is None else len(rd.drafter.ngrams),
             "tree_nodes": rd.tree_nodes,
             "lookup_nodes": rd.lookup_nodes,
+            "drafter_guess": rd.drafter_guess,
             "max_new_tokens": max_new_tokens,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -728,6 +734,7 @@ def plot_speedup(results: dict, path: Path) -> None:
     looked_up = f"lookup {c['lookup_len']}, n-grams {c.get('ngram_len', 0)}"
     if c.get("lookup_nodes"):
         looked_up = f"confidence tree of up to {c['lookup_nodes']} nodes"
+        looked_up += " with the drafter's guess" if c.get("drafter_guess") else ""
     axis.set_title(
         f"speedup over autoregressive decoding ({c['dtype']}, {c.get('weights', 'float')} weights, "
         f"{c['device']}, W={c['beams']}, L={c['draft_len']}, {looked_up}{dynamic})"

@@ -134,6 +134,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "n-gram table's guesses, instead of the lookup and n-gram beams (default "
         f"{_shape_defaults('lookup_nodes')}, where the drafter's n-gram table has a confidence grid; 0 = the beams)",
     )
+    parser.add_argument(
+        "--drafter-guess",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --beams 0 and a confidence tree, add the drafter's most probable next token to the tree's root "
+        "guesses at the drafter's own probability (one kernel call a step; default: on with w4a8 drafter weights)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="compute dtype (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
     parser.add_argument(
@@ -203,6 +210,7 @@ def _load_engine(args: argparse.Namespace, drafter: RecurrentDrafter | None) -> 
         ngram_len=args.ngram_len,
         tree_nodes=args.tree_nodes,
         lookup_nodes=args.lookup_nodes,
+        drafter_guess=args.drafter_guess,
         drafter_weights=args.drafter_weights,
         adaptive=getattr(args, "speculation", "adaptive") == "adaptive",
         small_tree=getattr(args, "small_tree", None),
@@ -452,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("NAME", "SETTINGS"),
         help="one more method: redrafter with some settings changed, e.g. --variant w4l3 "
         "beams=4,draft-len=3,tree-nodes=0 (settings: beams, draft-len, lookup-len, ngram-len, tree-nodes, "
-        "lookup-nodes=0 for the two lookup beams instead of the confidence tree, "
+        "lookup-nodes=0 for the two lookup beams instead of the confidence tree, drafter-guess=0 for the "
+        "confidence tree without the drafter's guess, "
         "lean=0 for transformers' forward instead of the lean one, adaptive=0 for a tree every step, "
         "small-tree=1 or 0 to add or leave out the small tree, drafter=FOLDER for another drafter "
         "side by side (drafter=none: plain decoding with the other settings), drafter-weights=float|int8|int4|w4a8, "

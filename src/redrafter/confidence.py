@@ -206,6 +206,8 @@ class ConfidenceTree:
         self.node_costs, self.max_nodes, self.max_positions = node_costs, max_nodes, max_positions
         self.histories: list[list[int]] = [[] for _ in prompts]
         self.indexes: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]
+        # Each row's guesses at its root until its history grows (asked for twice a step with a drafter's guess).
+        self.roots: list[dict[int, float] | None] = [None for _ in prompts]
         self.extra_beams = 0  # beams the last call of beams() added per row
         for row, prompt in enumerate(prompts):
             self.extend(row, prompt)
@@ -213,39 +215,63 @@ class ConfidenceTree:
     def extend(self, row: int, tokens: list[int]) -> None:
         """Append ``tokens`` (what ``row`` emitted) to its history."""
         index_tokens(self.histories[row], self.indexes[row], tokens, CONTEXT_SIZES)
+        self.roots[row] = None
 
     def select(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices into the current rows), in that order."""
         self.histories = [self.histories[i] for i in rows]
         self.indexes = [self.indexes[i] for i in rows]
+        self.roots = [self.roots[i] for i in rows]
 
     def merge(self, other: ConfidenceTree) -> None:
         """Append ``other``'s rows (same settings) after these."""
         self.histories += other.histories
         self.indexes += other.indexes
+        self.roots += other.roots
 
     def columns(self, width: int) -> tuple[None, None]:
         """No beam of a fixed kind sits at a fixed column (see :meth:`LookupBeams.columns`)."""
         return None, None
 
-    def guesses(self, row: int, path: tuple[int, ...] = ()) -> list[tuple[int, float]]:
+    def guesses(
+        self, row: int, path: tuple[int, ...] = (), drafted: tuple[int, float] | None = None
+    ) -> list[tuple[int, float]]:
         """``(token, probability)`` of each guess for the token after ``row``'s history and ``path``: the
-        context's and the table's (:func:`candidates`), each at its grid cell's probability of being right."""
+        context's and the table's (:func:`candidates`), each at its grid cell's probability of being right,
+        and ``drafted``, the drafter's guess (token, probability) where given; a token guessed twice
+        takes the larger probability."""
         grid = self.grid
-        found = candidates(self.histories[row], self.indexes[row], self.table, path)
-        return [(token, grid[context][column]) for token, (context, column) in found.items()]
+        found = None if path else self.roots[row]
+        if found is None:
+            looked_up = candidates(self.histories[row], self.indexes[row], self.table, path)
+            found = {token: grid[context][column] for token, (context, column) in looked_up.items()}
+            if not path:
+                self.roots[row] = found
+        if drafted is not None:
+            found = dict(found)
+            token, probability = drafted
+            found[token] = max(found.get(token, 0.0), probability)
+        return list(found.items())
 
-    def nodes(self, row: int, max_depth: int, costs: Sequence[float]) -> list[tuple[tuple[int, ...], float]]:
+    def root_confidence(self, row: int) -> float:
+        """The probability of the likeliest of the context's and the table's guesses at ``row``'s root (0
+        for none): where it is high, the drafter's guess rarely adds a token (:mod:`redrafter.guess`)."""
+        return max((probability for _, probability in self.guesses(row)), default=0.0)
+
+    def nodes(
+        self, row: int, max_depth: int, costs: Sequence[float], drafted: tuple[int, float] | None = None
+    ) -> list[tuple[tuple[int, ...], float]]:
         """The row's candidate nodes: ``(path, probability)`` of each node below the root, most probable
         first (so every node's parent comes before it), each the product of its guesses' probabilities
-        along its path (:meth:`guesses`), up to where one no longer pays under ``costs`` (a cost curve);
-        :meth:`beams` keeps as many as :func:`best_count` says.
+        along its path (:meth:`guesses`; ``drafted``: the drafter's guess among the root's), up to where
+        one no longer pays under ``costs`` (a cost curve); :meth:`beams` keeps as many as
+        :func:`best_count` says.
 
         Nodes are taken from a heap, most probable first, and only a taken node's children are
         looked up. Taking stops once a node would not pay for the next node's cost at the best rate
         so far (every later node is less probable, and the costs grow at least about as fast): over
         many rows, where a second token a row is dear, most rows stop at their first guess."""
-        heap = [(-probability, i, (token,)) for i, (token, probability) in enumerate(self.guesses(row))]
+        heap = [(-probability, i, (token,)) for i, (token, probability) in enumerate(self.guesses(row, (), drafted))]
         pushed = len(heap)
         heapq.heapify(heap)
         taken: list[tuple[tuple[int, ...], float]] = []
@@ -265,7 +291,13 @@ class ConfidenceTree:
                     pushed += 1
         return taken
 
-    def beams(self, drafted: torch.Tensor, lookup_len: int | None = None, ngram_len: int | None = None) -> torch.Tensor:
+    def beams(
+        self,
+        drafted: torch.Tensor,
+        lookup_len: int | None = None,
+        ngram_len: int | None = None,
+        guesses: Sequence[tuple[int, float] | None] | None = None,
+    ) -> torch.Tensor:
         """Add each row's tree, one beam per leaf, to ``drafted`` beams.
 
         Every row keeps its ``k`` most probable nodes (fewer where it has fewer), ``k`` from
@@ -276,6 +308,8 @@ class ConfidenceTree:
             drafted: ``[B, W, L]`` beams (token 0 of each row is the last token of its history).
             lookup_len, ngram_len: a smaller tree's cut: no node deeper than the larger of them minus
                 one (None: only the context's end limits the depth).
+            guesses: per row, the drafter's guess for the token after the root and its probability
+                (:class:`redrafter.guess.DrafterGuess`), or None, which joins the root's guesses; None: none.
         Returns:
             ``[B, W + E, M]``, ``E`` the most leaves of any row (:attr:`extra_beams`), ``M`` the
             longest of ``L`` and the deepest leaf plus its root, shorter beams ending in ``PAD``; a
@@ -289,7 +323,8 @@ class ConfidenceTree:
             depth = self.max_nodes if not cut else max(cut) - 1
             if self.max_positions is not None:
                 depth = min(depth, self.max_positions - len(self.histories[row]))
-            grown.append(self.nodes(row, depth, costs) if depth > 0 else [])
+            guess = None if guesses is None else guesses[row]
+            grown.append(self.nodes(row, depth, costs, guess) if depth > 0 else [])
         widest = max((len(nodes) for nodes in grown), default=0)
         sums = [sum(nodes[j][1] for nodes in grown if len(nodes) > j) for j in range(widest)]
         keep = best_count(sums, costs, batch)

@@ -6,7 +6,8 @@ One :class:`SpeculativeDecoder` step, for a batch of ``B`` rows with ``C`` cache
    ``F = d``, or with it the outputs of the layers a drafter fuses) and last token ``[B]``;
    with ``lookup_len``, one context-lookup beam per row joins them, and with an n-gram table one
    beam drafted from the corpus's n-grams (:mod:`redrafter.lookup`, :mod:`redrafter.ngrams`), or
-   with ``lookup_nodes`` instead of both beams each row's confidence tree (:mod:`redrafter.confidence`);
+   with ``lookup_nodes`` instead of both beams each row's confidence tree (:mod:`redrafter.confidence`),
+   where the drafter's own guess may join the lookups' at its root (:mod:`redrafter.guess`);
 2. the beams become a packed prefix tree of ``N`` slots (:mod:`redrafter.tree`);
 3. the target runs once over ``[B, N]`` with a ``[B, 1, N, C + N]`` mask and per-slot positions;
 4. verification picks per row the accepted path and its bonus token (:mod:`redrafter.verify`), from
@@ -39,6 +40,7 @@ from transformers import PreTrainedModel
 from .beam_search import beam_search
 from .confidence import ConfidenceTree, NodeCosts, grid_refusal
 from .drafter import RecurrentDrafter
+from .guess import DrafterGuess
 from .head import cpu_head
 from .kv_cache import TreeKVCache
 from .lean_decoder import forward_head, target_forward
@@ -157,6 +159,9 @@ class SpeculativeDecoder:
         node_costs: the confidence tree's cost of a forward of ``n`` tokens a row relative to one
             (``node_costs[n - 1]``), or such curves by the rows in the forward
             (:data:`redrafter.confidence.NodeCosts`); needed with ``lookup_nodes``.
+        guess: the drafter's first step (:class:`redrafter.guess.DrafterGuess`), whose most probable token
+            joins each row's confidence tree at its root, at the drafter's probability; needs
+            ``lookup_nodes``. None: the tree holds the lookups' guesses alone.
         lean: run the target through :class:`redrafter.lean_decoder.LeanDecoder` where it covers
             the model (False: always transformers' decoder).
         policy: chooses per step of :meth:`decode` between a tree, a smaller tree
@@ -193,9 +198,12 @@ class SpeculativeDecoder:
         packed: bool | None = None,
         lookup_nodes: int = 0,
         node_costs: NodeCosts = (),
+        guess: DrafterGuess | None = None,
     ) -> None:
         if lookup_nodes and ((refusal := grid_refusal(ngrams)) is not None or not node_costs):
             raise ValueError(f"lookup_nodes needs an n-gram table with a confidence grid, and node costs ({refusal})")
+        if guess is not None and not lookup_nodes:
+            raise ValueError("the drafter's guess joins a confidence tree: it needs lookup_nodes")
         self.target = target
         self.argmax_head = argmax_head
         self.decoder = decoder_of(target)
@@ -210,6 +218,7 @@ class SpeculativeDecoder:
         self.ngrams, self.ngram_len = (ngrams, ngram_len) if ngrams is not None and ngram_len > 1 else (None, 0)
         self.confident = ngrams if lookup_nodes else None  # the confidence tree's table
         self.lookup_nodes, self.node_costs = lookup_nodes, node_costs
+        self.guess = guess
         self.trees = [TreeKind(proposer)] + ([small_tree] if small_tree else [])
         self.kinds = STEP_KINDS[: len(self.trees) + 1]
         if policy is not None and len(policy.kinds) > len(self.kinds):
@@ -387,6 +396,35 @@ class SpeculativeDecoder:
             prompts, self.lookup_len, None, self.max_positions, ngrams=self.ngrams, ngram_length=self.ngram_len
         )
 
+    def _lookup_beams(
+        self,
+        lookup: LookupBeams | ConfidenceTree,
+        beams: torch.Tensor,
+        hidden: torch.Tensor,
+        last_token: torch.Tensor,
+        kind: TreeKind,
+    ) -> torch.Tensor:
+        """The proposer's ``beams`` ``[B, W, L]`` with each row's lookup beams added, ``[B, W + E, M]``
+        (``M >= L``; shorter beams end in PAD): a confidence tree's with the drafter's guess at its root
+        where the decoder has one (from ``hidden [B, F]`` and ``last_token [B]``), for the rows whose
+        lookups are not already sure (:attr:`redrafter.guess.DrafterGuess.below`)."""
+        guesses = None
+        if self.guess is not None and isinstance(lookup, ConfidenceTree):
+            with self._stage("draft: drafter's guess"):
+                rows = [row for row in range(len(last_token)) if lookup.root_confidence(row) < self.guess.below]
+                if rows:
+                    guesses = [None] * len(last_token)
+                    if len(rows) < len(last_token):
+                        chosen = torch.tensor(rows, device=last_token.device)
+                        hidden, last_token = hidden[chosen], last_token[chosen]
+                    tokens, probabilities = self.guess(hidden, last_token)
+                    for row, token, probability in zip(rows, tokens.tolist(), probabilities.tolist(), strict=True):
+                        guesses[row] = (token, probability)
+        with self._stage("draft: lookup"):
+            if guesses is not None:
+                return lookup.beams(beams, kind.lookup_len, kind.ngram_len, guesses)
+            return lookup.beams(beams, kind.lookup_len, kind.ngram_len)
+
     @torch.inference_mode()
     def replay(self, prompt: list[int], output: list[int]) -> list[int]:
         """Teacher-forced acceptance: what each target forward would emit if greedy decoding of
@@ -420,7 +458,9 @@ class SpeculativeDecoder:
             at = torch.tensor([position], device=device)
             beams = self.proposer(hidden[position - 1][None], sequence[:, position], at)
             if lookup is not None:
-                beams = lookup.beams(beams)
+                beams = self._lookup_beams(
+                    lookup, beams, hidden[position - 1][None], sequence[:, position], self.trees[0]
+                )
             tree = build_tree(beams)
             # After a node at depth k on the output's own path the target chooses output[done + k];
             # only such nodes are ever consulted.
@@ -650,8 +690,7 @@ class RunningBatch:
             proposer = no_draft if tree_kind is None else tree_kind.proposer
             beams = proposer(rows.hidden, rows.last_token, rows.row_length)  # [B, W, L]
         if rows.lookup is not None and tree_kind is not None:
-            with d._stage("draft: lookup"):  # [B, W + E, M], M >= L: shorter beams end in PAD
-                beams = rows.lookup.beams(beams, tree_kind.lookup_len, tree_kind.ngram_len)
+            beams = d._lookup_beams(rows.lookup, beams, rows.hidden, rows.last_token, tree_kind)
         with d._stage("tree: pack, mask"):
             tree = build_tree(beams)
             allowed = tree_allowed(tree.ancestors, rows.context_valid)  # [B, N, C + N]

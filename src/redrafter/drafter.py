@@ -172,7 +172,11 @@ class RecurrentDrafter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the drafter computes in (its weights', or a quantized copy's scales')."""
+        """The dtype the drafter computes in: its weights', or a quantized copy's activations' (a w4a8
+        layer's ``dtype``, its scales being float16; int8 and int4 layers keep their scales in it)."""
+        for module in self.modules():
+            if module is not self and isinstance(getattr(module, "dtype", None), torch.dtype):
+                return module.dtype
         return next(t.dtype for t in chain(self.parameters(), self.buffers()) if t.is_floating_point())
 
     # -- the equations ------------------------------------------------------------------------

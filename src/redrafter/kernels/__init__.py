@@ -8,6 +8,8 @@
   (:mod:`redrafter.fused_layer`), and the accepted path's cache entries moved in all layers at once
   (:meth:`redrafter.kv_cache.TreeKVCache.keep`);
 - ``head.c``: the target's output head with bfloat16 weights, for sampling (:mod:`redrafter.head`);
+- ``drafter.c``: the drafter's first draft step, its guess and that guess's probability, in one call
+  (:mod:`redrafter.guess`);
 - ``kernels.h``: what they share.
 
 They are compiled together with the system's C compiler (``cc``, or ``$CC``; about a second) into
@@ -48,6 +50,8 @@ SIGNATURES = {
     "kv_keep": [_PTR, *[_I64] * 7, _PTR, _I64],
     # x, bf16 in, M, K, weights, N, bf16 out, y
     "bf16_head": [_PTR, ctypes.c_int, _I64, _I64, _PTR, _I64, ctypes.c_int, _PTR],
+    # drafter, hidden, its row stride, embedding table, ids, bf16, B, draft vocabulary, tokens, probabilities
+    "drafter_guess": [_PTR, _PTR, _I64, _PTR, _PTR, ctypes.c_int, _I64, _PTR, _PTR, _PTR],
 }
 
 

@@ -90,6 +90,15 @@ AVX512 static inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(alive, _mm512_scalef_ps(p, n));
 }
 
+// silu(g) = g / (1 + exp(-g)) of 16 floats, written without overflow (layer.c's gate, drafter.c's cell
+// and blocks).
+AVX512 static inline __m512 silu16(__m512 g) {
+  __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  // exp(-|g|)
+  __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  __m512 numerator = _mm512_mask_mul_ps(g, negative, g, e);
+  return _mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
 // The sum of x's 16 lanes, added in pairs (i, i + 8), then (i, i + 4), (i, i + 2), then (0, 1): the order
 // of GCC's _mm512_reduce_add_ps, and the order sums16 keeps for each of its sixteen (attention.c's
 // scores, head.c's logits).
@@ -136,6 +145,19 @@ AVX512 static inline float exact_dot(const void *exact, int kind, int64_t at, co
 // bfloat16 when 1, float32 holding bfloat16 values when 2).
 void w4a8_rows(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
                int64_t N, int8_t *q, float *s, float *sums, int bf16_out, void *y);
+
+// A w4a8 layer's weights (w4a8.c's tile-major codes and float16 scales) and its bias.
+typedef struct {
+  const uint8_t *codes;
+  const uint16_t *scales;
+  const void *bias;  // [N] in the activations' dtype, or NULL
+  int64_t bits, out_features, in_features;
+} Product;
+
+// w4a8.c: y [M, N] = x [M, K] (float) times p's weights, rounded as the unfused product's output (in the
+// activations' dtype, bfloat16 when bf16 != 0, then the bias added and rounded again), with w4a8_rows'
+// scratch. Inside a parallel region: the loops are shared.
+void w4a8_product(const Product *p, const float *x, int64_t M, int bf16, int8_t *q, float *s, float *sums, float *y);
 
 // attention.c: G queries sharing their keys, values and mask row (q_sg elements apart; the mask's keys
 // contiguous), each computed as the top of attention.c says, into out [G, D]; scores: scratch of

@@ -29,31 +29,11 @@
 
 
 typedef struct {
-  const uint8_t *codes;  // w4a8.c's tile-major codes and float16 scales
-  const uint16_t *scales;
-  const void *bias;  // [N], or NULL
-  int64_t bits, out_features, in_features;
-} Product;
-
-typedef struct {
   Product qkv, o_proj, gate_up, down_proj;
   const void *input_norm, *post_norm;  // [d]
   float eps, scale;
   int64_t heads, kv_heads, head_dim, intermediate;
 } Layer;
-
-// y [M, N] = x [M, K] (float) times p's weights, rounded as the unfused product's output (in x's
-// dtype, then the bias added and rounded again). Inside a parallel region: the loops are shared.
-VNNI static void product(const Product *p, const float *x, int64_t M, int bf16, int8_t *q, float *s, float *sums,
-                         float *y) {
-  const int64_t N = p->out_features;
-  w4a8_rows(x, 0, M, p->in_features, p->codes, p->scales, (int)p->bits, N, q, s, sums, bf16 ? 2 : 0, y);
-  if (p->bias == NULL) return;
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < M; r++)
-    for (int64_t n = 0; n < N; n += 16)
-      _mm512_storeu_ps(y + r * N + n, round16(_mm512_add_ps(_mm512_loadu_ps(y + r * N + n), load16(p->bias, n, bf16)), bf16));
-}
 
 // out [d] = weight * rms_norm(x row r): normalized in float32 and rounded, then scaled and rounded.
 AVX512 static void rms_norm_row(const void *x, int64_t r, int64_t d, const void *weight, float eps, int bf16,
@@ -78,13 +58,8 @@ AVX512 static void add_row(void *x, int64_t r, int64_t d, const float *update, i
 
 // out [I] = silu(gate) * up of one row of [gate, up] (2 I values), each rounded.
 AVX512 static void glu_row(const float *gate_up, int64_t I, int bf16, float *out) {
-  const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t j = 0; j < I; j += 16) {
-    __m512 g = _mm512_loadu_ps(gate_up + j);
-    __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  // exp(-|g|)
-    __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-    __m512 numerator = _mm512_mask_mul_ps(g, negative, g, e);  // g / (1 + exp(-g)), written without overflow
-    __m512 silu = round16(_mm512_div_ps(numerator, _mm512_add_ps(one, e)), bf16);
+    __m512 silu = round16(silu16(_mm512_loadu_ps(gate_up + j)), bf16);
     _mm512_storeu_ps(out + j, round16(_mm512_mul_ps(silu, _mm512_loadu_ps(gate_up + I + j)), bf16));
   }
 }
@@ -143,7 +118,7 @@ VNNI static void layer_step(const Layer *L, int bf16, void *x, int64_t B, int64_
   float *act = w->act, *out = w->out;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < M; r++) rms_norm_row(x, r, d, L->input_norm, L->eps, bf16, act + r * d);
-  product(&L->qkv, act, M, bf16, w->q, w->s, w->sums, out);
+  w4a8_product(&L->qkv, act, M, bf16, w->q, w->s, w->sums, out);
 #pragma omp for schedule(static)
   for (int64_t m = 0; m < M; m++) rope_row(L, out, m, Q, cos, sin, bf16, w->queries, k_cache, v_cache, capacity, length);
   // A prefill deals its tasks out one at a time: a later token has more keys, and contiguous shares gave
@@ -161,16 +136,16 @@ VNNI static void layer_step(const Layer *L, int bf16, void *x, int64_t B, int64_
                     (int32_t *)(scores + 8 * keys), rows);
     round_row(rows, groups * hd, bf16, act + (b * Q + i) * H * hd + h * hd);  // attention output [M, H hd]
   }
-  product(&L->o_proj, act, M, bf16, w->q, w->s, w->sums, out);
+  w4a8_product(&L->o_proj, act, M, bf16, w->q, w->s, w->sums, out);
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < M; r++) {
     add_row(x, r, d, out + r * d, bf16);
     rms_norm_row(x, r, d, L->post_norm, L->eps, bf16, act + r * d);
   }
-  product(&L->gate_up, act, M, bf16, w->q, w->s, w->sums, out);
+  w4a8_product(&L->gate_up, act, M, bf16, w->q, w->s, w->sums, out);
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < M; r++) glu_row(out + r * 2 * I, I, bf16, act + r * I);
-  product(&L->down_proj, act, M, bf16, w->q, w->s, w->sums, out);
+  w4a8_product(&L->down_proj, act, M, bf16, w->q, w->s, w->sums, out);
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < M; r++) add_row(x, r, d, out + r * d, bf16);
 }

@@ -141,6 +141,16 @@ void w4a8_rows(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *cod
   }
 }
 
+AVX512 void w4a8_product(const Product *p, const float *x, int64_t M, int bf16, int8_t *q, float *s, float *sums, float *y) {
+  const int64_t N = p->out_features;
+  w4a8_rows(x, 0, M, p->in_features, p->codes, p->scales, (int)p->bits, N, q, s, sums, bf16 ? 2 : 0, y);
+  if (p->bias == NULL) return;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < M; r++)
+    for (int64_t n = 0; n < N; n += 16)
+      _mm512_storeu_ps(y + r * N + n, round16(_mm512_add_ps(_mm512_loadu_ps(y + r * N + n), load16(p->bias, n, bf16)), bf16));
+}
+
 // y [M, N] = x [M, K] times the weights above; x and y float32, or bfloat16 when bf16 != 0.
 // K must be a multiple of 32 and N of 16. Returns 0, or -1 when scratch memory ran out.
 int w4a8_matmul(const void *x, int bf16, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *dm, int bits,
