@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from test_guess import SureGuess
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
@@ -23,7 +24,7 @@ from transformers.generation.logits_process import (
 
 import redrafter.decode as decode_module
 from redrafter.confidence import GRID_SHAPE
-from redrafter.decode import DrafterProposer, SpeculativeDecoder
+from redrafter.decode import DrafterProposer, SpeculativeDecoder, no_draft
 from redrafter.drafter import DrafterConfig, RecurrentDrafter
 from redrafter.errors import RedrafterError
 from redrafter.ngrams import build_table
@@ -96,6 +97,7 @@ def sampled_counts(
     tree_nodes: int = 0,
     rnn_cell: str = "reference",
     lookup_nodes: int = 0,
+    guess: bool = False,
 ) -> dict[tuple[int, ...], int]:
     torch.manual_seed(1)
     config = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=VOCAB, rnn_cell=rnn_cell)
@@ -105,10 +107,11 @@ def sampled_counts(
     text = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(2)).tolist()
     table = build_table([text], min_n=1, max_n=2, min_count=1)
     table.confidence = np.full(GRID_SHAPE, 0.5, dtype=np.float32)  # every guess worth a node: branching trees
-    proposer = DrafterProposer(drafter, 3, 3, tree_nodes)
+    proposer = no_draft if guess else DrafterProposer(drafter, 3, 3, tree_nodes)
     decoder = SpeculativeDecoder(
-        model, proposer, [], lookup_len, table, ngram_len, lookup_nodes=lookup_nodes, node_costs=(1.0,) * 8
-    )
+        model, proposer, [], lookup_len, table, ngram_len, lookup_nodes=lookup_nodes, node_costs=(1.0,) * 8,
+        guess=SureGuess(drafter) if guess else None,  # the drafter's token in every tree
+    )  # fmt: skip
     rows: list[list[int]] = [[] for _ in range(ROWS)]
     accepted_drafts = 0
     for step in decoder.decode([PROMPT] * ROWS, NEW, params):
@@ -167,6 +170,13 @@ def test_sampling_with_a_confidence_tree(target):
     """The lookup drafts as a confidence tree beside the drafter's beams: several guesses per node."""
     params = SamplingParams(temperature=1.0, seed=10)
     counts = sampled_counts(target, params, lookup_nodes=6)
+    assert chi_square_pvalue(exact_distribution(target, params), counts) > 1e-3
+
+
+def test_sampling_with_the_drafters_guess_in_a_confidence_tree(target):
+    """The w4a8 defaults' shape: no drafted beam, the drafter's top token joining the lookups' at the root."""
+    params = SamplingParams(temperature=1.0, seed=11)
+    counts = sampled_counts(target, params, lookup_nodes=6, guess=True)
     assert chi_square_pvalue(exact_distribution(target, params), counts) > 1e-3
 
 
