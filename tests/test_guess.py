@@ -84,6 +84,36 @@ def test_each_row_is_guessed_alone():
         assert int(one_token) == int(tokens[row]) and float(one) == float(probabilities[row])
 
 
+@needs_w4a8
+def test_an_embedding_module_other_than_a_plain_table_is_gathered_through_it():
+    """A scaled embedding (Gemma's) is not read in place: its module gives the rows, the same guess."""
+    drafter, embedding = w4a8_drafter(SHAPES["tied"], torch.float32)
+    guess = DrafterGuess(drafter)
+    assert guess.table is not None and guess.table.data_ptr() == embedding.weight.data_ptr()  # in place
+    hidden, last = torch.randn(3, HIDDEN), torch.tensor([5, 9, 5])
+    tokens, probabilities = guess(hidden, last)
+    guess.table = None  # as for a module other than nn.Embedding
+    gathered_tokens, gathered = guess(hidden, last)
+    assert torch.equal(tokens, gathered_tokens) and torch.equal(probabilities, gathered)
+
+    class Scaled(nn.Embedding):  # as Gemma's: the rows times a constant
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    scaled = Scaled(VOCAB, HIDDEN)
+    scaled.weight = embedding.weight
+    drafter._embedding = (scaled,)
+    fused = DrafterGuess(drafter)
+    assert fused.table is None
+    unfused = DrafterGuess(drafter)
+    unfused.struct = None
+    scaled_tokens, scaled_probabilities = fused(hidden, last)
+    expected_tokens, expected = unfused(hidden, last)
+    assert torch.equal(scaled_tokens, expected_tokens)
+    torch.testing.assert_close(scaled_probabilities, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(scaled_probabilities, probabilities)  # the scale reached the guess
+
+
 def test_where_the_kernel_cannot_run_the_guess_runs_in_pytorch():
     model = tiny_target("llama", seed=1)
     drafter = random_drafter(model, seed=1)  # float64 weights
